@@ -1,0 +1,5 @@
+import sys
+
+from synapse_msc3916.cli import main
+
+sys.exit(main())

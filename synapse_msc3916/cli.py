@@ -1,0 +1,55 @@
+"""The ``synapse-msc3916`` console script.
+
+Each command group lives next to the code it drives and adds its own sub-commands
+through ``register(subparsers)``; this file only dispatches and turns a ``ToolError``
+into one line on stderr and exit code 1 (never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from synapse_msc3916.homeserver_config import ToolError
+
+COMMAND_MODULES = (
+    "synapse_msc3916.freeze_report",
+    "synapse_msc3916.storage.tools",
+    "synapse_msc3916.keys",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="synapse-msc3916",
+        description="Tools for the synapse-msc3916 Synapse module.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue  # command group not shipped in this build
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ToolError as e:
+        print(f"synapse-msc3916 {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"synapse-msc3916 {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

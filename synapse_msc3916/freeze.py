@@ -1,0 +1,116 @@
+"""The dated authenticated-only freeze (MSC3916's rollout plan) as a policy object.
+
+Media created (local) or first cached (remote) at or after ``after`` are served only on
+authenticated endpoints; older media stay reachable on the legacy ones so that URLs in
+the wild keep working. Creation times never change, so a decision, once looked up, is
+kept in memory and hot media cost no database round trip.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+
+from synapse_msc3916.config import FreezeConfig
+from synapse_msc3916.metrics import FREEZE_DECISIONS
+
+logger = logging.getLogger(__name__)
+
+REPORT_LOG_INTERVAL_MS = 3600 * 1000
+
+# (server_name or None for local media, media_id) -> created_ts in ms, or None if unknown
+TimeLookup = Callable[[str | None, str], Awaitable[int | None]]
+
+
+class Decision(enum.Enum):
+    SERVE = "serve"
+    EXEMPT = "exempt"
+    REFUSE = "refused"
+    WOULD_REFUSE = "would_refuse"
+
+
+class FreezePolicy:
+    def __init__(
+        self,
+        config: FreezeConfig,
+        lookup: TimeLookup,
+        now_ms: Callable[[], int],
+        auto_exempt: frozenset[tuple[str, str]] = frozenset(),
+        local_server_name: str = "",
+        cache_size: int = 100_000,
+    ):
+        self._config = config
+        self._lookup = lookup
+        self._now_ms = now_ms
+        self._exempt = config.exempt | auto_exempt
+        self._local = local_server_name
+        self._cache: OrderedDict[tuple[str | None, str], int] = OrderedDict()
+        self._cache_size = cache_size
+        self._last_logged: OrderedDict[tuple[str | None, str], int] = OrderedDict()
+
+    @property
+    def config(self) -> FreezeConfig:
+        return self._config
+
+    def is_frozen_at(self, created_ts: int) -> bool:
+        return created_ts >= self._config.after_ms
+
+    async def decide(self, server_name: str | None, media_id: str) -> Decision:
+        """What an unauthenticated request for this media gets."""
+        origin = server_name or self._local
+        if (origin, media_id) in self._exempt:
+            FREEZE_DECISIONS.labels("exempt", _origin_label(server_name)).inc()
+            return Decision.EXEMPT
+        created = await self._created_ts(server_name, media_id)
+        if created is None:
+            if server_name is None:
+                # Unknown local media: Synapse answers 404 itself.
+                return Decision.SERVE
+            # Remote media not cached yet would be cached now.
+            frozen = self.is_frozen_at(self._now_ms())
+        else:
+            frozen = self.is_frozen_at(created)
+        if not frozen:
+            return Decision.SERVE
+        if self._config.enforce:
+            FREEZE_DECISIONS.labels("refused", _origin_label(server_name)).inc()
+            return Decision.REFUSE
+        FREEZE_DECISIONS.labels("would_refuse", _origin_label(server_name)).inc()
+        self._log_rehearsal(origin, server_name, media_id)
+        return Decision.WOULD_REFUSE
+
+    async def _created_ts(self, server_name: str | None, media_id: str) -> int | None:
+        key = (server_name, media_id)
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return cached
+        created = await self._lookup(server_name, media_id)
+        if created is not None and self._cache_size:
+            self._cache[key] = created
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return created
+
+    def _log_rehearsal(self, origin: str, server_name: str | None, media_id: str) -> None:
+        key = (server_name, media_id)
+        now = self._now_ms()
+        last = self._last_logged.get(key)
+        if last is not None and now - last < REPORT_LOG_INTERVAL_MS:
+            return
+        self._last_logged[key] = now
+        self._last_logged.move_to_end(key)
+        if len(self._last_logged) > max(self._cache_size, 1000):
+            self._last_logged.popitem(last=False)
+        logger.info(
+            "synapse_msc3916 freeze (report mode): would refuse mxc://%s/%s on an"
+            " unauthenticated endpoint",
+            origin,
+            media_id,
+        )
+
+
+def _origin_label(server_name: str | None) -> str:
+    return "remote" if server_name else "local"

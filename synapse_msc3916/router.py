@@ -1,0 +1,118 @@
+"""Per-listener routing of the module's paths (the table is in ``routes.py``).
+
+One ``ListenerRouter`` sits in front of each HTTP listener's own ``/_matrix`` resource.
+It serves a module path only if the listener serves that family itself (client paths
+where it has ``client`` or ``media``, federation paths where it has ``federation`` or
+``media``); everything else goes to that listener's own Synapse resources, untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.parse
+from typing import TYPE_CHECKING, Any
+
+from twisted.web.resource import Resource
+
+from synapse_msc3916 import synapse_adapter as sa
+from synapse_msc3916.metrics import MEDIA_REQUESTS
+from synapse_msc3916.routes import Action, Listener, Route, find_route
+
+if TYPE_CHECKING:
+    from synapse_msc3916.module import AuthenticatedMediaModule
+
+logger = logging.getLogger(__name__)
+
+# Set on a request whose X-Matrix signature the module has checked, so that the media
+# gate lets Synapse's legacy servlet serve it as a federation read.
+SIGNED_ORIGIN_ATTR = "_msc3916_signed_origin"
+
+
+def families_served(names: frozenset[str]) -> frozenset[Listener]:
+    served = set()
+    if names & {"client", "media"}:
+        served.add(Listener.CLIENT)
+    if names & {"federation", "media"}:
+        served.add(Listener.FEDERATION)
+    return frozenset(served)
+
+
+class ListenerRouter(Resource):
+    def __init__(
+        self, matrix: Resource, names: frozenset[str], module: AuthenticatedMediaModule
+    ):
+        super().__init__()
+        self._matrix = matrix
+        self._served = families_served(names)
+        self._module = module
+
+    # Twisted asks the parent for each path segment; we look at the whole raw path once.
+    def getChildWithDefault(self, path: bytes, request: Any) -> Resource:
+        try:
+            raw = request.path.decode("ascii")
+        except UnicodeDecodeError:  # not a path Synapse serves either: let it answer
+            return self._matrix.getChildWithDefault(path, request)
+        found = find_route(raw)
+        if found is not None:
+            route, match = found
+            if self._serves(route):
+                kind = route.kind or match.groupdict().get("kind") or "other"
+                MEDIA_REQUESTS.labels(route.family.value, kind).inc()
+                if route.action is not Action.OBSERVE:
+                    return self._dispatch(route, match, request)
+        return self._matrix.getChildWithDefault(path, request)
+
+    def _serves(self, route: Route) -> bool:
+        if route.action is Action.OBSERVE:
+            return True
+        if route.feature is not None and not self._module.feature_enabled(route.feature):
+            return False
+        return route.listener in self._served
+
+    def _dispatch(self, route: Route, match: Any, request: Any) -> Resource:
+        if route.action is Action.REWRITE:
+            return self._rewrite(route, match, request)
+        if route.action is Action.VERSIONS:
+            return self._module.versions_resource
+        if route.action is Action.FEDERATION_ORIGIN:
+            origin = _segment(match.group("origin"))
+            if sa.is_mine_server_name(self._module.hs, origin):
+                suffix = f"{match.group('kind')}/{match.group('media_id')}"
+                return self._rewrite_to(route.target + suffix, request)
+            return self._module.signed_resource(lambda req, _origin: _not_found(origin))
+        if route.action is Action.SIGNED_LEGACY:
+            return self._signed_legacy(route, match)
+        raise AssertionError(route.action)
+
+    def _rewrite(self, route: Route, match: Any, request: Any) -> Resource:
+        assert route.target is not None
+        return self._rewrite_to(route.target + request.path.decode("ascii")[match.end("prefix"):], request)
+
+    def _rewrite_to(self, new_path: str, request: Any) -> Resource:
+        """Serve the request as ``new_path`` by this listener's own Synapse resource."""
+        request.path = new_path.encode("ascii")
+        segments = request.path.split(b"/")[2:]  # drop "" and "_matrix"
+        return sa.resolve_resource(self._matrix, segments, request)
+
+    def _signed_legacy(self, route: Route, match: Any) -> Resource:
+        kind = match.group("kind")
+        origin_raw = match.group("origin")
+        rest = match.string[match.start("origin"):]
+
+        def then(request: Any, signed_by: str) -> Resource:
+            origin = _segment(origin_raw)
+            sa.validate_server_name(origin)
+            if not sa.is_mine_server_name(self._module.hs, origin):
+                raise sa.NotFoundError("Only local media are served over federation")
+            setattr(request, SIGNED_ORIGIN_ATTR, signed_by)
+            return self._rewrite_to(f"{route.target}{kind}/{rest}", request)
+
+        return self._module.signed_resource(then)
+
+
+def _segment(raw: str) -> str:
+    return urllib.parse.unquote(raw)
+
+
+def _not_found(origin: str) -> Resource:
+    raise sa.NotFoundError(f"Media from {origin[:255]!r} is not served by this server")

@@ -1,0 +1,1 @@
+"""De-duplicated media storage: a Synapse media storage provider and its tools."""

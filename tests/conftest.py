@@ -1,0 +1,58 @@
+"""pytest fixtures that start real servers (see harness.py) and always stop them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import SeaweedFS, Synapse
+
+
+@pytest.fixture
+def synapse_factory(tmp_path: Path) -> Iterator[Callable[..., Synapse]]:
+    """Build (not start) Synapse servers in the test's directory; all are stopped after."""
+    servers: list[Synapse] = []
+    counter = iter(range(1000))
+
+    def make(**kwargs: Any) -> Synapse:
+        name = kwargs.pop("name", f"hs{next(counter)}")
+        server = Synapse(tmp_path / name, name=name, **kwargs)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def synapse(synapse_factory: Callable[..., Synapse]) -> Synapse:
+    """One running Synapse with the module (default config)."""
+    return synapse_factory().start()
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def federation_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Synapse, Synapse]]:
+    """Two homeservers federating over TLS on loopback, both with the module."""
+    base = tmp_path_factory.mktemp("federation")
+    a = Synapse(base / "a", tls=True, name="a")
+    b = Synapse(base / "b", tls=True, name="b")
+    try:
+        a.start()
+        b.start()
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
