@@ -63,11 +63,18 @@ class AuthenticatedMediaModule:
         return bool(getattr(self._config, feature))
 
     def _unstable_features(self) -> dict[str, bool]:
-        return {
-            "org.matrix.msc3916": self._config.unstable_msc3916,
-            "org.matrix.msc3916.stable": True,
-            "org.matrix.msc1902": self._config.msc1902,
-        }
+        """What ``/versions`` adds; empty when both families are off (then untouched)."""
+        features = {}
+        if self._config.unstable_msc3916:
+            features["org.matrix.msc3916"] = True
+            features["org.matrix.msc3916.stable"] = True
+        if self._config.msc1902:
+            features["org.matrix.msc1902"] = True
+        return features
+
+    @property
+    def advertises_features(self) -> bool:
+        return bool(self._config.unstable_msc3916 or self._config.msc1902)
 
     def signed_resource(self, then: Callable[[Any, str], Resource]) -> Resource:
         return sa.SignedDispatchResource(self._authenticator, self._ratelimiter, then)

@@ -67,6 +67,8 @@ class ListenerRouter(Resource):
             return True
         if route.feature is not None and not self._module.feature_enabled(route.feature):
             return False
+        if route.action is Action.VERSIONS and not self._module.advertises_features:
+            return False
         return route.listener in self._served
 
     def _dispatch(self, route: Route, match: Any, request: Any) -> Resource:

@@ -344,6 +344,11 @@ def _gated(method: Callable[..., Awaitable[None]], remote: bool) -> Callable[...
         server_name = bound.arguments.get("server_name") if remote else None
         if await gate(bound.arguments.get("request"), server_name, bound.arguments["media_id"]):
             bound.arguments["allow_authenticated"] = True
+        # Remote media is fetched the way the authenticated endpoints fetch it: signed
+        # federation first, Synapse's own fallback to the legacy endpoint after.
+        for flag in ("use_federation_endpoint", "use_federation"):
+            if flag in bound.arguments:
+                bound.arguments[flag] = True
         return await method(*bound.args, **bound.kwargs)
 
     wrapper._msc3916_gated = True  # type: ignore[attr-defined]
