@@ -9,14 +9,14 @@ where it has ``client`` or ``media``, federation paths where it has ``federation
 from __future__ import annotations
 
 import logging
-import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 from twisted.web.resource import Resource
 
+from synapse_msc3916 import media_ids
 from synapse_msc3916 import synapse_adapter as sa
 from synapse_msc3916.metrics import MEDIA_REQUESTS
-from synapse_msc3916.routes import Action, Listener, Route, find_route
+from synapse_msc3916.routes import Action, Family, Listener, Route, find_route
 
 if TYPE_CHECKING:
     from synapse_msc3916.module import AuthenticatedMediaModule
@@ -72,12 +72,26 @@ class ListenerRouter(Resource):
         return route.listener in self._served
 
     def _dispatch(self, route: Route, match: Any, request: Any) -> Resource:
+        try:
+            return self._dispatch_checked(route, match, request)
+        except sa.SynapseError as e:
+            return sa.ErrorResource(e)
+
+    def _dispatch_checked(self, route: Route, match: Any, request: Any) -> Resource:
         if route.action is Action.REWRITE:
+            kind = match.group("kind")
+            if kind in ("download", "thumbnail"):
+                rest = match.string[match.end("kind") + 1 :]
+                if route.family is Family.MSC3916 and route.listener is Listener.FEDERATION:
+                    media_ids.check_media_id(rest)
+                else:
+                    media_ids.check_media_path(kind, rest)
             return self._rewrite(route, match, request)
         if route.action is Action.VERSIONS:
             return self._module.versions_resource
         if route.action is Action.FEDERATION_ORIGIN:
-            origin = _segment(match.group("origin"))
+            media_ids.check_media_id(match.group("media_id"))
+            origin = media_ids.check_server_name(match.group("origin"))
             if sa.is_mine_server_name(self._module.hs, origin):
                 suffix = f"{match.group('kind')}/{match.group('media_id')}"
                 return self._rewrite_to(route.target + suffix, request)
@@ -102,18 +116,14 @@ class ListenerRouter(Resource):
         rest = match.string[match.start("origin"):]
 
         def then(request: Any, signed_by: str) -> Resource:
-            origin = _segment(origin_raw)
-            sa.validate_server_name(origin)
+            origin = media_ids.check_server_name(origin_raw)
+            media_ids.check_media_id(match.group("media_id"))
             if not sa.is_mine_server_name(self._module.hs, origin):
                 raise sa.NotFoundError("Only local media are served over federation")
             setattr(request, SIGNED_ORIGIN_ATTR, signed_by)
             return self._rewrite_to(f"{route.target}{kind}/{rest}", request)
 
         return self._module.signed_resource(then)
-
-
-def _segment(raw: str) -> str:
-    return urllib.parse.unquote(raw)
 
 
 def _not_found(origin: str) -> Resource:
