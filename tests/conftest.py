@@ -43,15 +43,24 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
         server.stop()
 
 
+def start_federation_pair(base: Path, **kwargs: Any) -> tuple[Synapse, Synapse]:
+    """Two homeservers federating over TLS on loopback (server names with explicit ports)."""
+    a = Synapse(base / "a", tls=True, name="a", **kwargs)
+    b = Synapse(base / "b", tls=True, name="b", **kwargs)
+    a.start()
+    try:
+        b.start()
+    except Exception:
+        a.stop()
+        raise
+    return a, b
+
+
 @pytest.fixture(scope="module")
 def federation_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Synapse, Synapse]]:
-    """Two homeservers federating over TLS on loopback, both with the module."""
-    base = tmp_path_factory.mktemp("federation")
-    a = Synapse(base / "a", tls=True, name="a")
-    b = Synapse(base / "b", tls=True, name="b")
+    """Two federating homeservers with the module, Synapse's defaults otherwise."""
+    a, b = start_federation_pair(tmp_path_factory.mktemp("federation"))
     try:
-        a.start()
-        b.start()
         yield a, b
     finally:
         a.stop()
