@@ -60,6 +60,9 @@ class ListenerRouter(Resource):
                 MEDIA_REQUESTS.labels(route.family.value, kind).inc()
                 if route.action is not Action.OBSERVE:
                     return self._dispatch(route, match, request)
+                refusal = _synapse_would_crash(route, match)
+                if refusal is not None:
+                    return refusal
         return self._matrix.getChildWithDefault(path, request)
 
     def _serves(self, route: Route) -> bool:
@@ -124,6 +127,26 @@ class ListenerRouter(Resource):
             return self._rewrite_to(f"{route.target}{kind}/{rest}", request)
 
         return self._module.signed_resource(then)
+
+
+def _synapse_would_crash(route: Route, match: Any) -> Resource | None:
+    """400 for a server name Synapse's own media servlets answer with a 500.
+
+    Synapse 1.163 lets the ValueError of an invalid server name (``download//id``,
+    ``download/not%20a%20name/id``) escape as an internal error. Only that case is
+    answered here; every other answer stays Synapse's.
+    """
+    kind = match.groupdict().get("kind")
+    if kind not in ("download", "thumbnail") or route.listener is not Listener.CLIENT:
+        return None
+    segments = match.string[match.end("kind") + 1 :].split("/")
+    if len(segments) < 2:
+        return None
+    try:
+        media_ids.check_server_name(segments[0])
+    except sa.SynapseError as e:
+        return sa.ErrorResource(e)
+    return None
 
 
 def _not_found(origin: str) -> Resource:

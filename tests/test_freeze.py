@@ -1,0 +1,226 @@
+"""The dated authenticated-only freeze, end to end through real homeservers."""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import start_federation_pair
+from tests.harness import Synapse, request
+from tests.test_endpoints import png
+
+
+def iso(ms: int) -> str:
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).isoformat()
+
+
+def legacy_paths(sn: str, mid: str) -> list[str]:
+    paths = []
+    for v in ("r0", "v1", "v3"):
+        paths += [
+            f"/_matrix/media/{v}/download/{sn}/{mid}",
+            f"/_matrix/media/{v}/download/{sn}/{mid}/name.png",
+            f"/_matrix/media/{v}/thumbnail/{sn}/{mid}?width=32&height=32",
+        ]
+    for v in ("r0", "unstable/org.matrix.msc1902"):
+        paths += [
+            f"/_matrix/client/{v}/media/download/{sn}/{mid}",
+            f"/_matrix/client/{v}/media/download/{sn}/{mid}/name.png",
+            f"/_matrix/client/{v}/media/thumbnail/{sn}/{mid}?width=32&height=32&method=crop",
+        ]
+    return paths
+
+
+def authenticated_paths(sn: str, mid: str) -> list[str]:
+    return [
+        f"/_matrix/client/v1/media/download/{sn}/{mid}",
+        f"/_matrix/client/v1/media/thumbnail/{sn}/{mid}?width=32&height=32",
+        f"/_matrix/client/unstable/org.matrix.msc3916/media/download/{sn}/{mid}",
+        f"/_matrix/client/unstable/org.matrix.msc3916/media/thumbnail/{sn}/{mid}?width=32&height=32",
+    ]
+
+
+def assert_frozen(resp, what: str) -> None:
+    assert resp.status == 404, (what, resp)
+    body = resp.json()
+    assert body["errcode"] == "M_NOT_FOUND", what
+    assert "authenticat" in body["error"], what
+
+
+@pytest.fixture(scope="module")
+def frozen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Synapse]:
+    hs = Synapse(tmp_path_factory.mktemp("freeze"), module_config={})
+    hs.start()
+    hs.token = hs.register("alice")  # type: ignore[attr-defined]
+    hs.old = hs.upload(hs.token, png(), "image/png", "old.png")  # type: ignore[attr-defined]
+    time.sleep(0.05)
+    hs.cutoff = int(time.time() * 1000)  # type: ignore[attr-defined]
+    time.sleep(0.05)
+    hs.new = hs.upload(hs.token, png(40, 40), "image/png", "new.png")  # type: ignore[attr-defined]
+    hs.config["modules"][0]["config"] = {"freeze": {"after": iso(hs.cutoff), "mode": "enforce"}}  # type: ignore[attr-defined]
+    hs.restart()
+    yield hs
+    hs.stop()
+
+
+def test_old_media_public_new_media_frozen(frozen: Synapse) -> None:
+    sn, tok = frozen.server_name, frozen.token  # type: ignore[attr-defined]
+    before = frozen.metric_value("synapse_msc3916_freeze_decisions_total", decision="refused")
+    for path in legacy_paths(sn, frozen.old):  # type: ignore[attr-defined]
+        r = frozen.get(path)
+        assert r.status == 200, (path, r)
+        assert r.header("content-type") == "image/png"
+    for path in legacy_paths(sn, frozen.new):  # type: ignore[attr-defined]
+        assert_frozen(frozen.get(path), path)
+        assert_frozen(frozen.get(path, tok), path + " (a token does not make a legacy path authenticated)")
+    for mid in (frozen.old, frozen.new):  # type: ignore[attr-defined]
+        for path in authenticated_paths(sn, mid):
+            assert frozen.get(path, tok).status == 200, path
+    after = frozen.metric_value("synapse_msc3916_freeze_decisions_total", decision="refused")
+    assert after - before == 2 * len(legacy_paths(sn, frozen.new))  # type: ignore[attr-defined]
+    assert frozen.metric_value("synapse_msc3916_media_requests_total", family="legacy", kind="download") > 0
+    assert frozen.metric_value("synapse_msc3916_media_requests_total", family="msc1902", kind="thumbnail") > 0
+    assert (
+        frozen.metric_value("synapse_msc3916_media_requests_total", family="unstable_msc3916", kind="download")
+        > 0
+    )
+
+
+def bypass_forms(sn: str, mid: str) -> list[tuple[str, str]]:
+    upper = sn.replace(":", "%3A")
+    lower = sn.replace(":", "%3a")
+    escaped_id = "".join(f"%{ord(c):02X}" for c in mid)
+    return [
+        ("GET", f"/_matrix/media/v3/download/{upper}/{mid}"),
+        ("GET", f"/_matrix/media/v3/download/{lower}/{mid}"),
+        ("GET", f"/_matrix/media/v3/download/{sn}/{escaped_id}"),
+        ("GET", f"/_matrix/media/v3/download/{sn}/{escaped_id.lower()}"),
+        ("GET", f"/_matrix/media/v3/download/{sn}%2F{mid}"),
+        ("GET", f"/_matrix/media/v3/download/{sn}%2f{mid}"),
+        ("GET", f"/_matrix/media/v3/download/{sn}/{mid}/"),
+        ("GET", f"/_matrix/media/v3/download/{sn}/{mid}//"),
+        ("GET", f"/_matrix/media/v3/download//{sn}/{mid}"),
+        ("GET", f"/_matrix/media//v3/download/{sn}/{mid}"),
+        ("GET", f"//_matrix/media/v3/download/{sn}/{mid}"),
+        ("GET", f"/_matrix/media/v3/download/{sn}/{mid}?allow_redirect=true"),
+        ("GET", f"/_matrix/media/v3/download/{sn}/{mid}?allow_remote=false"),
+        ("GET", f"/_matrix/media/v3/download/{sn}/{mid}?allow_remote=true&allow_redirect=true"),
+        ("GET", f"/_matrix/media/r0/thumbnail/{upper}/{mid}?width=32&height=32"),
+        ("GET", f"/_matrix/media/v3/thumbnail/{sn}/{mid}/?width=32&height=32"),
+        ("HEAD", f"/_matrix/media/v3/download/{sn}/{mid}"),
+        ("HEAD", f"/_matrix/media/v1/thumbnail/{sn}/{mid}?width=32&height=32"),
+        ("GET", f"/_matrix/client/r0/media/download/{upper}/{mid}"),
+        ("GET", f"/_matrix/client/r0/media/download/{sn}/{escaped_id}/x.png"),
+        ("GET", f"/_matrix/client/r0//media/download/{sn}/{mid}"),
+        ("GET", f"/_matrix/client/unstable/org.matrix.msc1902/media/download/{sn}/{mid}/"),
+        ("HEAD", f"/_matrix/client/unstable/org.matrix.msc1902/media/thumbnail/{sn}/{mid}?width=32&height=32"),
+    ]
+
+
+def test_bypass_forms_are_refused(frozen: Synapse) -> None:
+    sn = frozen.server_name
+    for method, path in bypass_forms(sn, frozen.new):  # type: ignore[attr-defined]
+        r = request(method, frozen.base_url, path)
+        assert r.status != 200 and r.status < 500, (method, path, r)
+        assert b"PNG" not in r.body, (method, path)
+    # The same forms do reach the old media (they are real spellings, not broken paths).
+    served = [
+        (m, p) for m, p in bypass_forms(sn, frozen.old)  # type: ignore[attr-defined]
+        if request(m, frozen.base_url, p).status == 200
+    ]
+    assert len(served) >= 10, served
+
+
+def test_report_mode_serves_and_counts(frozen: Synapse) -> None:
+    frozen.config["modules"][0]["config"]["freeze"]["mode"] = "report"
+    frozen.restart()
+    try:
+        sn = frozen.server_name
+        paths = legacy_paths(sn, frozen.new)  # type: ignore[attr-defined]
+        before = frozen.metric_value("synapse_msc3916_freeze_decisions_total", decision="would_refuse")
+        for path in paths:
+            r = frozen.get(path)
+            assert r.status == 200, (path, r)
+        after = frozen.metric_value("synapse_msc3916_freeze_decisions_total", decision="would_refuse")
+        assert after - before == len(paths)
+        assert frozen.metric_value("synapse_msc3916_freeze_decisions_total", decision="refused") == 0
+        # Logged at most once per media per hour.
+        log = frozen.log_file.read_text()
+        assert log.count(f"would refuse mxc://{sn}/{frozen.new}") == 1  # type: ignore[attr-defined]
+    finally:
+        frozen.config["modules"][0]["config"]["freeze"]["mode"] = "enforce"
+        frozen.restart()
+
+
+def test_exempt_media_stay_public(frozen: Synapse) -> None:
+    sn = frozen.server_name
+    frozen.config["modules"][0]["config"]["freeze"]["exempt"] = [f"mxc://{sn}/{frozen.new}"]  # type: ignore[attr-defined]
+    frozen.restart()
+    try:
+        assert frozen.get(f"/_matrix/media/v3/download/{sn}/{frozen.new}").status == 200  # type: ignore[attr-defined]
+        assert frozen.metric_value("synapse_msc3916_freeze_decisions_total", decision="exempt") >= 1
+    finally:
+        del frozen.config["modules"][0]["config"]["freeze"]["exempt"]
+        frozen.restart()
+
+
+def test_freeze_report_cli(frozen: Synapse) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "synapse_msc3916", "freeze-report", "-c", str(frozen.config_path), "--json"],
+        capture_output=True, text=True, check=True, cwd=frozen.dir, env=frozen.env(),
+    )
+    import json
+
+    report = json.loads(out.stdout)
+    assert report["local"]["before"]["media"] == 1
+    assert report["local"]["frozen"]["media"] == 1
+    assert report["local"]["frozen"]["bytes"] == len(png(40, 40))
+    moved = subprocess.run(
+        [sys.executable, "-m", "synapse_msc3916", "freeze-report", "-c", str(frozen.config_path),
+         "--after", "2000-01-01T00:00:00Z"],
+        capture_output=True, text=True, check=True, env=frozen.env(),
+    )
+    assert "newly frozen" in moved.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "synapse_msc3916", "freeze-report", "-c", str(frozen.config_path),
+         "--after", "next tuesday"],
+        capture_output=True, text=True, env=frozen.env(),
+    )
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_remote_media_frozen_by_first_cache_time(tmp_path_factory: pytest.TempPathFactory) -> None:
+    a, b = start_federation_pair(tmp_path_factory.mktemp("freeze-fed"), module_config={})
+    try:
+        a_tok, b_tok = a.register("alice"), b.register("bob")
+        cached_early = a.upload(a_tok, png(), "image/png", "early.png")
+        never_cached = a.upload(a_tok, png(30, 30), "image/png", "late.png")
+        r = b.get(f"/_matrix/client/v1/media/download/{a.server_name}/{cached_early}", b_tok)
+        assert r.status == 200
+        time.sleep(0.05)
+        b.config["modules"][0]["config"] = {"freeze": {"after": iso(int(time.time() * 1000))}}
+        b.restart()
+
+        # Cached before the date: still public on B's legacy endpoints.
+        assert b.get(f"/_matrix/media/v3/download/{a.server_name}/{cached_early}").status == 200
+        # Not cached yet: refused before B asks A for anything.
+        log_before = a.log_file.read_text()
+        for path in legacy_paths(a.server_name, never_cached):
+            assert_frozen(b.get(path), path)
+        time.sleep(0.3)
+        new_log = a.log_file.read_text()[len(log_before):]
+        assert never_cached not in new_log, "B contacted A for frozen media"
+        # The authenticated path fetches and serves it; afterwards it stays frozen.
+        r = b.get(f"/_matrix/client/unstable/org.matrix.msc3916/media/download/{a.server_name}/{never_cached}", b_tok)
+        assert r.status == 200 and r.body == png(30, 30)
+        assert never_cached in a.log_file.read_text()[len(log_before):]
+        assert_frozen(b.get(f"/_matrix/media/v3/download/{a.server_name}/{never_cached}"), "cached after")
+    finally:
+        a.stop()
+        b.stop()
