@@ -60,13 +60,15 @@ def main() -> int:
 Synapse {hs.server_name} is running at {url} with synapse-msc3916 (data: {data}).
 
 Register another user:
-  {sys.executable} -m synapse._scripts.register_new_matrix_user -c {hs.config_path} -u alice -p alice-pw --no-admin {url}
+  {sys.executable} -m synapse._scripts.register_new_matrix_user \\
+      -c {hs.config_path} -u alice -p alice-pw --no-admin {url}
 
 A user is ready, with access token {token}. Try:
   curl -s -X POST -H "Authorization: Bearer {token}" -H 'Content-Type: text/plain' \\
        --data-binary 'hello media' '{url}/_matrix/media/v3/upload?filename=hello.txt'
   # then, with the media id from content_uri:
-  curl -s -H "Authorization: Bearer {token}" {url}/_matrix/client/unstable/org.matrix.msc3916/media/download/{hs.server_name}/MEDIA_ID
+  curl -s -H "Authorization: Bearer {token}" \\
+       {url}/_matrix/client/unstable/org.matrix.msc3916/media/download/{hs.server_name}/MEDIA_ID
   curl -s -H "Authorization: Bearer {token}" {url}/_matrix/client/v1/media/download/{hs.server_name}/MEDIA_ID
   curl -s {url}/_matrix/client/versions
 

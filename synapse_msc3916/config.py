@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import attr
-
 from synapse.module_api.errors import ConfigError
 
 MXC_RE = re.compile(r"^mxc://([^/]+)/([A-Za-z0-9_\-]+)$")

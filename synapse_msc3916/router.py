@@ -97,7 +97,7 @@ class ListenerRouter(Resource):
             origin = media_ids.check_server_name(match.group("origin"))
             if sa.is_mine_server_name(self._module.hs, origin):
                 suffix = f"{match.group('kind')}/{match.group('media_id')}"
-                return self._rewrite_to(route.target + suffix, request)
+                return self._rewrite_to(f"{route.target}{suffix}", request)
             return self._module.signed_resource(lambda req, _origin: _not_found(origin))
         if route.action is Action.SIGNED_LEGACY:
             return self._signed_legacy(route, match)

@@ -15,9 +15,6 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import defer
-from twisted.web.resource import Resource
-
 import synapse
 from synapse.api.errors import Codes, NotFoundError, SynapseError
 from synapse.federation.transport.server._base import Authenticator
@@ -29,6 +26,8 @@ from synapse.media.thumbnailer import ThumbnailProvider
 from synapse.module_api import DirectServeJsonResource, ModuleApi, make_deferred_yieldable
 from synapse.rest.client.versions import VersionsRestServlet
 from synapse.util.stringutils import parse_and_validate_server_name
+from twisted.internet import defer
+from twisted.web.resource import Resource
 
 if TYPE_CHECKING:
     from synapse.http.site import SynapseRequest
@@ -144,7 +143,7 @@ def install_routers(hs: HomeServer, make_router: RouterFactory) -> None:
             installed += 1
         logger.info("synapse_msc3916: media router installed on %d listener(s)", installed)
 
-    reactor.callLater(0, _install)
+    reactor.callLater(0, _install)  # type: ignore[arg-type]
 
 
 def _port_key(port: Any) -> Any:
