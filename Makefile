@@ -3,6 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8008
+DEMO_DATA ?= demo-data
 
 .PHONY: install demo test lint bench clean
 
@@ -15,7 +16,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/python scripts/demo.py --port $(PORT)
+	$(BIN)/python scripts/demo.py --port $(PORT) --data $(DEMO_DATA)
 
 test: install
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
