@@ -1,0 +1,269 @@
+"""Private PostgreSQL and Redis servers, and a Synapse deployment with media workers.
+
+PostgreSQL comes from the machine's own binaries (``initdb`` into a temporary directory,
+as the ``postgres`` user when the tests run as root); Redis is ``redis-server`` with no
+persistence. Both bind 127.0.0.1 on free ports and are stopped by PID.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.harness import PYTHON, Synapse, free_port, stop_process, wait_for
+
+
+def _pg_bin(name: str) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    if not candidates:
+        raise RuntimeError(f"{name} not found: install PostgreSQL (Debian: postgresql)")
+    return candidates[-1]
+
+
+class PostgreSQL:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="msc3916-pg-"))
+        self.data = self.dir / "data"
+        self.proc: subprocess.Popen | None = None
+        self._as_user: list[str] = []
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("postgres")
+            os.chown(self.dir, user.pw_uid, user.pw_gid)
+            self._as_user = ["runuser", "-u", "postgres", "--"]
+
+    def start(self) -> PostgreSQL:
+        subprocess.run(
+            self._as_user + [_pg_bin("initdb"), "-D", str(self.data), "-U", "postgres",
+                             "--auth=trust", "-E", "UTF8", "--locale=C"],
+            check=True, capture_output=True,
+        )
+        self.log = open(self.dir / "postgres.log", "ab")
+        self.proc = subprocess.Popen(
+            self._as_user + [_pg_bin("postgres"), "-D", str(self.data), "-h", "127.0.0.1",
+                             "-p", str(self.port), "-k", str(self.dir), "-c", "fsync=off",
+                             "-c", "max_connections=200"],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_for(self._ready, 60, "postgresql", self.proc)
+        return self
+
+    def _connect(self, dbname: str = "postgres") -> Any:
+        import psycopg2
+
+        return psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=dbname)
+
+    def _ready(self) -> bool:
+        self._connect().close()
+        return True
+
+    def create_database(self, name: str) -> dict[str, Any]:
+        conn = self._connect()
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f"CREATE DATABASE {name} ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+        conn.close()
+        return {
+            "name": "psycopg2",
+            "args": {"user": "postgres", "host": "127.0.0.1", "port": self.port,
+                     "database": name, "cp_min": 1, "cp_max": 10},
+        }
+
+    def query(self, dbname: str, sql: str, args: tuple = ()) -> list[tuple]:
+        conn = self._connect(dbname)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, args)
+                rows = cur.fetchall() if cur.description else []
+            conn.commit()
+            return rows
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, term_timeout=20)
+            self.proc = None
+            self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Redis:
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Redis:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server not found (Debian: redis-server)")
+        self.log = open(self.dir / "redis.log", "ab")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.dir), "--daemonize", "no"],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_for(self._ready, 30, "redis", self.proc)
+        return self
+
+    def _ready(self) -> bool:
+        import socket
+
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+            self.log.close()
+
+
+class Worker:
+    """A Synapse generic worker sharing the main process's configuration."""
+
+    def __init__(self, main: Synapse, name: str, resources: list[str]):
+        self.main = main
+        self.name = name
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.server_name = main.server_name
+        self.config_path = main.dir / f"{name}.yaml"
+        self.log_file = main.dir / f"{name}.log"
+        self.stdout_file = main.dir / f"{name}.stdout.log"
+        (main.dir / f"{name}.log.config").write_text(
+            (main.dir / "log.config").read_text().replace(str(main.log_file), str(self.log_file))
+        )
+        self.config = {
+            "worker_app": "synapse.app.generic_worker",
+            "enable_media_repo": True,
+            "worker_name": name,
+            "worker_log_config": str(main.dir / f"{name}.log.config"),
+            "worker_listeners": [
+                {"type": "http", "port": self.port, "bind_addresses": ["127.0.0.1"],
+                 "resources": [{"names": resources, "compress": False}]},
+            ],
+        }
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90.0) -> Worker:
+        from tests.harness import request
+
+        self.stdout = open(self.stdout_file, "ab")
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", "synapse.app.generic_worker", "-c", str(self.main.config_path),
+             "-c", str(self.config_path)],
+            cwd=self.main.dir, env=self.main.env(), stdout=self.stdout, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        try:
+            wait_for(lambda: request("GET", self.base_url, "/health", timeout=2).status == 200,
+                     timeout, f"worker {self.name}", self.proc)
+        except Exception as e:
+            raise RuntimeError(f"{e}\n{self.output()[-4000:]}") from None
+        return self
+
+    def output(self) -> str:
+        text = ""
+        for f in (self.stdout_file, self.log_file):
+            if f.exists():
+                text += f.read_text(errors="replace")
+        return text
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            os.kill(self.proc.pid, 9)
+            self.proc.wait(10)
+            self.proc = None
+            self.stdout.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+            self.stdout.close()
+
+    # the same request helpers as a Synapse, against this worker's listener
+    get = Synapse.get
+    upload = Synapse.upload
+
+
+class Deployment:
+    """PostgreSQL, Redis, a Synapse main process and media workers, all private."""
+
+    def __init__(
+        self,
+        directory: Path,
+        media_workers: int = 2,
+        module_config: dict[str, Any] | None = None,
+        storage_providers: list[dict[str, Any]] | None = None,
+        extra_config: dict[str, Any] | None = None,
+    ):
+        self.dir = Path(directory)
+        self.postgres = PostgreSQL()
+        self.redis = Redis(self.dir / "redis")
+        self.media_worker_count = media_workers
+        self.module_config = {} if module_config is None else module_config
+        self.storage_providers = storage_providers
+        self.extra_config = extra_config or {}
+        self.main: Synapse | None = None
+        self.workers: list[Worker] = []
+
+    def start(self) -> Deployment:
+        self.postgres.start()
+        self.redis.start()
+        database = self.postgres.create_database("synapse")
+        replication_port = free_port()
+        names = [f"media{i + 1}" for i in range(self.media_worker_count)]
+        extra = {
+            "database": database,
+            "redis": {"enabled": True, "host": "127.0.0.1", "port": self.redis.port},
+            "instance_map": {"main": {"host": "127.0.0.1", "port": replication_port}},
+            "enable_media_repo": False,
+            "media_instance_running_background_jobs": names[0] if names else None,
+        }
+        extra.update(self.extra_config)
+        client_port = free_port()
+        listeners = [
+            {"port": client_port, "bind_addresses": ["127.0.0.1"], "type": "http", "tls": False,
+             "resources": [{"names": ["client", "federation"], "compress": False}]},
+            {"port": replication_port, "bind_addresses": ["127.0.0.1"], "type": "http",
+             "resources": [{"names": ["replication"]}]},
+        ]
+        self.main = Synapse(
+            self.dir / "main", name="main", listeners=listeners,
+            server_name=f"localhost:{client_port}", module_config=self.module_config,
+            storage_providers=self.storage_providers, extra_config=extra,
+        )
+        self.main.port = client_port
+        self.main.base_url = f"http://127.0.0.1:{client_port}"
+        self.main.start(timeout=120)
+        self.workers = [Worker(self.main, name, ["media"]) for name in names]
+        for worker in self.workers:
+            worker.start()
+        return self
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        if self.main is not None:
+            self.main.stop()
+        self.redis.stop()
+        self.postgres.stop()
