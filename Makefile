@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PORT ?= 8008
 DEMO_DATA ?= demo-data
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-single test-workers lint bench clean
 
 install: $(VENV)/.installed
 
@@ -18,8 +18,14 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 demo: install
 	$(BIN)/python scripts/demo.py --port $(PORT) --data $(DEMO_DATA)
 
-test: install
-	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+# The whole suite twice: one Synapse on SQLite, then PostgreSQL + Redis + media workers.
+test: test-single test-workers
+
+test-single: install
+	MSC3916_TOPOLOGY=single $(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+
+test-workers: install
+	MSC3916_TOPOLOGY=workers $(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check synapse_msc3916 tests bench scripts

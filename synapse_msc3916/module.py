@@ -45,14 +45,17 @@ class AuthenticatedMediaModule:
                 local_server_name=api.server_name,
                 cache_size=config.freeze_cache_size,
             )
-        if not sa.can_load_media_repo(self.hs):
-            logger.info("synapse_msc3916: this process serves no media; nothing to route")
-            return
-        self._authenticator = sa.federation_authenticator(self.hs)
-        self._ratelimiter = sa.federation_ratelimiter(self.hs)
-        sa.fix_zero_byte_multipart()
-        sa.install_media_gate(self._gate)
-        sa.install_routers(self.hs, lambda matrix, names: ListenerRouter(matrix, names, self))
+        # Media paths are routed only where Synapse serves media; /versions is answered
+        # wherever clients ask it, so a main process in front of media workers
+        # advertises what those workers serve.
+        self.serves_media = sa.can_load_media_repo(self.hs)
+        if self.serves_media:
+            self._authenticator = sa.federation_authenticator(self.hs)
+            self._ratelimiter = sa.federation_ratelimiter(self.hs)
+            sa.fix_zero_byte_multipart()
+            sa.install_media_gate(self._gate)
+        if self.serves_media or self.advertises_features:
+            sa.install_routers(self.hs, lambda matrix, names: ListenerRouter(matrix, names, self))
 
     @staticmethod
     def parse_config(config: dict[str, Any]) -> ModuleConfig:

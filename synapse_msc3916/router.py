@@ -66,6 +66,8 @@ class ListenerRouter(Resource):
         return self._matrix.getChildWithDefault(path, request)
 
     def _serves(self, route: Route) -> bool:
+        if not self._module.serves_media and route.action is not Action.VERSIONS:
+            return False
         if route.action is Action.OBSERVE:
             return True
         if route.feature is not None and not self._module.feature_enabled(route.feature):

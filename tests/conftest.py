@@ -8,7 +8,32 @@ from typing import Any
 
 import pytest
 
-from tests.harness import SeaweedFS, Synapse
+from tests.harness import TOPOLOGY, SeaweedFS, Synapse, make_synapse
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "single_process: a test of one Synapse process's own listeners; not run on workers"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if TOPOLOGY != "workers":
+        return
+    skip = pytest.mark.skip(reason="single-process test (MSC3916_TOPOLOGY=workers)")
+    for item in items:
+        if item.get_closest_marker("single_process"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_servers() -> Iterator[None]:
+    """Stop the PostgreSQL and Redis servers the workers topology started, by PID."""
+    yield
+    if TOPOLOGY == "workers":
+        from tests.harness_workers import stop_shared
+
+        stop_shared()
 
 
 @pytest.fixture
@@ -19,7 +44,7 @@ def synapse_factory(tmp_path: Path) -> Iterator[Callable[..., Synapse]]:
 
     def make(**kwargs: Any) -> Synapse:
         name = kwargs.pop("name", f"hs{next(counter)}")
-        server = Synapse(tmp_path / name, name=name, **kwargs)
+        server = make_synapse(tmp_path / name, name=name, **kwargs)
         servers.append(server)
         return server
 
@@ -45,8 +70,8 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
 
 def start_federation_pair(base: Path, **kwargs: Any) -> tuple[Synapse, Synapse]:
     """Two homeservers federating over TLS on loopback (server names with explicit ports)."""
-    a = Synapse(base / "a", tls=True, name="a", **kwargs)
-    b = Synapse(base / "b", tls=True, name="b", **kwargs)
+    a = make_synapse(base / "a", tls=True, name="a", **kwargs)
+    b = make_synapse(base / "b", tls=True, name="b", **kwargs)
     a.start()
     try:
         b.start()

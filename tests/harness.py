@@ -535,6 +535,10 @@ class Synapse:
                 total += float(value)
         return total
 
+    def sql(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """Run SQL (``?`` placeholders) on this server's database, whatever the engine."""
+        return self.sqlite(sql, args)
+
     def sqlite(self, sql: str, args: tuple = ()) -> list[tuple]:
         import sqlite3
 
@@ -545,6 +549,20 @@ class Synapse:
             return rows
         finally:
             conn.close()
+
+
+TOPOLOGY = os.environ.get("MSC3916_TOPOLOGY", "single")
+"""``single``: one Synapse process on SQLite. ``workers``: PostgreSQL, Redis, a main process
+and two media workers behind a path-splitting proxy. `make test` runs the suite in both."""
+
+
+def make_synapse(directory: Path, **kwargs: Any) -> Synapse:
+    """A Synapse of the topology under test, with the single-process API either way."""
+    if TOPOLOGY == "workers" and kwargs.get("listeners") is None:
+        from tests.harness_workers import WorkerSynapse
+
+        return WorkerSynapse(directory, **kwargs)
+    return Synapse(directory, **kwargs)
 
 
 # ---------------------------------------------------------------------------

@@ -267,3 +267,146 @@ class Deployment:
             self.main.stop()
         self.redis.stop()
         self.postgres.stop()
+
+
+# ---------------------------------------------------------------------------
+# The same Synapse API, backed by workers: for running the whole suite on them
+# ---------------------------------------------------------------------------
+
+_shared: dict[str, Any] = {}
+
+
+def shared_postgres() -> PostgreSQL:
+    if "postgres" not in _shared:
+        _shared["postgres"] = PostgreSQL().start()
+    return _shared["postgres"]
+
+
+def shared_redis() -> Redis:
+    if "redis" not in _shared:
+        _shared["redis"] = Redis(Path(tempfile.mkdtemp(prefix="msc3916-redis-"))).start()
+    return _shared["redis"]
+
+
+def stop_shared() -> None:
+    for key in ("redis", "postgres"):
+        server = _shared.pop(key, None)
+        if server is not None:
+            server.stop()
+
+
+class _CombinedLog:
+    """``log_file`` of a deployment: every process's log, read together."""
+
+    def __init__(self, paths: Any):
+        self._paths = paths
+
+    def read_text(self, errors: str = "replace") -> str:
+        return "".join(p.read_text(errors=errors) for p in self._paths() if p.exists())
+
+    def exists(self) -> bool:
+        return True
+
+
+class WorkerSynapse(Synapse):
+    """A Synapse deployment with the ``Synapse`` test API: PostgreSQL, Redis, a main
+    process and media workers behind a path-splitting proxy on the public ports."""
+
+    def __init__(self, directory: Path, *, media_workers: int = 2, **kwargs: Any):
+        self.media_worker_count = media_workers
+        self.postgres = shared_postgres()
+        self.redis = shared_redis()
+        self.main_port = free_port()
+        self.replication_port = free_port()
+        self.workers: list[Worker] = []
+        self.proxies: list[subprocess.Popen] = []
+        self.db_name = "syn_" + os.urandom(6).hex()
+        super().__init__(directory, **kwargs)
+        self.main_url = f"http://127.0.0.1:{self.main_port}"
+        self.log_file = _CombinedLog(self._log_paths)  # type: ignore[assignment]
+
+    def _log_paths(self) -> list[Path]:
+        return [self.dir / "homeserver.log"] + [w.log_file for w in self.workers]
+
+    def _build_config(self, module_config: Any, storage_providers: Any, extra: dict[str, Any]) -> dict[str, Any]:
+        config = super()._build_config(module_config, storage_providers, extra)
+        if self.extra_listeners is not None:
+            raise ValueError("custom listeners are a single-process test")
+        names = [f"media{i + 1}" for i in range(self.media_worker_count)]
+        config["listeners"] = [
+            {"port": self.main_port, "bind_addresses": ["127.0.0.1"], "type": "http", "tls": False,
+             "resources": [{"names": ["client", "federation"], "compress": False}]},
+            {"port": self.replication_port, "bind_addresses": ["127.0.0.1"], "type": "http",
+             "resources": [{"names": ["replication"]}]},
+            {"port": self.metrics_port, "bind_addresses": ["127.0.0.1"], "type": "metrics"},
+        ]
+        config.pop("tls_certificate_path", None) if not self.tls else None
+        config["database"] = self.postgres.create_database(self.db_name)
+        config["redis"] = {"enabled": True, "host": "127.0.0.1", "port": self.redis.port}
+        config["instance_map"] = {"main": {"host": "127.0.0.1", "port": self.replication_port}}
+        config["enable_media_repo"] = False
+        config["media_instance_running_background_jobs"] = names[0]
+        config.update(extra)
+        return config
+
+    def start(self, timeout: float = 120.0, app: str = "synapse.app.homeserver") -> WorkerSynapse:
+        public = self.base_url
+        self.base_url = self.main_url
+        try:
+            super().start(timeout, app)
+        finally:
+            self.base_url = public
+        if not self.workers:
+            for i in range(self.media_worker_count):
+                worker = Worker(self, f"media{i + 1}", ["media"])
+                worker.config["worker_listeners"].append(
+                    {"type": "metrics", "port": free_port(), "bind_addresses": ["127.0.0.1"]}
+                )
+                worker.config_path.write_text(yaml.safe_dump(worker.config))
+                self.workers.append(worker)
+        for worker in self.workers:
+            worker.start(timeout)
+        media = ",".join(f"127.0.0.1:{w.port}" for w in self.workers)
+        self._proxy(self.port, media)
+        if self.tls:
+            self._proxy(self.federation_port, media, tls=True)
+        from tests.harness import request
+
+        wait_for(lambda: request("GET", self.base_url, "/health", timeout=2).status == 200, 30, "proxy")
+        return self
+
+    def _proxy(self, port: int, media: str, tls: bool = False) -> None:
+        args = [PYTHON, str(Path(__file__).parent / "proxy.py"), "--port", str(port),
+                "--main", f"127.0.0.1:{self.main_port}", "--media", media]
+        if tls:
+            args += ["--tls", str(self.dir / "tls.crt"), str(self.dir / "tls.key")]
+        log = open(self.dir / f"proxy-{port}.log", "ab")
+        self.proxies.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, start_new_session=True))
+        log.close()
+
+    def stop(self) -> None:
+        for p in self.proxies:
+            stop_process(p)
+        self.proxies = []
+        for worker in self.workers:
+            worker.stop()
+        super().stop()
+
+    def output(self) -> str:
+        return super().output() + "".join(w.output() for w in self.workers)
+
+    def metrics(self) -> str:
+        from tests.harness import request
+
+        text = super().metrics()
+        for worker in self.workers:
+            port = worker.config["worker_listeners"][-1]["port"]
+            text += request("GET", f"http://127.0.0.1:{port}", "/_synapse/metrics").body.decode()
+        return text
+
+    def sql(self, query: str, args: tuple = ()) -> list[tuple]:
+        return self.postgres.query(self.db_name, query.replace("?", "%s"), args)
+
+    def start_expecting_failure(self, timeout: float = 60.0) -> tuple[int, str]:
+        return super().start_expecting_failure(timeout)

@@ -9,9 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.harness import REPO_ROOT, free_port, request, wait_for
 
 
+@pytest.mark.single_process
 def test_make_demo_serves_versions(tmp_path: Path) -> None:
     port = free_port()
     venv = Path(sys.executable).parent.parent

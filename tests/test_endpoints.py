@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from PIL import Image
 
-from tests.harness import Response, Synapse, request
+from tests.harness import Response, Synapse, make_synapse, request
 
 IGNORED = {"date", "server"}
 
@@ -55,7 +55,7 @@ def assert_same(a: Response, b: Response, what: str) -> None:
 @pytest.fixture(scope="module")
 def hs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Synapse]:
     # Legacy reads allowed, so that MSC1902's unauthenticated paths have something to match.
-    server = Synapse(
+    server = make_synapse(
         tmp_path_factory.mktemp("endpoints"),
         extra_config={"enable_authenticated_media": False},
     ).start()
@@ -71,7 +71,7 @@ def hs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Synapse]:
 @pytest.fixture(scope="module")
 def frozen_hs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Synapse]:
     """Synapse's own default: every new upload is authenticated-only."""
-    server = Synapse(tmp_path_factory.mktemp("endpoints-auth")).start()
+    server = make_synapse(tmp_path_factory.mktemp("endpoints-auth")).start()
     server.token = server.register("alice")  # type: ignore[attr-defined]
     server.media_id = server.upload(server.token, png(), "image/png", "a.png")  # type: ignore[attr-defined]
     yield server

@@ -47,6 +47,7 @@ def test_versions_advertises_the_unstable_features(synapse: Synapse) -> None:
     assert features["org.matrix.msc1902"] is True
 
 
+@pytest.mark.single_process
 def test_each_listener_serves_only_its_own_families(synapse_factory) -> None:
     hs, client, federation = two_listener_server(synapse_factory, module=True)
     token = hs.register("alice")
@@ -76,6 +77,7 @@ def test_each_listener_serves_only_its_own_families(synapse_factory) -> None:
     assert request("GET", federation, "/_matrix/client/versions").status == 404
 
 
+@pytest.mark.single_process
 def test_router_hands_everything_else_back_unchanged(synapse_factory) -> None:
     """Same answers, to the byte, as a Synapse without the module on the same layout."""
     with_module, c1, f1 = two_listener_server(synapse_factory, module=True)
@@ -131,6 +133,7 @@ def test_versions_untouched_when_the_families_are_off(synapse_factory) -> None:
     assert r.status == 404 and r.json()["errcode"] == "M_UNRECOGNIZED"
 
 
+@pytest.mark.single_process
 @pytest.mark.parametrize(
     ("module_config", "providers", "needle"),
     [

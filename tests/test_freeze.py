@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import start_federation_pair
-from tests.harness import Synapse, request
+from tests.harness import Synapse, make_synapse, request
 from tests.test_endpoints import png
 
 
@@ -54,7 +54,7 @@ def assert_frozen(resp, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def frozen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Synapse]:
-    hs = Synapse(tmp_path_factory.mktemp("freeze"), module_config={})
+    hs = make_synapse(tmp_path_factory.mktemp("freeze"), module_config={})
     hs.start()
     hs.token = hs.register("alice")  # type: ignore[attr-defined]
     hs.old = hs.upload(hs.token, png(), "image/png", "old.png")  # type: ignore[attr-defined]
@@ -149,9 +149,10 @@ def test_report_mode_serves_and_counts(frozen: Synapse) -> None:
         after = frozen.metric_value("synapse_msc3916_freeze_decisions_total", decision="would_refuse")
         assert after - before == len(paths)
         assert frozen.metric_value("synapse_msc3916_freeze_decisions_total", decision="refused") == 0
-        # Logged at most once per media per hour.
+        # Logged at most once per media per hour by each process that serves media.
         log = frozen.log_file.read_text()
-        assert log.count(f"would refuse mxc://{sn}/{frozen.new}") == 1  # type: ignore[attr-defined]
+        processes = len(getattr(frozen, "workers", [])) or 1
+        assert 1 <= log.count(f"would refuse mxc://{sn}/{frozen.new}") <= processes  # type: ignore[attr-defined]
     finally:
         frozen.config["modules"][0]["config"]["freeze"]["mode"] = "enforce"
         frozen.restart()
@@ -210,16 +211,15 @@ def test_remote_media_frozen_by_first_cache_time(tmp_path_factory: pytest.TempPa
         # Cached before the date: still public on B's legacy endpoints.
         assert b.get(f"/_matrix/media/v3/download/{a.server_name}/{cached_early}").status == 200
         # Not cached yet: refused before B asks A for anything.
-        log_before = a.log_file.read_text()
+        seen_before = a.log_file.read_text().count(never_cached)
         for path in legacy_paths(a.server_name, never_cached):
             assert_frozen(b.get(path), path)
         time.sleep(0.3)
-        new_log = a.log_file.read_text()[len(log_before):]
-        assert never_cached not in new_log, "B contacted A for frozen media"
+        assert a.log_file.read_text().count(never_cached) == seen_before, "B contacted A for frozen media"
         # The authenticated path fetches and serves it; afterwards it stays frozen.
         r = b.get(f"/_matrix/client/unstable/org.matrix.msc3916/media/download/{a.server_name}/{never_cached}", b_tok)
         assert r.status == 200 and r.body == png(30, 30)
-        assert never_cached in a.log_file.read_text()[len(log_before):]
+        assert a.log_file.read_text().count(never_cached) > seen_before
         assert_frozen(b.get(f"/_matrix/media/v3/download/{a.server_name}/{never_cached}"), "cached after")
     finally:
         a.stop()

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.harness import Synapse, request
+from tests.harness import Synapse, make_synapse, request
 
 SAFE = string.ascii_letters + string.digits + "-._~!$&'()*+,;=:@%"
 
@@ -46,7 +46,7 @@ query = st.one_of(
 
 @pytest.fixture(scope="module")
 def hs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Synapse]:
-    server = Synapse(tmp_path_factory.mktemp("fuzz")).start()
+    server = make_synapse(tmp_path_factory.mktemp("fuzz")).start()
     server.token = server.register("fuzz")  # type: ignore[attr-defined]
     yield server
     server.stop()
