@@ -16,6 +16,7 @@ from twisted.web.resource import Resource
 
 from synapse_msc3916 import synapse_adapter as sa
 from synapse_msc3916.config import ModuleConfig
+from synapse_msc3916.federation_auth import SignedDispatchResource
 from synapse_msc3916.freeze import Decision, FreezePolicy
 from synapse_msc3916.media_times import MediaTimes
 from synapse_msc3916.router import SIGNED_ORIGIN_ATTR, ListenerRouter
@@ -80,7 +81,7 @@ class AuthenticatedMediaModule:
         return bool(self._config.unstable_msc3916 or self._config.msc1902)
 
     def signed_resource(self, then: Callable[[Any, str], Resource]) -> Resource:
-        return sa.SignedDispatchResource(self._authenticator, self._ratelimiter, then)
+        return SignedDispatchResource(self._authenticator, self._ratelimiter, then)
 
     async def _gate(self, request: Any, server_name: str | None, media_id: str) -> bool:
         """Decide an unauthenticated media read (see ``synapse_adapter.install_media_gate``)."""

@@ -23,10 +23,9 @@ from synapse.media._base import FileInfo, Responder, ThumbnailInfo
 from synapse.media.media_repository import MediaRepository
 from synapse.media.media_storage import MultipartFileConsumer
 from synapse.media.thumbnailer import ThumbnailProvider
-from synapse.module_api import DirectServeJsonResource, ModuleApi, make_deferred_yieldable
+from synapse.module_api import DirectServeJsonResource, ModuleApi
 from synapse.rest.client.versions import VersionsRestServlet
 from synapse.util.stringutils import parse_and_validate_server_name
-from twisted.internet import defer
 from twisted.web.resource import Resource
 
 if TYPE_CHECKING:
@@ -221,66 +220,6 @@ class VersionsResource(DirectServeJsonResource):
         code, body = await self._servlet.on_GET(request)
         body.setdefault("unstable_features", {}).update(self._features)
         return code, body
-
-
-class SignedDispatchResource(Resource):
-    """Checks X-Matrix with Synapse's ``Authenticator``, then hands over to a Synapse resource.
-
-    Used for federation paths that Synapse serves only unauthenticated (MSC1902's
-    ``remote_media`` is the legacy download behind request signing). Authentication,
-    the domain whitelist and the per-origin rate limit are Synapse's; only the hand-over is
-    ours. ``then(request, origin)`` returns the resource to render (or raises a
-    SynapseError, rendered as JSON).
-    """
-
-    isLeaf = True
-
-    def __init__(
-        self,
-        authenticator: Authenticator,
-        ratelimiter: Any,
-        then: Callable[[SynapseRequest, str], Resource],
-    ):
-        super().__init__()
-        self._authenticator = authenticator
-        self._ratelimiter = ratelimiter
-        self._then = then
-
-    def render(self, request: SynapseRequest) -> Any:
-        from synapse.module_api import run_in_background
-
-        run_in_background(self._dispatch, request)
-        from twisted.web.server import NOT_DONE_YET
-
-        return NOT_DONE_YET
-
-    async def _dispatch(self, request: SynapseRequest) -> None:
-        try:
-            origin = await self._authenticator.authenticate_request(request, None)
-            with self._ratelimiter.ratelimit(origin) as wait:
-                await wait
-                target = self._then(request, origin)
-                target.render(request)
-                deferred = getattr(request, "render_deferred", None)
-                if deferred is not None:
-                    await make_deferred_yieldable(_shield(deferred))
-        except Exception as e:  # rendered like any Synapse servlet error
-            if request.startedWriting:
-                logger.warning("synapse_msc3916: error after response started: %s", e)
-                return
-            ErrorResource(e).render(request)
-
-
-def _shield(deferred: defer.Deferred) -> defer.Deferred:
-    """A deferred that follows ``deferred`` without consuming its result."""
-    out: defer.Deferred = defer.Deferred()
-
-    def _done(result: Any) -> Any:
-        out.callback(None)
-        return result
-
-    deferred.addBoth(_done)
-    return out
 
 
 def federation_authenticator(hs: HomeServer) -> Authenticator:
