@@ -45,9 +45,9 @@ def _int(
     minimum: int = 0,
     maximum: int = 1 << 62,
 ) -> int | None:
-    value = block.get(key, default)
-    if value is None:
-        return None
+    value = block.get(key)
+    if value is None:  # absent, or an explicit YAML null: the default
+        return default
     if isinstance(value, bool) or not isinstance(value, int):
         raise _fail(where + key, f"must be a whole number, not {value!r}")
     if not minimum <= value <= maximum:
