@@ -93,7 +93,8 @@ class ListenerRouter(Resource):
                     media_ids.check_media_path(kind, rest)
             return self._rewrite(route, match, request)
         if route.action is Action.VERSIONS:
-            return self._module.versions_resource
+            client = self._matrix.getChildWithDefault(b"client", request)
+            return sa.encoded_like(client, self._module.versions_resource)
         if route.action is Action.FEDERATION_ORIGIN:
             media_ids.check_media_id(match.group("media_id"))
             origin = media_ids.check_server_name(match.group("origin"))

@@ -193,6 +193,19 @@ def resolve_resource(matrix: Resource, segments: list[bytes], request: Any) -> R
     return resource
 
 
+def encoded_like(sibling: Resource, resource: Resource) -> Resource:
+    """Wrap ``resource`` in the same response compression as Synapse's ``sibling``.
+
+    A listener with ``compress: true`` gzips its client API (``gz_wrap``); a resource the
+    module serves in its place must do the same.
+    """
+    from twisted.web.resource import EncodingResourceWrapper
+
+    if isinstance(sibling, EncodingResourceWrapper):
+        return EncodingResourceWrapper(resource, sibling._encoders)  # noqa: SLF001
+    return resource
+
+
 class ErrorResource(DirectServeJsonResource):
     """Renders an exception exactly as a Synapse servlet would (JSON error, CORS)."""
 

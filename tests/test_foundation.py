@@ -166,3 +166,24 @@ def test_bad_config_stops_synapse_naming_the_key(synapse_factory, module_config,
     assert len(lines) == 1, output
     assert needle in lines[0]
     assert "Traceback" not in output
+
+
+@pytest.mark.single_process
+def test_compressed_listener(synapse_factory) -> None:
+    """`compress: true` gzips module answers exactly as it gzips Synapse's own."""
+    port = free_port()
+    listener = _listener(port, ["client", "federation"])
+    listener["resources"][0]["compress"] = True
+    hs = synapse_factory(listeners=[listener])
+    hs.port, hs.base_url = port, f"http://127.0.0.1:{port}"
+    hs.start()
+    token = hs.register("gz")
+    mid = hs.upload(token, b"zip me " * 100, "text/plain", "z.txt")
+    gz = {"Authorization": f"Bearer {token}", "Accept-Encoding": "gzip"}
+    for path in (
+        "/_matrix/client/versions",
+        f"/_matrix/client/unstable/org.matrix.msc3916/media/download/{hs.server_name}/{mid}",
+        f"/_matrix/client/v1/media/download/{hs.server_name}/{mid}",
+    ):
+        r = request("GET", hs.base_url, path, gz)
+        assert r.status == 200 and r.header("content-encoding") == "gzip", path
