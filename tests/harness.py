@@ -35,10 +35,39 @@ PYTHON = sys.executable
 _BIN = Path(PYTHON).parent
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_used_ports: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port outside the kernel's ephemeral range.
+
+    Ports from bind(0) come from the ephemeral range, where the kernel also picks the
+    local ports of outgoing connections; a server restarted on such a port can find it
+    taken by a client socket. Ports below the range are only ever taken by listeners.
+    """
+    import random
+
+    low, _ = _ephemeral_range()
+    for _ in range(1000):
+        port = random.randrange(10000, max(10001, low - 1))
+        if port in _used_ports:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _used_ports.add(port)
+        return port
+    raise RuntimeError("no free port")
 
 
 def wait_for(predicate: Any, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
