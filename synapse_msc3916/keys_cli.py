@@ -108,6 +108,10 @@ def _ids(keys: list[Key]) -> str:
     return ", ".join(key.key_id for key in keys)
 
 
+def _count(keys: list[Key]) -> str:
+    return f"{len(keys)} key" if len(keys) == 1 else f"{len(keys)} keys"
+
+
 # ---------------------------------------------------------------------------
 # generate / combine
 # ---------------------------------------------------------------------------
@@ -136,7 +140,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
             source_of[key.key_id] = path
             keys.append(key)
     write_secret_file(args.output, serialise(keys, args.format), args.force)
-    print(f"{args.output}: {len(keys)} keys ({args.format}), first {keys[0].key_id}: {_ids(keys)}")
+    print(f"{args.output}: {_count(keys)} ({args.format}), first {keys[0].key_id}: {_ids(keys)}")
     return 0
 
 
@@ -278,7 +282,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     signatures = (data.get("signatures") or {}).get(server_name) or {}
 
     print(f"server: {base_url} (server_name {server_name})")
-    print(f"key file: {key_path or args.config + ' (inline signing_key)'}: {len(keys)} keys")
+    print(f"key file: {key_path or args.config + ' (inline signing_key)'}: {_count(keys)}")
     for index, key in enumerate(keys):
         role = "  <- first: Synapse signs with this key" if index == 0 else ""
         entry = published.get(key.key_id)
@@ -294,6 +298,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         note = {True: ", signature ok", False: ", BAD signature", None: ", not signed"}[signed]
         if signed is False:
             problems.append(f"the response's signature by {key.key_id} does not verify")
+        elif signed is None and index == 0:
+            problems.append(f"the response is not signed by the first key {key.key_id}")
         print(f"  {key.key_id}: published, valid_until_ts {_ts(valid_until)}{note}{role}")
         if key.key_id in old:
             problems.append(f"{key.key_id} is both in verify_keys and old_verify_keys")
@@ -362,7 +368,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         )
     write_secret_file(args.output, serialise(remaining, "synapse"), args.force)
     expired_ts = int(time.time() * 1000)
-    print(f"# {args.output}: {key_path} without {key_id} ({len(remaining)} keys left)")
+    print(f"# {args.output}: {key_path} without {key_id} ({_count(remaining)} left)")
     print("# Add this under old_signing_keys in homeserver.yaml, then deploy the file and restart:")
     print("old_signing_keys:")
     print(f'  "{key_id}": {{key: "{revoked.public_base64()}", expired_ts: {expired_ts}}}')

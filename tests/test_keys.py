@@ -24,7 +24,7 @@ from synapse_msc3916 import keys
 from synapse_msc3916.cli import main
 from synapse_msc3916.homeserver_config import ToolError
 from synapse_msc3916.keys_cli import local_key_url
-from tests.harness import REPO_ROOT, Synapse, request
+from tests.harness import REPO_ROOT, Synapse, free_port, request
 
 SEED = bytes(range(32))
 SEED_B64 = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="  # standard base64 of SEED
@@ -489,6 +489,19 @@ def test_end_to_end_add_check_and_revoke_a_media_key(
     ok = run_cli("check", "-c", str(server.config_path), "--expect-first", original_id)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert f"old_verify_keys:\n  {media_key.key_id}: expired_ts" in ok.stdout
+
+
+def test_check_reports_an_unreachable_server_and_a_non_synapse_key_file(tmp_path: Path) -> None:
+    key = tmp_path / "s.key"
+    key.write_text(GOOD_LINE)
+    config = tmp_path / "homeserver.yaml"
+    closed = f"http://127.0.0.1:{free_port()}"
+    config.write_text(yaml.safe_dump({"server_name": "example.org", "signing_key_path": str(key)}))
+    assert_one_line_error(run_cli("check", "-c", str(config), "--server-url", closed),
+                          f"GET {closed}/_matrix/key/v2/server failed")
+    key.write_text(MMR_OK)
+    assert_one_line_error(run_cli("check", "-c", str(config), "--server-url", closed),
+                          "is a mmr key file; Synapse reads only its own format")
 
 
 def test_revoke_refuses_unknown_and_last_key(tmp_path: Path) -> None:
