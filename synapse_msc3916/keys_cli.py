@@ -270,7 +270,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     problems: list[str] = []
     server_name = data.get("server_name")
-    if "server_name" in config and server_name != config["server_name"]:
+    if not isinstance(server_name, str):
+        problems.append(f"the response has no server_name string ({server_name!r:.40})")
+        server_name = ""
+    elif "server_name" in config and server_name != config["server_name"]:
         problems.append(
             f"the server answers as {server_name!r}, the config is for {config['server_name']!r}"
         )
@@ -278,8 +281,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not isinstance(valid_until, int) or valid_until < time.time() * 1000:
         problems.append(f"valid_until_ts {_ts(valid_until)} is not in the future")
     published: dict[str, Any] = data["verify_keys"]
-    old: dict[str, Any] = data.get("old_verify_keys") or {}
-    signatures = (data.get("signatures") or {}).get(server_name) or {}
+    old = _mapping(data.get("old_verify_keys"))
+    signatures = _mapping(_mapping(data.get("signatures")).get(server_name))
 
     print(f"server: {base_url} (server_name {server_name})")
     print(f"key file: {key_path or args.config + ' (inline signing_key)'}: {_count(keys)}")
@@ -330,6 +333,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise ToolError(f"check failed: {problems[0]}{more}")
     print("ok")
     return 0
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    """A JSON object from the response, or an empty one for anything else."""
+    return value if isinstance(value, dict) else {}
 
 
 def _signature_ok(data: dict[str, Any], server_name: Any, key: Key) -> bool:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import ast
 import base64
+import http.server
 import itertools
+import json
 import os
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -502,6 +505,86 @@ def test_check_reports_an_unreachable_server_and_a_non_synapse_key_file(tmp_path
     key.write_text(MMR_OK)
     assert_one_line_error(run_cli("check", "-c", str(config), "--server-url", closed),
                           "is a mmr key file; Synapse reads only its own format")
+
+
+class FakeKeyServer:
+    """A key server on loopback answering every GET with a fixed body."""
+
+    def __init__(self, body: bytes, status: int = 200):
+        outer = self
+        self.body, self.status = body, status
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(outer.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(outer.body)))
+                self.end_headers()
+                self.wfile.write(outer.body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize(
+    "body,status,expected",
+    [
+        (b"not json", 200, "did not return JSON"),
+        (b"[]", 200, "no verify_keys"),
+        (b'{"verify_keys": []}', 200, "no verify_keys"),
+        (b"{}", 404, "answered HTTP 404"),
+        (b'{"verify_keys": {}, "server_name": ["x"], "signatures": [1], "old_verify_keys": 2,'
+         b' "valid_until_ts": "soon"}', 200, "no server_name string"),
+        (b'{"verify_keys": {"ed25519:abc": "k"}, "server_name": "example.org",'
+         b' "valid_until_ts": 99999999999999, "signatures": {"example.org": 5}}', 200,
+         "ed25519:abc is not published"),
+        (b'{"verify_keys": {"ed25519:abc": {"key": "AAAA"}}, "server_name": "example.org",'
+         b' "valid_until_ts": 99999999999999}', 200, "published with a different public key"),
+    ],
+)
+def test_check_survives_any_server_answer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], body: bytes, status: int, expected: str
+) -> None:
+    key = tmp_path / "s.key"
+    key.write_text(GOOD_LINE)
+    config = tmp_path / "homeserver.yaml"
+    config.write_text(yaml.safe_dump({"server_name": "example.org", "signing_key_path": str(key)}))
+    server = FakeKeyServer(body, status)
+    try:
+        assert main(["keys", "check", "-c", str(config), "--server-url", server.url]) == 1
+    finally:
+        server.close()
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and expected in err[0], err
+
+
+def test_check_of_an_unsigned_answer_is_a_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = tmp_path / "s.key"
+    key.write_text(GOOD_LINE)
+    config = tmp_path / "homeserver.yaml"
+    config.write_text(yaml.safe_dump({"server_name": "example.org", "signing_key_path": str(key)}))
+    public = keys.parse(GOOD_LINE)[1][0].public_base64()
+    answer = {"verify_keys": {"ed25519:abc": {"key": public}}, "server_name": "example.org",
+              "valid_until_ts": 99999999999999, "old_verify_keys": {}}
+    server = FakeKeyServer(json.dumps(answer).encode())
+    try:
+        assert main(["keys", "check", "-c", str(config), "--server-url", server.url]) == 1
+    finally:
+        server.close()
+    out, err = capsys.readouterr()
+    assert "ed25519:abc: published" in out and ", not signed" in out
+    assert "not signed by the first key ed25519:abc" in err
 
 
 def test_revoke_refuses_unknown_and_last_key(tmp_path: Path) -> None:
