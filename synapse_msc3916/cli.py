@@ -44,7 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ToolError as e:
-        print(f"synapse-msc3916 {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, even for multi-line causes (YAML)
+        print(f"synapse-msc3916 {args.command}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"synapse-msc3916 {args.command}: interrupted", file=sys.stderr)
