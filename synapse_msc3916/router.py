@@ -108,7 +108,7 @@ class ListenerRouter(Resource):
 
     def _rewrite(self, route: Route, match: Any, request: Any) -> Resource:
         assert route.target is not None
-        return self._rewrite_to(route.target + request.path.decode("ascii")[match.end("prefix"):], request)
+        return self._rewrite_to(route.target + match.string[match.end("prefix") :], request)
 
     def _rewrite_to(self, new_path: str, request: Any) -> Resource:
         """Serve the request as ``new_path`` by this listener's own Synapse resource."""
