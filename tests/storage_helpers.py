@@ -1,0 +1,64 @@
+"""Shared helpers for the storage provider's end-to-end tests."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from typing import Any
+
+from tests.harness import Synapse
+
+PROVIDER = "synapse_msc3916.DedupStorageProvider"
+
+
+def provider_entry(config: dict[str, Any], synchronous: bool = True) -> dict[str, Any]:
+    return {
+        "module": PROVIDER,
+        "store_local": True,
+        "store_remote": True,
+        "store_synchronous": synchronous,
+        "config": config,
+    }
+
+
+def s3_config(seaweedfs: Any, bucket: str, **extra: Any) -> dict[str, Any]:
+    config = {
+        "backend": "s3",
+        "bucket": bucket,
+        "endpoint_url": seaweedfs.endpoint_url,
+        "region_name": "us-east-1",
+        "access_key_id": seaweedfs.ACCESS_KEY,
+        "secret_access_key": seaweedfs.SECRET_KEY,
+        "threadpool_size": 4,
+        "connect_timeout": 2,
+        "read_timeout": 10,
+    }
+    config.update(extra)
+    return config
+
+
+def wipe_local_media(hs: Synapse) -> None:
+    """Delete every file Synapse keeps locally, so reads must come from the provider."""
+    for sub in ("local_content", "local_thumbnails", "remote_content", "remote_thumbnail"):
+        shutil.rmtree(hs.media_store / sub, ignore_errors=True)
+
+
+def png(width: int = 64, height: int = 48, colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(out, "PNG")
+    return out.getvalue()
+
+
+def download(hs: Synapse, token: str, media_id: str) -> Any:
+    return hs.get(f"/_matrix/client/v1/media/download/{hs.server_name}/{media_id}", token)
+
+
+def thumbnail(hs: Synapse, token: str, media_id: str, w: int = 32, h: int = 32,
+              method: str = "scale") -> Any:
+    return hs.get(
+        f"/_matrix/client/v1/media/thumbnail/{hs.server_name}/{media_id}"
+        f"?width={w}&height={h}&method={method}",
+        token,
+    )
