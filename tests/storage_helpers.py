@@ -55,8 +55,9 @@ def download(hs: Synapse, token: str, media_id: str) -> Any:
     return hs.get(f"/_matrix/client/v1/media/download/{hs.server_name}/{media_id}", token)
 
 
-def thumbnail(hs: Synapse, token: str, media_id: str, w: int = 32, h: int = 32,
-              method: str = "scale") -> Any:
+def thumbnail(
+    hs: Synapse, token: str, media_id: str, w: int = 32, h: int = 32, method: str = "scale"
+) -> Any:
     return hs.get(
         f"/_matrix/client/v1/media/thumbnail/{hs.server_name}/{media_id}"
         f"?width={w}&height={h}&method={method}",

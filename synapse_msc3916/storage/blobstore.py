@@ -38,8 +38,11 @@ def sha_from_name(name: str) -> str | None:
     if len(parts) != 3:
         return None
     a, b, sha = parts
-    if len(sha) == 64 and sha[0:2] == a and sha[2:4] == b and all(
-        c in "0123456789abcdef" for c in sha
+    if (
+        len(sha) == 64
+        and sha[0:2] == a
+        and sha[2:4] == b
+        and all(c in "0123456789abcdef" for c in sha)
     ):
         return sha
     return None

@@ -170,9 +170,7 @@ def claim_blob_txn(txn: Txn, sha256: str, length: int, now: int) -> tuple[str, b
     ``last_ref_ts`` bump is what keeps a concurrent GC away from this blob for the
     grace period, which covers the gap until the path row is written.
     """
-    txn.execute(
-        f"SELECT stored, corrupt, deleting_ts FROM {BLOBS} WHERE sha256 = ?", (sha256,)
-    )
+    txn.execute(f"SELECT stored, corrupt, deleting_ts FROM {BLOBS} WHERE sha256 = ?", (sha256,))
     row = txn.fetchone()
     if row is None:
         txn.execute(
@@ -366,9 +364,7 @@ def mark_orphan_object_deleting_txn(txn: Txn, sha256: str, length: int, now: int
 
 
 def finish_deleting_txn(txn: Txn, sha256: str, deleting_ts: int) -> None:
-    txn.execute(
-        f"DELETE FROM {BLOBS} WHERE sha256 = ? AND deleting_ts = ?", (sha256, deleting_ts)
-    )
+    txn.execute(f"DELETE FROM {BLOBS} WHERE sha256 = ? AND deleting_ts = ?", (sha256, deleting_ts))
 
 
 def known_blobs_txn(txn: Txn) -> set[str]:
@@ -387,9 +383,7 @@ def path_indexed_txn(txn: Txn, path: str) -> bool:
 def stats_txn(txn: Txn, top: int = 10) -> dict[str, Any]:
     txn.execute(f"SELECT COUNT(*), COALESCE(SUM(length), 0) FROM {PATHS}", ())
     paths, logical = txn.fetchone()
-    txn.execute(
-        f"SELECT COUNT(*), COALESCE(SUM(length), 0) FROM {BLOBS} WHERE stored = 1", ()
-    )
+    txn.execute(f"SELECT COUNT(*), COALESCE(SUM(length), 0) FROM {BLOBS} WHERE stored = 1", ())
     objects, stored = txn.fetchone()
     txn.execute(f"SELECT COUNT(*) FROM {BLOBS} WHERE corrupt = 1", ())
     corrupt = txn.fetchone()[0]

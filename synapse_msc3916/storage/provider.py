@@ -266,9 +266,7 @@ class DedupStorageProvider:
         if self._config.legacy_prefix is None or not isinstance(self._store, S3BlobStore):
             return None
         try:
-            reader = await self._in_thread(
-                self._store.open_key, self._config.legacy_prefix + path
-            )
+            reader = await self._in_thread(self._store.open_key, self._config.legacy_prefix + path)
         except StorageUnavailable as e:
             raise self._unavailable("fetch", e) from e
         if reader is None:
