@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +23,17 @@ def private_seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaw
     try:
         yield server
     finally:
-        server.stop()
+        if server.proc is not None:
+            crash(server)  # nothing to keep; a polite stop takes SeaweedFS 20 s
+
+
+def crash(sw: SeaweedFS) -> None:
+    """Kill the S3 server outright (by PID): an outage, not a polite shutdown."""
+    assert sw.proc is not None
+    os.kill(sw.proc.pid, signal.SIGKILL)
+    sw.proc.wait(10)
+    sw.proc = None
+    sw.log.close()
 
 
 def _upload_status(hs: Synapse, token: str, data: bytes) -> tuple[int, dict]:
@@ -43,9 +57,11 @@ def test_s3_down_during_store_fails_clearly_and_loses_nothing(
     before = os.urandom(120_000)
     kept = hs.upload(token, before)
 
-    sw.stop()
+    crash(sw)
     try:
+        started = time.monotonic()
         status, body = _upload_status(hs, token, os.urandom(80_000))
+        print(f"upload with S3 down answered {status} in {time.monotonic() - started:.2f}s")
         assert 500 <= status < 600, body
         assert "storage" in body.get("error", "").lower(), body
         assert "media storage store failed" in hs.output()
@@ -74,9 +90,11 @@ def test_s3_down_during_read_is_5xx_then_recovers(
     media_id = hs.upload(token, data)
     wipe_local_media(hs)
 
-    sw.stop()
+    crash(sw)
     try:
+        started = time.monotonic()
         resp = download(hs, token, media_id)
+        print(f"download with S3 down answered {resp.status} in {time.monotonic() - started:.2f}s")
         assert 500 <= resp.status < 600, resp
         assert resp.json()["errcode"] == "M_UNKNOWN"
         assert "storage" in resp.json()["error"].lower()
@@ -122,3 +140,50 @@ def test_without_local_media_storage_uploads_reach_the_provider(
     )
     code, output = bad.start_expecting_failure()
     assert code != 0 and "store_synchronous" in output, output[-2000:]
+
+
+def test_s3_that_accepts_but_never_answers_gives_5xx_not_a_hang(
+    synapse_factory: Callable[..., Synapse],
+) -> None:
+    """A black hole: TCP connects, no byte ever comes back. Timeouts must end it."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def swallow() -> None:
+        hole.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(hole.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=swallow, daemon=True)
+    thread.start()
+    try:
+        config = {
+            "backend": "s3",
+            "bucket": "black-hole",
+            "endpoint_url": f"http://127.0.0.1:{hole.getsockname()[1]}",
+            "region_name": "us-east-1",
+            "access_key_id": "x",
+            "secret_access_key": "y",
+            "connect_timeout": 1,
+            "read_timeout": 1,
+        }
+        hs = synapse_factory(storage_providers=[provider_entry(config)]).start()
+        token = hs.register("alice")
+        started = time.monotonic()
+        status, body = _upload_status(hs, token, os.urandom(10_000))
+        elapsed = time.monotonic() - started
+        print(f"upload into a black hole answered {status} after {elapsed:.2f}s")
+        assert 500 <= status < 600, body
+        assert accepted  # it really did connect and wait
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in accepted:
+            conn.close()
+        hole.close()
