@@ -63,3 +63,111 @@ def thumbnail(
         f"?width={w}&height={h}&method={method}",
         token,
     )
+
+
+class PostgreSQL:
+    """A throw-away PostgreSQL cluster on loopback, run as the ``postgres`` system user.
+
+    PostgreSQL refuses to run as root, so the server is started through ``runuser``;
+    it is stopped by PID like every other server in the harness.
+    """
+
+    def __init__(self, directory: Any):
+        import pathlib
+
+        from tests.harness import free_port
+
+        self.dir = pathlib.Path(directory)
+        self.port = free_port()
+        self.proc: Any = None
+
+    def _as_postgres(self, *args: str) -> list[str]:
+        import os
+
+        if os.geteuid() == 0:
+            return ["runuser", "-u", "postgres", "--", *args]
+        return list(args)
+
+    def start(self) -> PostgreSQL:
+        import os
+        import subprocess
+
+        from tests.harness import wait_for
+
+        data = self.dir / "data"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o777)
+        subprocess.run(
+            self._as_postgres(
+                "initdb",
+                "-D",
+                str(data),
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+            ),
+            check=True,
+            capture_output=True,
+        )
+        self.log = open(self.dir / "postgres.log", "ab")
+        self.proc = subprocess.Popen(
+            self._as_postgres(
+                "postgres",
+                "-D",
+                str(data),
+                "-p",
+                str(self.port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                f"unix_socket_directories={self.dir}",
+                "-c",
+                "fsync=off",
+            ),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_for(self._ready, 30, "postgres", self.proc)
+        return self
+
+    def connect(self, dbname: str = "postgres") -> Any:
+        import psycopg2
+
+        return psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=dbname)
+
+    def _ready(self) -> bool:
+        self.connect().close()
+        return True
+
+    def create_database(self, name: str) -> None:
+        conn = self.connect()
+        conn.autocommit = True
+        conn.cursor().execute(f"CREATE DATABASE {name} ENCODING 'UTF8' TEMPLATE template0")
+        conn.close()
+
+    def database_config(self, name: str) -> dict[str, Any]:
+        return {
+            "name": "psycopg2",
+            "args": {
+                "user": "postgres",
+                "host": "127.0.0.1",
+                "port": self.port,
+                "database": name,
+                "cp_min": 1,
+                "cp_max": 5,
+            },
+        }
+
+    def stop(self) -> None:
+        from tests.harness import stop_process
+
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+            self.log.close()

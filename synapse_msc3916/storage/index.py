@@ -79,8 +79,29 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+# Any fixed number: the key of the advisory lock that serialises schema changes.
+_SCHEMA_LOCK_KEY = 0x3916_5700
+
+
+def is_postgres(txn: Any) -> bool:
+    """Whether ``txn`` talks to PostgreSQL (a Synapse ``LoggingTransaction`` or a ToolTxn)."""
+    if getattr(txn, "engine", None) == "postgres":
+        return True
+    engine = getattr(txn, "database_engine", None)
+    return type(engine).__name__.startswith("Postgres")
+
+
 def ensure_schema_txn(txn: Txn) -> int:
-    """Create or upgrade the index tables in place; return the schema version."""
+    """Create or upgrade the index tables in place; return the schema version.
+
+    On PostgreSQL two sessions running the same ``CREATE TABLE IF NOT EXISTS`` at once
+    can both pass the existence check and one then fails on a catalogue unique index
+    (seen with eight concurrent starters); a transaction-scoped advisory lock makes
+    concurrent starters (main process and workers) take turns instead. SQLite
+    serialises writers by itself.
+    """
+    if is_postgres(txn):
+        txn.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK_KEY,))
     txn.execute(
         f"CREATE TABLE IF NOT EXISTS {SCHEMA} ("
         " component TEXT NOT NULL PRIMARY KEY, version INTEGER NOT NULL)",
@@ -420,6 +441,7 @@ class ToolTxn:
 
     def __init__(self, db: Any):
         self._db = db
+        self.engine = db.engine
         self._cur: Any = None
         self.rowcount = -1
 
