@@ -209,6 +209,14 @@ class S3BlobStore:
         self.bucket = config.bucket or ""
         self.prefix = config.prefix
         self._conditional = True
+        checksums = {
+            key: value
+            for key, value in (
+                ("request_checksum_calculation", config.request_checksum_calculation),
+                ("response_checksum_validation", config.response_checksum_validation),
+            )
+            if value is not None
+        }
         session = boto3.session.Session()
         self.client = session.client(
             "s3",
@@ -222,6 +230,7 @@ class S3BlobStore:
                 connect_timeout=config.connect_timeout,
                 read_timeout=config.read_timeout,
                 retries={"max_attempts": 2, "mode": "standard"},
+                **checksums,
             ),
         )
 
