@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from collections.abc import Callable
 
 from synapse_msc3916.storage.blobstore import blob_name
-from tests.harness import SeaweedFS, Synapse
+from tests.harness import SeaweedFS, Synapse, request
 from tests.storage_helpers import provider_entry, s3_config, wipe_local_media
-from tests.test_storage_s3 import index_rows, sha
+from tests.test_storage_s3 import index_rows, run_tool, sha
 
 
 def test_remote_media_is_stored_once_and_served_when_origin_is_down(
@@ -41,3 +43,21 @@ def test_remote_media_is_stored_once_and_served_when_origin_is_down(
     again = b.get(path, bob)
     assert again.status == 200 and again.body == data
     assert (again.header("content-type") or "").startswith("application/pdf")
+
+    # Purging B's remote media cache drops the remote index row at the next gc; the
+    # object stays because the local copy still references it.
+    admin = b.register("admin", admin=True)
+    purge = request(
+        "POST",
+        b.base_url,
+        f"/_synapse/admin/v1/purge_media_cache?before_ts={int(time.time() * 1000) + 1000}",
+        {"Authorization": f"Bearer {admin}", "Content-Type": "application/json"},
+        b"{}",
+    )
+    assert purge.status == 200 and purge.json()["deleted"] == 1, purge
+    gc = run_tool(b, "gc", "--grace", "0s", "--apply", "--json")
+    assert gc.returncode == 0, gc.stderr
+    report = json.loads(gc.stdout)
+    assert report["paths_removed"] == 1 and report["deleted"] == []
+    assert index_rows(b, "media_origin IS NOT NULL") == []
+    assert seaweedfs.list_keys(bucket) == [blob_name(sha(data))]

@@ -201,11 +201,16 @@ def test_gc_after_admin_delete_removes_exactly_unreferenced_objects(
     s2 = hs.upload(admin, shared)
     k = hs.upload(admin, kept)
     assert len(seaweedfs.list_keys(bucket)) == 3
+    # An image: deleting it must take its thumbnails' objects too.
+    img = hs.upload(admin, png(300, 200, (1, 2, 3)), "image/png", "p.png")
+    thumb_shas = {r[1] for r in index_rows(hs, "file_id = ?", (img,))}
+    assert len(thumb_shas) >= 2  # the original and at least one thumbnail
+    baseline = len(seaweedfs.list_keys(bucket))
     # A stray object nothing refers to (e.g. a crashed write long ago).
     stray = os.urandom(1000)
     seaweedfs.client().put_object(Bucket=bucket, Key=blob_name(sha(stray)), Body=stray)
 
-    for media_id in (u, s1):
+    for media_id in (u, s1, img):
         resp = request(
             "DELETE",
             hs.base_url,
@@ -218,19 +223,21 @@ def test_gc_after_admin_delete_removes_exactly_unreferenced_objects(
     young = run_tool(hs, "gc", "--apply", "--json")
     assert young.returncode == 0, young.stderr
     assert json.loads(young.stdout)["objects_deleted"] == 0
-    assert len(seaweedfs.list_keys(bucket)) == 4
+    assert len(seaweedfs.list_keys(bucket)) == baseline + 1
 
     dry = run_tool(hs, "gc", "--grace", "0s", "--json")
     assert dry.returncode == 0, dry.stderr
     planned = json.loads(dry.stdout)
-    assert planned["paths_removed"] == 2 and planned["objects_deleted"] == 1
+    orphaned_paths = 2 + len(index_rows(hs, "file_id = ?", (img,)))
+    assert planned["paths_removed"] == orphaned_paths
+    assert planned["objects_deleted"] == 1 + len(thumb_shas)
     assert planned["orphan_objects_deleted"] == 1
-    assert len(seaweedfs.list_keys(bucket)) == 4
+    assert len(seaweedfs.list_keys(bucket)) == baseline + 1
 
     done = run_tool(hs, "gc", "--grace", "0s", "--apply", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert sorted(report["deleted"]) == sorted([sha(unique), sha(stray)])
+    assert sorted(report["deleted"]) == sorted([sha(unique), sha(stray), *thumb_shas])
     assert sorted(seaweedfs.list_keys(bucket)) == sorted(blob_name(sha(d)) for d in (shared, kept))
 
     wipe_local_media(hs)
