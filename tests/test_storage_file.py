@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -57,3 +58,40 @@ def test_bad_config_stops_synapse_naming_the_key(
         code, output = hs.start_expecting_failure()
         assert code != 0
         assert key in output, output[-2000:]
+
+
+def test_migrate_existing_media_store_into_file_backend(
+    synapse_factory: Callable[..., Synapse], tmp_path: Path
+) -> None:
+    """A server that had no provider: `migrate` loads its media store, deduplicated."""
+    from tests.storage_helpers import png
+    from tests.test_storage_s3 import run_tool
+
+    hs = synapse_factory(storage_providers=None).start()
+    token = hs.register("alice")
+    same = os.urandom(64_000)
+    ids = [hs.upload(token, same, filename=f"s{i}") for i in range(3)]
+    solo = hs.upload(token, b"only once", "text/plain", "solo.txt")
+    img = hs.upload(token, png(320, 240), "image/png", "p.png")
+    hs.stop()
+
+    store = tmp_path / "blobs"
+    hs.config["media_storage_providers"] = [
+        provider_entry({"backend": "file", "directory": str(store)})
+    ]
+    hs.write_config()
+    files = [p for p in hs.media_store.rglob("*") if p.is_file()]
+    distinct = {p.read_bytes() for p in files}
+    result = run_tool(hs, "migrate", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["files"] == len(files) and report["deduplicated"] >= 2
+    assert {p.read_bytes() for p in _blobs(store)} == distinct
+    assert len(_blobs(store)) == len(distinct) < len(files)
+
+    hs.start()
+    wipe_local_media(hs)
+    for media_id in ids:
+        assert download(hs, token, media_id).body == same
+    assert download(hs, token, solo).body == b"only once"
+    assert download(hs, token, img).status == 200
