@@ -31,12 +31,7 @@ from synapse_msc3916.metrics import (
     STORAGE_STORES,
 )
 from synapse_msc3916.storage import index
-from synapse_msc3916.storage.blobstore import (
-    FileBlobStore,
-    S3BlobStore,
-    StorageUnavailable,
-    make_blobstore,
-)
+from synapse_msc3916.storage.blobstore import S3BlobStore, StorageUnavailable, make_blobstore
 from synapse_msc3916.storage.responder import BlobResponder
 
 logger = logging.getLogger(__name__)
@@ -189,7 +184,16 @@ class DedupStorageProvider:
         kind = file_kind(file_info)
         STORAGE_STORES.labels(kind=kind).inc()
 
-        size = (await self._in_thread(os.stat, source)).st_size
+        try:
+            size = (await self._in_thread(os.stat, source)).st_size
+        except FileNotFoundError:
+            # Only happens if Synapse kept no copy and the spam-check hook never told
+            # us where the temporary file was; say so rather than a bare traceback.
+            STORAGE_ERRORS.labels(operation="store").inc()
+            logger.error("synapse_msc3916: cannot read %s to store it (%s)", path, source)
+            raise sa.SynapseError(
+                500, "Media storage could not read the uploaded file", sa.Codes.UNKNOWN
+            ) from None
         known = await self._db("synapse_sha256", index.synapse_sha256_txn, ref)
         if known is not None and known[1] == size:
             sha256, length = known
@@ -313,4 +317,4 @@ class DedupStorageProvider:
         self._run_in_background(mark)
 
 
-__all__ = ["DedupStorageProvider", "FileBlobStore", "S3BlobStore"]
+__all__ = ["DedupStorageProvider"]

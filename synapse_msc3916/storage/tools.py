@@ -22,12 +22,7 @@ from typing import Any
 from synapse_msc3916 import homeserver_config as hc
 from synapse_msc3916.config import StorageConfig
 from synapse_msc3916.storage import index
-from synapse_msc3916.storage.blobstore import (
-    FileBlobStore,
-    S3BlobStore,
-    StorageUnavailable,
-    make_blobstore,
-)
+from synapse_msc3916.storage.blobstore import S3BlobStore, StorageUnavailable, make_blobstore
 from synapse_msc3916.storage.provider import hash_file
 
 MEDIA_DIRS = ("local_content", "local_thumbnails", "remote_content", "remote_thumbnail")
@@ -413,4 +408,4 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_stats)
 
 
-__all__ = ["FileBlobStore", "register"]
+__all__ = ["register"]
