@@ -211,6 +211,9 @@ class StorageConfig:
     connect_timeout: int = 10
     read_timeout: int = 60
     legacy_prefix: str | None = None
+    # botocore's checksum settings, as synapse-s3-storage-provider passes them through
+    request_checksum_calculation: str | None = None
+    response_checksum_validation: str | None = None
 
     @classmethod
     def parse(cls, block: Any) -> StorageConfig:
@@ -255,6 +258,12 @@ class StorageConfig:
         legacy_prefix = block.get("legacy_prefix")
         if legacy_prefix is not None and not isinstance(legacy_prefix, str):
             raise _fail("legacy_prefix", f"must be a string or null, not {legacy_prefix!r}")
+        checksums: dict[str, str | None] = {}
+        for key in ("request_checksum_calculation", "response_checksum_validation"):
+            value = _str(block, key, None)
+            if value is not None and value not in ("when_supported", "when_required"):
+                raise _fail(key, f"must be 'when_supported' or 'when_required', not {value!r}")
+            checksums[key] = value
         return cls(
             backend="s3",
             bucket=bucket,
@@ -272,4 +281,6 @@ class StorageConfig:
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             legacy_prefix=legacy_prefix,
+            request_checksum_calculation=checksums["request_checksum_calculation"],
+            response_checksum_validation=checksums["response_checksum_validation"],
         )

@@ -335,3 +335,44 @@ def fix_zero_byte_multipart() -> None:
 
 def respond_json(request: SynapseRequest, code: int, body: Any) -> None:
     respond_with_json(request, code, body, send_cors=True)
+
+
+# --- Storage provider support ---
+
+
+def storage_module_api(hs: HomeServer) -> ModuleApi:
+    """The ModuleApi a storage provider uses: providers get the HomeServer, not an API."""
+    return hs.get_module_api()
+
+
+def storage_reactor(hs: HomeServer) -> Any:
+    return hs.get_reactor()
+
+
+def media_store_path(hs: HomeServer) -> str:
+    return str(hs.config.media.media_store_path)
+
+
+def local_media_storage_enabled(hs: HomeServer) -> bool:
+    return bool(getattr(hs.config.media, "enable_local_media_storage", True))
+
+
+def provider_store_synchronous(hs: HomeServer, provider_class: type) -> list[bool]:
+    """``store_synchronous`` of every configured provider entry using ``provider_class``."""
+    return [
+        bool(wrapper.store_synchronous)
+        for cls, _parsed, wrapper in hs.config.media.media_storage_providers
+        if cls is provider_class
+    ]
+
+
+def storage_config_error(message: str) -> Exception:
+    from synapse.module_api.errors import ConfigError
+
+    return ConfigError(message)
+
+
+def storage_not_spam() -> Any:
+    from synapse.module_api import NOT_SPAM
+
+    return NOT_SPAM

@@ -621,7 +621,7 @@ class SeaweedFS:
         ports = {name: free_port() for name in (
             "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
             "filer.port", "filer.port.grpc", "s3.port.grpc", "metricsPort",
-            "s3.port.iceberg",
+            "s3.port.iceberg", "s3.port.lance",
         )}
         args = [
             weed, "server",

@@ -1,25 +1,320 @@
-"""``DedupStorageProvider``: stores each distinct media content once (placeholder)."""
+"""``DedupStorageProvider``: a Synapse media storage provider storing each content once.
+
+Synapse hands a provider every file it keeps (local and remote originals, thumbnails)
+under a path of its own choosing; many of those paths carry the same bytes (forwarded
+images, the same meme uploaded by many users, remote media cached twice). The provider
+keys objects by SHA-256 instead and remembers path -> SHA-256 in Synapse's database
+(see ``index.py``), so a second copy costs an index row, not an object.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import collections
+import hashlib
+import logging
+import os
+import time
+from typing import Any, cast
+
+from twisted.python.threadpool import ThreadPool
 
 from synapse_msc3916 import synapse_adapter as sa
 from synapse_msc3916.config import StorageConfig
+from synapse_msc3916.metrics import (
+    STORAGE_BYTES_SAVED,
+    STORAGE_BYTES_WRITTEN,
+    STORAGE_CORRUPTIONS,
+    STORAGE_DEDUP_HITS,
+    STORAGE_ERRORS,
+    STORAGE_FETCH_LATENCY,
+    STORAGE_FETCHES,
+    STORAGE_STORES,
+)
+from synapse_msc3916.storage import index
+from synapse_msc3916.storage.blobstore import S3BlobStore, StorageUnavailable, make_blobstore
+from synapse_msc3916.storage.responder import BlobResponder
+
+logger = logging.getLogger(__name__)
+
+# Temp-file paths announced by the spam-check hook, waiting for their store_file call.
+_PENDING_MAX = 10_000
+# How long an upload waits for a GC to finish deleting the same content, in total.
+_WAIT_FOR_GC_SECONDS = 60.0
+
+
+def hash_file(path: str) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    length = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            length += len(chunk)
+    return digest.hexdigest(), length
+
+
+def media_ref(file_info: Any) -> index.MediaRef:
+    thumb = file_info.thumbnail
+    if thumb is None:
+        return index.MediaRef(file_info.server_name, file_info.file_id)
+    return index.MediaRef(
+        file_info.server_name,
+        file_info.file_id,
+        thumb.width,
+        thumb.height,
+        thumb.type,
+        thumb.method,
+    )
+
+
+def file_kind(file_info: Any) -> str:
+    where = "remote" if file_info.server_name else "local"
+    return f"{where}_thumbnail" if file_info.thumbnail else where
 
 
 class DedupStorageProvider:
+    """Synapse constructs this as ``DedupStorageProvider(hs, parse_config(config))``."""
+
     def __init__(self, hs: Any, config: StorageConfig):
         self._hs = hs
         self._config = config
+        self._api = sa.storage_module_api(hs)
+        self._reactor = sa.storage_reactor(hs)
+        self._media_store = sa.media_store_path(hs)
+        self._store = make_blobstore(config)
+        size = config.threadpool_size if config.backend == "s3" else 10
+        self._pool = ThreadPool(1, size, name="msc3916-storage")
+        self._reactor.callWhenRunning(self._pool.start)
+        self._reactor.addSystemEventTrigger("during", "shutdown", self._pool.stop)
+        self._schema_ready: Any = None
+        self._pending: collections.OrderedDict[Any, str] = collections.OrderedDict()
+        if not sa.local_media_storage_enabled(hs):
+            if not all(sa.provider_store_synchronous(hs, type(self))):
+                raise sa.storage_config_error(
+                    "synapse_msc3916.DedupStorageProvider: store_synchronous: must be true"
+                    " when enable_local_media_storage is false (Synapse deletes its"
+                    " temporary upload file as soon as the provider returns)"
+                )
+            self._api.register_spam_checker_callbacks(
+                check_media_file_for_spam=self._remember_upload_file
+            )
+        logger.info("synapse_msc3916: dedup storage provider on %s", self._store.describe())
+
+    def __str__(self) -> str:
+        return f"DedupStorageProvider[{self._store.describe()}]"
 
     @staticmethod
     def parse_config(config: dict[str, Any]) -> StorageConfig:
         sa.check_synapse_version()
-        return StorageConfig.parse(config)
+        parsed = StorageConfig.parse(config)
+        if parsed.backend == "file":
+            assert parsed.directory is not None
+            try:
+                os.makedirs(parsed.directory, exist_ok=True)
+            except OSError as e:
+                raise sa.storage_config_error(
+                    f"synapse_msc3916: directory: cannot create {parsed.directory}: {e.strerror}"
+                ) from None
+            if not os.access(parsed.directory, os.W_OK | os.X_OK):
+                raise sa.storage_config_error(
+                    f"synapse_msc3916: directory: {parsed.directory} is not writable"
+                )
+        return parsed
+
+    # --- plumbing ---
+
+    async def _in_thread(self, f: Any, *args: Any) -> Any:
+        return await self._api.defer_to_threadpool(self._pool, f, *args)
+
+    async def _db(self, desc: str, func: Any, *args: Any) -> Any:
+        await self._ensure_schema()
+        return await self._api.run_db_interaction(f"msc3916_storage_{desc}", func, *args)
+
+    async def _ensure_schema(self) -> None:
+        """Create the index tables on first use, tolerating a concurrent creator.
+
+        PostgreSQL can report a unique violation when two processes run the same
+        ``CREATE TABLE IF NOT EXISTS`` at once; the loser only needs to try again.
+        """
+        if self._schema_ready:
+            return
+        for attempt in range(5):
+            try:
+                await self._api.run_db_interaction(
+                    "msc3916_storage_schema", cast(Any, index.ensure_schema_txn)
+                )
+                self._schema_ready = True
+                return
+            except Exception:
+                if attempt == 4:
+                    raise
+                await self._api.sleep(0.2 * (attempt + 1))
+
+    def _unavailable(self, operation: str, e: Exception) -> Exception:
+        STORAGE_ERRORS.labels(operation=operation).inc()
+        logger.error("synapse_msc3916: media storage %s failed: %s", operation, e)
+        code = 503 if operation == "store" else 502
+        return sa.SynapseError(
+            code,
+            f"Media storage is unavailable ({operation} failed), try again later",
+            sa.Codes.UNKNOWN,
+        )
+
+    async def _remember_upload_file(self, file_wrapper: Any, file_info: Any) -> Any:
+        """Spam-check hook: the only place that sees where a temp-file upload lives.
+
+        With ``enable_local_media_storage: false`` Synapse writes an upload to a
+        temporary file, runs the spam checkers on it, calls the providers with the
+        relative path only, and deletes the file. Remembering the path here lets the
+        following ``store_file`` read it.
+        """
+        path = getattr(file_wrapper, "path", None)
+        if isinstance(path, str):
+            self._pending[file_info] = path
+            while len(self._pending) > _PENDING_MAX:
+                self._pending.popitem(last=False)
+        return sa.storage_not_spam()
+
+    # --- store ---
 
     async def store_file(self, path: str, file_info: Any) -> None:
-        return None
+        if getattr(file_info, "url_cache", False):
+            return
+        source = self._pending.pop(file_info, None) or os.path.join(self._media_store, path)
+        ref = media_ref(file_info)
+        kind = file_kind(file_info)
+        STORAGE_STORES.labels(kind=kind).inc()
+
+        try:
+            size = (await self._in_thread(os.stat, source)).st_size
+        except FileNotFoundError:
+            # Only happens if Synapse kept no copy and the spam-check hook never told
+            # us where the temporary file was; say so rather than a bare traceback.
+            STORAGE_ERRORS.labels(operation="store").inc()
+            logger.error("synapse_msc3916: cannot read %s to store it (%s)", path, source)
+            raise sa.SynapseError(
+                500, "Media storage could not read the uploaded file", sa.Codes.UNKNOWN
+            ) from None
+        known = await self._db("synapse_sha256", index.synapse_sha256_txn, ref)
+        if known is not None and known[1] == size:
+            sha256, length = known
+        else:
+            sha256, length = await self._in_thread(hash_file, source)
+
+        deadline = time.monotonic() + _WAIT_FOR_GC_SECONDS
+        while True:
+            decision, overwrite = await self._db(
+                "claim", index.claim_blob_txn, sha256, length, index.now_ms()
+            )
+            if decision != index.WAIT:
+                break
+            if time.monotonic() > deadline:
+                raise self._unavailable("store", TimeoutError("blob is being deleted by gc"))
+            await self._api.sleep(0.25)
+
+        written = False
+        if decision == index.WRITE:
+            try:
+                written = await self._in_thread(
+                    self._store.put_file, sha256, source, length, overwrite
+                )
+            except StorageUnavailable as e:
+                raise self._unavailable("store", e) from e
+        if written:
+            STORAGE_BYTES_WRITTEN.inc(length)
+        else:
+            STORAGE_DEDUP_HITS.inc()
+            STORAGE_BYTES_SAVED.inc(length)
+        await self._db(
+            "record_path", index.record_path_txn, path, sha256, length, ref, index.now_ms(), True
+        )
+        logger.debug(
+            "synapse_msc3916: stored %s as %s (%s)", path, sha256, "new" if written else "dedup"
+        )
+
+    # --- fetch ---
 
     async def fetch(self, path: str, file_info: Any) -> Any:
-        return None
+        if getattr(file_info, "url_cache", False):
+            return None
+        started = time.monotonic()
+        located = await self._db("locate", index.locate_txn, path)
+        if located is None or not located.servable:
+            responder = await self._fetch_legacy(path)
+            STORAGE_FETCHES.labels(result="legacy" if responder else "missing").inc()
+            return responder
+        try:
+            reader = await self._in_thread(self._store.open, located.sha256)
+        except StorageUnavailable as e:
+            raise self._unavailable("fetch", e) from e
+        if reader is None:
+            logger.warning(
+                "synapse_msc3916: %s is indexed as %s but the object is missing",
+                path,
+                located.sha256,
+            )
+            STORAGE_FETCHES.labels(result="missing_object").inc()
+            return await self._fetch_legacy(path)
+        if reader.size != located.length:
+            reader.close()
+            self._corrupt(
+                located.sha256, f"object is {reader.size} bytes, the index says {located.length}"
+            )
+            return None
+        STORAGE_FETCHES.labels(result="hit").inc()
+        STORAGE_FETCH_LATENCY.observe(time.monotonic() - started)
+        sha256 = located.sha256
+        return self._responder(reader, located.length, sha256)
+
+    async def _fetch_legacy(self, path: str) -> Any:
+        """A read miss may still be an object synapse-s3-storage-provider wrote."""
+        if self._config.legacy_prefix is None or not isinstance(self._store, S3BlobStore):
+            return None
+        try:
+            reader = await self._in_thread(self._store.open_key, self._config.legacy_prefix + path)
+        except StorageUnavailable as e:
+            raise self._unavailable("fetch", e) from e
+        if reader is None:
+            return None
+        return self._responder(reader, reader.size, None)
+
+    def _responder(self, reader: Any, length: int, sha256: str | None) -> BlobResponder:
+        return BlobResponder(
+            reader=reader,
+            read_in_thread=lambda f: self._in_thread(f),
+            run_in_background=self._run_in_background,
+            make_yieldable=self._make_yieldable,
+            reactor=self._reactor,
+            length=length,
+            sha256=sha256,
+            on_corrupt=lambda why: self._corrupt(sha256 or "", why),
+        )
+
+    @staticmethod
+    def _run_in_background(f: Any, *args: Any) -> Any:
+        from synapse.module_api import run_in_background
+
+        return run_in_background(f, *args)
+
+    @staticmethod
+    def _make_yieldable(d: Any) -> Any:
+        from synapse.module_api import make_deferred_yieldable
+
+        return make_deferred_yieldable(d)
+
+    def _corrupt(self, sha256: str, why: str) -> None:
+        """Never serve this blob again; an upload of the same content rewrites it."""
+        STORAGE_CORRUPTIONS.inc()
+        logger.error("synapse_msc3916: stored object %s is corrupt: %s", sha256, why)
+        if not sha256:
+            return
+
+        async def mark() -> None:
+            try:
+                await self._db("mark_corrupt", index.mark_corrupt_txn, sha256)
+            except Exception:
+                logger.exception("synapse_msc3916: could not mark %s corrupt", sha256)
+
+        self._run_in_background(mark)
+
+
+__all__ = ["DedupStorageProvider"]

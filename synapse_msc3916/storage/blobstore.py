@@ -1,0 +1,378 @@
+"""Content-addressed blob stores: a directory, or an S3 bucket.
+
+Both are plain blocking code, safe to call from several threads at once: the provider
+runs them on its own thread pool inside Synapse, and the command-line tools call them
+directly. A blob's name is its SHA-256 (``ab/cd/<sha256>``), so writing the same name
+twice can only ever write the same bytes; that is what makes every race between
+uploaders harmless.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from typing import Any, BinaryIO, Protocol
+
+import attr
+
+from synapse_msc3916.config import StorageConfig
+
+
+class StorageUnavailable(Exception):
+    """The blob store could not be reached or answered with a server error.
+
+    Distinct from "not found": a missing object lets Synapse try its next source,
+    an outage must surface as a 5xx instead of a misleading 404.
+    """
+
+
+def blob_name(sha256: str) -> str:
+    return f"{sha256[0:2]}/{sha256[2:4]}/{sha256}"
+
+
+def sha_from_name(name: str) -> str | None:
+    parts = name.split("/")
+    if len(parts) != 3:
+        return None
+    a, b, sha = parts
+    if (
+        len(sha) == 64
+        and sha[0:2] == a
+        and sha[2:4] == b
+        and all(c in "0123456789abcdef" for c in sha)
+    ):
+        return sha
+    return None
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class ObjectInfo:
+    name: str  # blob name, or legacy key relative to the legacy prefix
+    size: int
+    mtime: float  # seconds since the epoch
+
+
+class BlobReader(Protocol):
+    size: int
+
+    def read(self, n: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class BlobStore(Protocol):
+    def put_file(self, sha256: str, source: str, length: int, overwrite: bool = False) -> bool:
+        """Store the file at ``source``; False if the blob existed and nothing was written."""
+
+    def open(self, sha256: str) -> BlobReader | None: ...
+
+    def delete(self, sha256: str) -> None: ...
+
+    def list_blobs(self) -> Iterator[ObjectInfo]: ...
+
+    def describe(self) -> str: ...
+
+
+# --- directory ------------------------------------------------------------------
+
+
+class _FileReader:
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self.size = os.fstat(f.fileno()).st_size
+
+    def read(self, n: int) -> bytes:
+        return self._f.read(n)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class FileBlobStore:
+    """Blobs as files under ``directory/ab/cd/<sha256>``.
+
+    A blob appears under its final name only once complete: it is written to a
+    temporary file in the same directory, flushed, and then hard-linked into place
+    (``link`` fails if the name exists, which makes creation exclusive) or renamed over
+    a known-corrupt copy. A crash leaves at most a ``.tmp-*`` file, which ``gc`` ignores
+    and an admin may delete.
+    """
+
+    def __init__(self, directory: str):
+        self.directory = os.path.abspath(directory)
+
+    def describe(self) -> str:
+        return f"directory {self.directory}"
+
+    def _path(self, sha256: str) -> str:
+        return os.path.join(self.directory, blob_name(sha256))
+
+    def put_file(self, sha256: str, source: str, length: int, overwrite: bool = False) -> bool:
+        final = self._path(sha256)
+        if not overwrite and os.path.exists(final):
+            return False
+        folder = os.path.dirname(final)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            tmp = os.path.join(folder, f".tmp-{sha256[:16]}-{secrets.token_hex(6)}")
+            with open(source, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+            try:
+                if overwrite:
+                    os.replace(tmp, final)
+                    return True
+                try:
+                    os.link(tmp, final)
+                except FileExistsError:
+                    return False
+                return True
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        except OSError as e:
+            if e.errno == errno.ENOENT and not os.path.exists(source):
+                raise
+            raise StorageUnavailable(f"cannot write {final}: {e.strerror}") from e
+
+    def open(self, sha256: str) -> BlobReader | None:
+        try:
+            return _FileReader(open(self._path(sha256), "rb"))
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StorageUnavailable(f"cannot read blob {sha256}: {e.strerror}") from e
+
+    def delete(self, sha256: str) -> None:
+        try:
+            os.unlink(self._path(sha256))
+        except FileNotFoundError:
+            pass
+
+    def list_blobs(self) -> Iterator[ObjectInfo]:
+        for root, _dirs, files in os.walk(self.directory):
+            for name in files:
+                rel = os.path.relpath(os.path.join(root, name), self.directory)
+                if sha_from_name(rel.replace(os.sep, "/")) is None:
+                    continue
+                try:
+                    st = os.stat(os.path.join(root, name))
+                except FileNotFoundError:
+                    continue
+                yield ObjectInfo(rel.replace(os.sep, "/"), st.st_size, st.st_mtime)
+
+
+# --- S3 -----------------------------------------------------------------------------
+
+_MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+
+
+class _S3Reader:
+    def __init__(self, response: dict[str, Any]):
+        self._body = response["Body"]
+        self.size = int(response["ContentLength"])
+
+    def read(self, n: int) -> bytes:
+        try:
+            return bytes(self._body.read(n))
+        except Exception as e:
+            raise StorageUnavailable(f"S3 read failed: {e}") from e
+
+    def close(self) -> None:
+        try:
+            self._body.close()
+        except Exception:
+            pass
+
+
+class S3BlobStore:
+    """Blobs as objects ``prefix + ab/cd/<sha256>`` in one bucket.
+
+    Creation is conditional (``If-None-Match: *``, honoured by AWS S3 since 2024 and by
+    SeaweedFS, checked by the test suite), so concurrent uploads of the same content
+    create the object once and the others get 412, which means "already there". If a
+    store ignores the header the second PUT simply rewrites identical bytes under the
+    same name, which is harmless: readers see either version, and both are the same.
+    A store that rejects the header as unsupported (501/400 NotImplemented) is handled
+    by falling back to HEAD-then-PUT, with the same reasoning.
+    """
+
+    def __init__(self, config: StorageConfig):
+        import boto3
+        from botocore.config import Config
+
+        self.config = config
+        self.bucket = config.bucket or ""
+        self.prefix = config.prefix
+        self._conditional = True
+        checksums = {
+            key: value
+            for key, value in (
+                ("request_checksum_calculation", config.request_checksum_calculation),
+                ("response_checksum_validation", config.response_checksum_validation),
+            )
+            if value is not None
+        }
+        session = boto3.session.Session()
+        self.client = session.client(
+            "s3",
+            endpoint_url=config.endpoint_url,
+            region_name=config.region_name,
+            aws_access_key_id=config.access_key_id,
+            aws_secret_access_key=config.secret_access_key,
+            aws_session_token=config.session_token,
+            config=Config(
+                max_pool_connections=config.max_pool_connections,
+                connect_timeout=config.connect_timeout,
+                read_timeout=config.read_timeout,
+                retries={"max_attempts": 2, "mode": "standard"},
+                **checksums,
+            ),
+        )
+
+    def describe(self) -> str:
+        where = self.config.endpoint_url or "AWS"
+        return f"s3://{self.bucket}/{self.prefix} at {where}"
+
+    def _sse(self) -> dict[str, str]:
+        if not self.config.sse_customer_key:
+            return {}
+        return {
+            "SSECustomerKey": self.config.sse_customer_key,
+            "SSECustomerAlgorithm": self.config.sse_customer_algo,
+        }
+
+    def key(self, sha256: str) -> str:
+        return self.prefix + blob_name(sha256)
+
+    @staticmethod
+    def _code(e: Exception) -> str:
+        response = getattr(e, "response", None) or {}
+        return str(response.get("Error", {}).get("Code", ""))
+
+    def _unavailable(self, what: str, e: Exception) -> StorageUnavailable:
+        return StorageUnavailable(f"S3 {what} on bucket {self.bucket!r} failed: {e}")
+
+    def exists_key(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=key, **self._sse())
+            return True
+        except ClientError as e:
+            if self._code(e) in _MISSING:
+                return False
+            raise self._unavailable("HEAD", e) from e
+        except Exception as e:
+            raise self._unavailable("HEAD", e) from e
+
+    def put_file(self, sha256: str, source: str, length: int, overwrite: bool = False) -> bool:
+        from botocore.exceptions import ClientError
+
+        key = self.key(sha256)
+        extra: dict[str, Any] = {"StorageClass": self.config.storage_class, **self._sse()}
+        if not overwrite and not self._conditional and self.exists_key(key):
+            return False
+        if not overwrite and self._conditional:
+            extra["IfNoneMatch"] = "*"
+        try:
+            with open(source, "rb") as body:
+                self.client.put_object(
+                    Bucket=self.bucket, Key=key, Body=body, ContentLength=length, **extra
+                )
+            return True
+        except ClientError as e:
+            code = self._code(e)
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            if code in ("NotImplemented", "501") and "IfNoneMatch" in extra:
+                self._conditional = False
+                return self.put_file(sha256, source, length, overwrite)
+            raise self._unavailable("PUT", e) from e
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            raise self._unavailable("PUT", e) from e
+
+    def open_key(self, key: str) -> BlobReader | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=key, **self._sse())
+        except ClientError as e:
+            if self._code(e) in _MISSING:
+                return None
+            raise self._unavailable("GET", e) from e
+        except Exception as e:
+            raise self._unavailable("GET", e) from e
+        return _S3Reader(response)
+
+    def open(self, sha256: str) -> BlobReader | None:
+        return self.open_key(self.key(sha256))
+
+    def delete_key(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except Exception as e:
+            if self._code(e) in _MISSING:
+                return
+            raise self._unavailable("DELETE", e) from e
+
+    def delete(self, sha256: str) -> None:
+        self.delete_key(self.key(sha256))
+
+    def list_keys(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Objects under ``prefix``, named relative to it."""
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    yield ObjectInfo(
+                        obj["Key"][len(prefix) :],
+                        int(obj["Size"]),
+                        obj["LastModified"].timestamp(),
+                    )
+        except StorageUnavailable:
+            raise
+        except Exception as e:
+            raise self._unavailable("LIST", e) from e
+
+    def list_blobs(self) -> Iterator[ObjectInfo]:
+        for info in self.list_keys(self.prefix):
+            if sha_from_name(info.name) is not None:
+                yield info
+
+    def copy_key_to_blob(self, key: str, sha256: str) -> bool:
+        """Server-side copy of an existing object to a blob; False if the blob existed."""
+        from botocore.exceptions import ClientError
+
+        sse = self._sse()
+        extra: dict[str, Any] = {"StorageClass": self.config.storage_class, **sse}
+        if sse:
+            extra["CopySourceSSECustomerKey"] = sse["SSECustomerKey"]
+            extra["CopySourceSSECustomerAlgorithm"] = sse["SSECustomerAlgorithm"]
+        if self.exists_key(self.key(sha256)):
+            return False
+        try:
+            self.client.copy_object(
+                Bucket=self.bucket,
+                Key=self.key(sha256),
+                CopySource={"Bucket": self.bucket, "Key": key},
+                **extra,
+            )
+            return True
+        except ClientError as e:
+            raise self._unavailable("COPY", e) from e
+        except Exception as e:
+            raise self._unavailable("COPY", e) from e
+
+
+def make_blobstore(config: StorageConfig) -> FileBlobStore | S3BlobStore:
+    if config.backend == "file":
+        assert config.directory is not None
+        return FileBlobStore(config.directory)
+    return S3BlobStore(config)

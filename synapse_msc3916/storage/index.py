@@ -1,0 +1,469 @@
+"""The path -> SHA-256 index, kept in Synapse's own database.
+
+Synapse's storage-provider API only ever says "store this path" and "fetch this path";
+it never deletes and never tells a provider what the bytes are. The index is therefore
+the provider's memory: which content a path has, which blobs exist, and which blobs a
+garbage collection is about to remove. Keeping it in Synapse's database (rather than in
+the bucket) lets ``gc`` join it against Synapse's own media tables, and keeps it in the
+same backups as the media metadata it describes.
+
+Every function here takes a DB-API-like transaction whose ``execute`` accepts ``?``
+placeholders (Synapse's ``LoggingTransaction``, or :class:`ToolTxn` for the CLI), and
+uses only SQL that SQLite (>= 3.24) and PostgreSQL both understand.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import attr
+
+SCHEMA_COMPONENT = "dedup_storage"
+PATHS = "msc3916_storage_paths"
+BLOBS = "msc3916_storage_blobs"
+SCHEMA = "msc3916_storage_schema"
+
+# How long a garbage collection may hold a blob in the "deleting" state before an
+# upload of the same content takes the blob over. It bounds how long an upload can wait;
+# a GC deletes one object between marking and unmarking, which takes far less.
+DELETING_STALE_MS = 5 * 60 * 1000
+
+
+class Txn(Protocol):
+    rowcount: int
+
+    def execute(self, sql: str, args: Sequence[Any] = ...) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def fetchone(self) -> Any: ...
+
+
+# Each step is idempotent (IF NOT EXISTS) so that two processes upgrading at the same
+# moment both succeed; the version row then only records how far the schema has got.
+_STEPS: list[tuple[int, list[str]]] = [
+    (
+        1,
+        [
+            f"""CREATE TABLE IF NOT EXISTS {BLOBS} (
+                sha256 TEXT NOT NULL PRIMARY KEY,
+                length BIGINT NOT NULL,
+                stored SMALLINT NOT NULL DEFAULT 0,
+                corrupt SMALLINT NOT NULL DEFAULT 0,
+                deleting_ts BIGINT,
+                created_ts BIGINT NOT NULL,
+                last_ref_ts BIGINT NOT NULL
+            )""",
+            f"""CREATE TABLE IF NOT EXISTS {PATHS} (
+                path TEXT NOT NULL PRIMARY KEY,
+                sha256 TEXT NOT NULL,
+                length BIGINT NOT NULL,
+                media_origin TEXT,
+                file_id TEXT NOT NULL,
+                thumbnail_width INTEGER,
+                thumbnail_height INTEGER,
+                thumbnail_type TEXT,
+                thumbnail_method TEXT,
+                created_ts BIGINT NOT NULL
+            )""",
+            f"CREATE INDEX IF NOT EXISTS {PATHS}_sha256 ON {PATHS} (sha256)",
+        ],
+    ),
+]
+SCHEMA_VERSION = _STEPS[-1][0]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# Any fixed number: the key of the advisory lock that serialises schema changes.
+_SCHEMA_LOCK_KEY = 0x3916_5700
+
+
+def is_postgres(txn: Any) -> bool:
+    """Whether ``txn`` talks to PostgreSQL (a Synapse ``LoggingTransaction`` or a ToolTxn)."""
+    if getattr(txn, "engine", None) == "postgres":
+        return True
+    engine = getattr(txn, "database_engine", None)
+    return type(engine).__name__.startswith("Postgres")
+
+
+def ensure_schema_txn(txn: Txn) -> int:
+    """Create or upgrade the index tables in place; return the schema version.
+
+    On PostgreSQL two sessions running the same ``CREATE TABLE IF NOT EXISTS`` at once
+    can both pass the existence check and one then fails on a catalogue unique index
+    (seen with eight concurrent starters); a transaction-scoped advisory lock makes
+    concurrent starters (main process and workers) take turns instead. SQLite
+    serialises writers by itself.
+    """
+    if is_postgres(txn):
+        txn.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK_KEY,))
+    txn.execute(
+        f"CREATE TABLE IF NOT EXISTS {SCHEMA} ("
+        " component TEXT NOT NULL PRIMARY KEY, version INTEGER NOT NULL)",
+        (),
+    )
+    txn.execute(
+        f"INSERT INTO {SCHEMA} (component, version) VALUES (?, 0)"
+        " ON CONFLICT (component) DO NOTHING",
+        (SCHEMA_COMPONENT,),
+    )
+    txn.execute(f"SELECT version FROM {SCHEMA} WHERE component = ?", (SCHEMA_COMPONENT,))
+    current = int(txn.fetchone()[0])
+    if current > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"the storage index schema is version {current}, newer than this code"
+            f" ({SCHEMA_VERSION}); upgrade synapse-msc3916"
+        )
+    for version, statements in _STEPS:
+        if version <= current:
+            continue
+        for sql in statements:
+            txn.execute(sql, ())
+        txn.execute(
+            f"UPDATE {SCHEMA} SET version = ? WHERE component = ? AND version < ?",
+            (version, SCHEMA_COMPONENT, version),
+        )
+    return SCHEMA_VERSION
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class MediaRef:
+    """What a stored path is, in terms of Synapse's media tables."""
+
+    media_origin: str | None  # None for local media
+    file_id: str  # media_id (local) or filesystem_id (remote)
+    thumbnail_width: int | None = None
+    thumbnail_height: int | None = None
+    thumbnail_type: str | None = None
+    thumbnail_method: str | None = None
+
+
+def parse_media_path(path: str) -> MediaRef | None:
+    """Recover what Synapse's ``MediaFilePaths`` encoded in a relative path.
+
+    Used for objects the provider did not see being stored (a legacy bucket, an
+    existing media store), where no ``FileInfo`` is at hand. ``None`` for paths that
+    are not media Synapse keeps (``url_cache``) or that do not parse.
+    """
+    parts = path.strip("/").split("/")
+    if not parts:
+        return None
+    kind = parts[0]
+    origin: str | None = None
+    if kind in ("remote_content", "remote_thumbnail"):
+        if len(parts) < 2:
+            return None
+        origin = parts[1]
+        parts = parts[2:]
+    elif kind in ("local_content", "local_thumbnails"):
+        parts = parts[1:]
+    else:
+        return None
+    thumbnail = kind in ("local_thumbnails", "remote_thumbnail")
+    if len(parts) != (4 if thumbnail else 3) or not all(parts):
+        return None
+    file_id = "".join(parts[:3])
+    if not thumbnail:
+        return MediaRef(origin, file_id)
+    fields = parts[3].split("-")
+    if len(fields) < 5 or not fields[0].isdigit() or not fields[1].isdigit():
+        return None
+    media_type = fields[2] + "/" + "-".join(fields[3:-1])
+    return MediaRef(origin, file_id, int(fields[0]), int(fields[1]), media_type, fields[-1])
+
+
+# --- store -------------------------------------------------------------------
+
+WRITE, HIT, WAIT = "write", "hit", "wait"
+
+
+def claim_blob_txn(txn: Txn, sha256: str, length: int, now: int) -> tuple[str, bool]:
+    """Take a reference on a blob before its object is (maybe) written.
+
+    Returns (decision, overwrite): ``hit`` when the object is known to be stored and
+    sound, ``write`` when this caller must write it (``overwrite`` when the existing
+    object is known corrupt), ``wait`` while a GC is deleting the object. The
+    ``last_ref_ts`` bump is what keeps a concurrent GC away from this blob for the
+    grace period, which covers the gap until the path row is written.
+    """
+    txn.execute(f"SELECT stored, corrupt, deleting_ts FROM {BLOBS} WHERE sha256 = ?", (sha256,))
+    row = txn.fetchone()
+    if row is None:
+        txn.execute(
+            f"INSERT INTO {BLOBS} (sha256, length, stored, corrupt, created_ts, last_ref_ts)"
+            " VALUES (?, ?, 0, 0, ?, ?) ON CONFLICT (sha256) DO NOTHING",
+            (sha256, length, now, now),
+        )
+        if txn.rowcount == 1:
+            return WRITE, False
+        # Lost a race with another inserter: decide again on its row.
+        return claim_blob_txn(txn, sha256, length, now)
+    stored, corrupt, deleting_ts = row
+    if deleting_ts is not None and now - int(deleting_ts) < DELETING_STALE_MS:
+        return WAIT, False
+    txn.execute(
+        f"UPDATE {BLOBS} SET last_ref_ts = ?, deleting_ts = NULL WHERE sha256 = ?",
+        (now, sha256),
+    )
+    if deleting_ts is not None:
+        # A GC died half-way; its object may or may not be gone.
+        return WRITE, True
+    if stored and not corrupt:
+        return HIT, False
+    return WRITE, bool(corrupt)
+
+
+def record_path_txn(
+    txn: Txn, path: str, sha256: str, length: int, ref: MediaRef, now: int, stored: bool
+) -> None:
+    """Point ``path`` at ``sha256``; ``stored`` also records that the object now exists."""
+    if stored:
+        txn.execute(
+            f"UPDATE {BLOBS} SET stored = 1, corrupt = 0, last_ref_ts = ? WHERE sha256 = ?",
+            (now, sha256),
+        )
+    txn.execute(
+        f"INSERT INTO {PATHS} (path, sha256, length, media_origin, file_id,"
+        " thumbnail_width, thumbnail_height, thumbnail_type, thumbnail_method, created_ts)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (path) DO UPDATE SET sha256 = excluded.sha256,"
+        " length = excluded.length, created_ts = excluded.created_ts",
+        (
+            path,
+            sha256,
+            length,
+            ref.media_origin,
+            ref.file_id,
+            ref.thumbnail_width,
+            ref.thumbnail_height,
+            ref.thumbnail_type,
+            ref.thumbnail_method,
+            now,
+        ),
+    )
+
+
+def synapse_sha256_txn(txn: Txn, ref: MediaRef) -> tuple[str, int] | None:
+    """The SHA-256 and length Synapse itself recorded for an original, if any.
+
+    Synapse 1.163 fills ``sha256`` on ``local_media_repository`` and
+    ``remote_media_cache`` (schema delta 91/01) when it writes the row, which is after
+    the providers have stored the file; so this helps re-stores and migrations, not
+    first uploads.
+    """
+    if ref.thumbnail_width is not None:
+        return None
+    if ref.media_origin is None:
+        txn.execute(
+            "SELECT sha256, media_length FROM local_media_repository WHERE media_id = ?",
+            (ref.file_id,),
+        )
+    else:
+        txn.execute(
+            "SELECT sha256, media_length FROM remote_media_cache"
+            " WHERE media_origin = ? AND filesystem_id = ?",
+            (ref.media_origin, ref.file_id),
+        )
+    row = txn.fetchone()
+    if row is None or not row[0] or row[1] is None:
+        return None
+    return str(row[0]), int(row[1])
+
+
+# --- fetch -------------------------------------------------------------------
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Located:
+    sha256: str
+    length: int
+    servable: bool  # stored, not corrupt, not being deleted
+
+
+def locate_txn(txn: Txn, path: str) -> Located | None:
+    txn.execute(
+        f"SELECT p.sha256, p.length, b.stored, b.corrupt, b.deleting_ts"
+        f" FROM {PATHS} p LEFT JOIN {BLOBS} b ON b.sha256 = p.sha256 WHERE p.path = ?",
+        (path,),
+    )
+    row = txn.fetchone()
+    if row is None:
+        return None
+    sha256, length, stored, corrupt, deleting_ts = row
+    servable = bool(stored) and not corrupt and deleting_ts is None
+    return Located(str(sha256), int(length), servable)
+
+
+def mark_corrupt_txn(txn: Txn, sha256: str) -> None:
+    txn.execute(f"UPDATE {BLOBS} SET corrupt = 1 WHERE sha256 = ?", (sha256,))
+
+
+# --- garbage collection --------------------------------------------------------
+
+
+def orphan_paths_txn(txn: Txn, cutoff: int, limit: int = 1000) -> list[str]:
+    """Index rows whose media Synapse no longer has, written before ``cutoff``.
+
+    The cutoff matters: Synapse inserts its media and thumbnail rows only after the
+    providers have stored the file, so a fresh path row has no media row yet.
+    """
+    txn.execute(
+        f"SELECT p.path FROM {PATHS} p WHERE p.created_ts < ? AND ("
+        # local originals
+        " (p.media_origin IS NULL AND p.thumbnail_width IS NULL AND NOT EXISTS ("
+        "   SELECT 1 FROM local_media_repository m WHERE m.media_id = p.file_id))"
+        # remote originals
+        " OR (p.media_origin IS NOT NULL AND p.thumbnail_width IS NULL AND NOT EXISTS ("
+        "   SELECT 1 FROM remote_media_cache m"
+        "   WHERE m.media_origin = p.media_origin AND m.filesystem_id = p.file_id))"
+        # local thumbnails
+        " OR (p.media_origin IS NULL AND p.thumbnail_width IS NOT NULL AND NOT EXISTS ("
+        "   SELECT 1 FROM local_media_repository_thumbnails t"
+        "   WHERE t.media_id = p.file_id AND t.thumbnail_width = p.thumbnail_width"
+        "   AND t.thumbnail_height = p.thumbnail_height"
+        "   AND t.thumbnail_type = p.thumbnail_type"
+        "   AND t.thumbnail_method = p.thumbnail_method))"
+        # remote thumbnails
+        " OR (p.media_origin IS NOT NULL AND p.thumbnail_width IS NOT NULL AND NOT EXISTS ("
+        "   SELECT 1 FROM remote_media_cache_thumbnails t"
+        "   WHERE t.media_origin = p.media_origin AND t.filesystem_id = p.file_id"
+        "   AND t.thumbnail_width = p.thumbnail_width"
+        "   AND t.thumbnail_height = p.thumbnail_height"
+        "   AND t.thumbnail_type = p.thumbnail_type"
+        "   AND t.thumbnail_method = p.thumbnail_method))"
+        ") ORDER BY p.path LIMIT ?",
+        (cutoff, limit),
+    )
+    return [str(r[0]) for r in txn.fetchall()]
+
+
+def delete_path_txn(txn: Txn, path: str, cutoff: int) -> bool:
+    txn.execute(f"DELETE FROM {PATHS} WHERE path = ? AND created_ts < ?", (path, cutoff))
+    return txn.rowcount == 1
+
+
+def unreferenced_blobs_txn(txn: Txn, cutoff: int, limit: int = 1000) -> list[tuple[str, int]]:
+    txn.execute(
+        f"SELECT b.sha256, b.length FROM {BLOBS} b WHERE b.last_ref_ts < ?"
+        f" AND (b.deleting_ts IS NULL OR b.deleting_ts < ?)"
+        f" AND NOT EXISTS (SELECT 1 FROM {PATHS} p WHERE p.sha256 = b.sha256)"
+        " ORDER BY b.sha256 LIMIT ?",
+        (cutoff, now_ms() - DELETING_STALE_MS, limit),
+    )
+    return [(str(r[0]), int(r[1])) for r in txn.fetchall()]
+
+
+def mark_deleting_txn(txn: Txn, sha256: str, cutoff: int, now: int) -> bool:
+    """Start deleting a blob's object; False if it was referenced again meanwhile.
+
+    The row is updated, not deleted, so that an upload of the same content arriving
+    now sees a deletion in progress and waits, instead of trusting an object that is
+    about to vanish.
+    """
+    txn.execute(
+        f"UPDATE {BLOBS} SET deleting_ts = ? WHERE sha256 = ? AND last_ref_ts < ?"
+        " AND (deleting_ts IS NULL OR deleting_ts < ?)"
+        f" AND NOT EXISTS (SELECT 1 FROM {PATHS} p WHERE p.sha256 = ?)",
+        (now, sha256, cutoff, now - DELETING_STALE_MS, sha256),
+    )
+    return txn.rowcount == 1
+
+
+def mark_orphan_object_deleting_txn(txn: Txn, sha256: str, length: int, now: int) -> bool:
+    """Claim an object that has no index row at all, so it can be deleted safely."""
+    txn.execute(
+        f"INSERT INTO {BLOBS} (sha256, length, stored, corrupt, deleting_ts, created_ts,"
+        " last_ref_ts) VALUES (?, ?, 1, 0, ?, ?, 0) ON CONFLICT (sha256) DO NOTHING",
+        (sha256, length, now, now),
+    )
+    return txn.rowcount == 1
+
+
+def finish_deleting_txn(txn: Txn, sha256: str, deleting_ts: int) -> None:
+    txn.execute(f"DELETE FROM {BLOBS} WHERE sha256 = ? AND deleting_ts = ?", (sha256, deleting_ts))
+
+
+def known_blobs_txn(txn: Txn) -> set[str]:
+    txn.execute(f"SELECT sha256 FROM {BLOBS}", ())
+    return {str(r[0]) for r in txn.fetchall()}
+
+
+def path_indexed_txn(txn: Txn, path: str) -> bool:
+    txn.execute(f"SELECT 1 FROM {PATHS} WHERE path = ?", (path,))
+    return txn.fetchone() is not None
+
+
+# --- stats ---------------------------------------------------------------------
+
+
+def stats_txn(txn: Txn, top: int = 10) -> dict[str, Any]:
+    txn.execute(f"SELECT COUNT(*), COALESCE(SUM(length), 0) FROM {PATHS}", ())
+    paths, logical = txn.fetchone()
+    txn.execute(f"SELECT COUNT(*), COALESCE(SUM(length), 0) FROM {BLOBS} WHERE stored = 1", ())
+    objects, stored = txn.fetchone()
+    txn.execute(f"SELECT COUNT(*) FROM {BLOBS} WHERE corrupt = 1", ())
+    corrupt = txn.fetchone()[0]
+    txn.execute(
+        f"SELECT sha256, COUNT(*), MAX(length) FROM {PATHS} GROUP BY sha256"
+        " HAVING COUNT(*) > 1 ORDER BY (COUNT(*) - 1) * MAX(length) DESC, sha256 LIMIT ?",
+        (top,),
+    )
+    dups = [
+        {
+            "sha256": str(sha),
+            "paths": int(n),
+            "length": int(size),
+            "saved": (int(n) - 1) * int(size),
+        }
+        for sha, n, size in txn.fetchall()
+    ]
+    logical, stored = int(logical), int(stored)
+    return {
+        "paths": int(paths),
+        "objects": int(objects),
+        "corrupt_objects": int(corrupt),
+        "logical_bytes": logical,
+        "stored_bytes": stored,
+        "saved_bytes": max(logical - stored, 0),
+        "dedup_ratio": round(logical / stored, 3) if stored else 1.0,
+        "largest_duplicates": dups,
+    }
+
+
+class ToolTxn:
+    """A cursor over :class:`~synapse_msc3916.homeserver_config.Database` with the
+    transaction interface above, for the command-line tools."""
+
+    def __init__(self, db: Any):
+        self._db = db
+        self.engine = db.engine
+        self._cur: Any = None
+        self.rowcount = -1
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        self._cur = self._db.execute(sql, args)
+        self.rowcount = self._cur.rowcount
+        return self._cur
+
+    def fetchall(self) -> list[Any]:
+        return list(self._cur.fetchall())
+
+    def fetchone(self) -> Any:
+        return self._cur.fetchone()
+
+
+def run_tool_txn(db: Any, func: Any, *args: Any) -> Any:
+    """Run ``func(txn, *args)`` in one committed transaction of a tool's connection."""
+    txn = ToolTxn(db)
+    try:
+        result = func(txn, *args)
+    except BaseException:
+        db.conn.rollback()
+        raise
+    db.commit()
+    return result

@@ -1,0 +1,411 @@
+"""``synapse-msc3916 migrate|gc|stats``: the provider's offline tools.
+
+Synapse never tells a storage provider that media was deleted, and never moves what
+another provider stored; these commands do both, working on the same database and
+bucket as the running server. They are safe to run while Synapse runs: every change
+follows the same claim/grace protocol as uploads (see ``index.py``), so a GC racing an
+upload of the same content never deletes what the upload relies on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from synapse_msc3916 import homeserver_config as hc
+from synapse_msc3916.config import StorageConfig
+from synapse_msc3916.storage import index
+from synapse_msc3916.storage.blobstore import S3BlobStore, StorageUnavailable, make_blobstore
+from synapse_msc3916.storage.provider import hash_file
+
+MEDIA_DIRS = ("local_content", "local_thumbnails", "remote_content", "remote_thumbnail")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``30s``, ``15m``, ``24h``, ``7d``, ``2w`` or plain seconds, as seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration like 24h or 30m: {text!r}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+class Progress:
+    """One self-overwriting line on stderr; quiet enough for a log file too."""
+
+    def __init__(self, label: str, total: int, stream: Any = None):
+        self.label = label
+        self.total = total
+        self.done = 0
+        self.stream = stream or sys.stderr
+        self._last = 0.0
+        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.done >= self.total or now - self._last >= (0.1 if self._tty else 5.0):
+            self._last = now
+            self._draw()
+
+    def _draw(self) -> None:
+        width = 30
+        filled = width * self.done // self.total if self.total else width
+        bar = "#" * filled + "-" * (width - filled)
+        end = "\r" if self._tty else "\n"
+        self.stream.write(f"{self.label} [{bar}] {self.done}/{self.total}{end}")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self._tty:
+            self._draw()
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+class Context:
+    def __init__(self, config_path: str):
+        self.config = hc.load(config_path)
+        entry = hc.provider_entry(self.config)
+        if entry is None:
+            raise hc.ToolError(
+                f"{config_path} has no {hc.PROVIDER_NAME} entry under media_storage_providers"
+            )
+        try:
+            self.storage = StorageConfig.parse(entry.get("config"))
+        except Exception as e:  # ConfigError names the key
+            raise hc.ToolError(str(e)) from None
+        self.media_store = str(self.config.get("media_store_path") or "media_store")
+        self.store = make_blobstore(self.storage)
+
+
+def _open(ctx: Context) -> Any:
+    return hc.open_database(ctx.config)
+
+
+# --- migrate -------------------------------------------------------------------------
+
+
+def _iter_media_store(root: str) -> Iterable[tuple[str, str, int]]:
+    for top in MEDIA_DIRS:
+        base = os.path.join(root, top)
+        for folder, _dirs, files in os.walk(base):
+            for name in sorted(files):
+                full = os.path.join(folder, name)
+                rel = os.path.relpath(full, root).replace(os.sep, "/")
+                yield rel, full, os.path.getsize(full)
+
+
+def _store_one(
+    db: Any,
+    store: Any,
+    path: str,
+    ref: index.MediaRef,
+    size: int,
+    local_file: str | None,
+    legacy_key: str | None,
+) -> bool:
+    """Index one file from a source; True if object bytes were written."""
+    known = index.run_tool_txn(db, index.synapse_sha256_txn, ref)
+    tmp: str | None = None
+    try:
+        if known is not None and known[1] == size:
+            sha256, length = known
+        else:
+            if local_file is None:
+                assert legacy_key is not None and isinstance(store, S3BlobStore)
+                tmp = _download(store, legacy_key)
+                local_file = tmp
+            sha256, length = hash_file(local_file)
+        for _ in range(240):
+            decision, overwrite = index.run_tool_txn(
+                db, index.claim_blob_txn, sha256, length, index.now_ms()
+            )
+            if decision != index.WAIT:
+                break
+            time.sleep(0.25)
+        else:
+            raise hc.ToolError(f"{sha256} stayed locked by another gc for a minute")
+        written = False
+        if decision == index.WRITE:
+            if local_file is not None:
+                written = store.put_file(sha256, local_file, length, overwrite)
+            else:
+                assert legacy_key is not None
+                written = store.copy_key_to_blob(legacy_key, sha256)
+        index.run_tool_txn(
+            db, index.record_path_txn, path, sha256, length, ref, index.now_ms(), True
+        )
+        return written
+    finally:
+        if tmp is not None:
+            os.unlink(tmp)
+
+
+def _download(store: S3BlobStore, key: str) -> str:
+    reader = store.open_key(key)
+    if reader is None:
+        raise StorageUnavailable(f"{key} vanished during the migration")
+    fd, tmp = tempfile.mkstemp(prefix="msc3916-migrate-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            while chunk := reader.read(1 << 20):
+                out.write(chunk)
+    finally:
+        reader.close()
+    return tmp
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Load an existing media store or synapse-s3-storage-provider prefix into the store.
+
+    Resumable: a path already in the index is skipped (and, for a legacy prefix, its
+    leftover legacy object deleted), so an interrupted run is simply run again.
+    """
+    ctx = Context(args.config)
+    legacy = args.from_legacy_prefix
+    if legacy is not None:
+        if not isinstance(ctx.store, S3BlobStore):
+            raise hc.ToolError("--from-legacy-prefix needs backend: s3")
+        prefix = legacy if isinstance(legacy, str) else ctx.storage.legacy_prefix
+        if prefix is None:
+            raise hc.ToolError("no prefix given and legacy_prefix is not configured")
+        # Blob names (ab/cd/<sha256>) never parse as media paths, so a legacy prefix
+        # that also contains the blobs is safe: only media paths are migrated.
+        sources: list[tuple[str, str | None, int, str | None]] = [
+            (info.name, None, info.size, prefix + info.name) for info in ctx.store.list_keys(prefix)
+        ]
+    else:
+        sources = [
+            (rel, full, size, None) for rel, full, size in _iter_media_store(ctx.media_store)
+        ]
+
+    stats = {
+        "files": 0,
+        "already": 0,
+        "skipped": 0,
+        "written": 0,
+        "deduplicated": 0,
+        "bytes": 0,
+        "legacy_deleted": 0,
+    }
+    with _open(ctx) as db:
+        index.run_tool_txn(db, index.ensure_schema_txn)
+        progress = Progress("migrate", len(sources))
+        for path, local_file, size, legacy_key in sources:
+            progress.step()
+            ref = index.parse_media_path(path)
+            if ref is None:
+                stats["skipped"] += 1
+                continue
+            stats["files"] += 1
+            stats["bytes"] += size
+            if index.run_tool_txn(db, index.path_indexed_txn, path):
+                stats["already"] += 1
+            elif args.dry_run:
+                continue
+            else:
+                try:
+                    written = _store_one(db, ctx.store, path, ref, size, local_file, legacy_key)
+                except StorageUnavailable as e:
+                    raise hc.ToolError(str(e)) from None
+                stats["written" if written else "deduplicated"] += 1
+            if legacy_key is not None and not args.keep_source and not args.dry_run:
+                assert isinstance(ctx.store, S3BlobStore)
+                ctx.store.delete_key(legacy_key)
+                stats["legacy_deleted"] += 1
+        progress.close()
+    _report("migrate", stats, args)
+    return 0
+
+
+# --- gc --------------------------------------------------------------------------------
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    """Forget paths whose media Synapse deleted, then delete objects nothing references.
+
+    Nothing younger than ``--grace`` is touched: Synapse writes its media rows after
+    the providers have stored the file, so a new path legitimately has no media row
+    for a moment, and a blob claimed by an upload in progress has no path yet.
+    """
+    ctx = Context(args.config)
+    apply = args.apply and not args.dry_run
+    now = index.now_ms()
+    cutoff = now - int(args.grace * 1000)
+    stats: dict[str, Any] = {
+        "paths_removed": 0,
+        "objects_deleted": 0,
+        "bytes_freed": 0,
+        "orphan_objects_deleted": 0,
+        "applied": apply,
+    }
+    deleted: list[str] = []
+    with _open(ctx) as db:
+        index.run_tool_txn(db, index.ensure_schema_txn)
+        if not apply:
+            # Do the index work in a transaction that is rolled back, so the report
+            # counts exactly what --apply would remove.
+            txn = index.ToolTxn(db)
+            try:
+                for path in index.orphan_paths_txn(txn, cutoff, 1_000_000):
+                    stats["paths_removed"] += int(index.delete_path_txn(txn, path, cutoff))
+                for sha256, length in index.unreferenced_blobs_txn(txn, cutoff, 1_000_000):
+                    stats["objects_deleted"] += 1
+                    stats["bytes_freed"] += length
+                    deleted.append(sha256)
+                known = index.known_blobs_txn(txn)
+            finally:
+                db.conn.rollback()
+            for info in ctx.store.list_blobs():
+                sha = info.name.rsplit("/", 1)[-1]
+                if sha not in known and info.mtime * 1000 < cutoff:
+                    stats["orphan_objects_deleted"] += 1
+                    stats["bytes_freed"] += info.size
+        else:
+            while True:
+                paths = index.run_tool_txn(db, index.orphan_paths_txn, cutoff, 1000)
+                removed = 0
+                for path in paths:
+                    removed += int(index.run_tool_txn(db, index.delete_path_txn, path, cutoff))
+                stats["paths_removed"] += removed
+                if len(paths) < 1000 or not removed:
+                    break
+            candidates = index.run_tool_txn(db, index.unreferenced_blobs_txn, cutoff, 1_000_000)
+            progress = Progress("gc", len(candidates))
+            for sha256, length in candidates:
+                progress.step()
+                mark = index.now_ms()
+                if not index.run_tool_txn(db, index.mark_deleting_txn, sha256, cutoff, mark):
+                    continue  # referenced again since the scan
+                try:
+                    ctx.store.delete(sha256)
+                except StorageUnavailable as e:
+                    raise hc.ToolError(str(e)) from None
+                index.run_tool_txn(db, index.finish_deleting_txn, sha256, mark)
+                stats["objects_deleted"] += 1
+                stats["bytes_freed"] += length
+                deleted.append(sha256)
+            progress.close()
+            known = index.run_tool_txn(db, index.known_blobs_txn)
+            for info in list(ctx.store.list_blobs()):
+                sha = info.name.rsplit("/", 1)[-1]
+                if sha in known or info.mtime * 1000 >= cutoff:
+                    continue
+                mark = index.now_ms()
+                if not index.run_tool_txn(
+                    db, index.mark_orphan_object_deleting_txn, sha, info.size, mark
+                ):
+                    continue
+                ctx.store.delete(sha)
+                index.run_tool_txn(db, index.finish_deleting_txn, sha, mark)
+                stats["orphan_objects_deleted"] += 1
+                stats["bytes_freed"] += info.size
+                deleted.append(sha)
+    stats["deleted"] = deleted
+    _report("gc", stats, args)
+    return 0
+
+
+# --- stats -------------------------------------------------------------------------------
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    ctx = Context(args.config)
+    with _open(ctx) as db:
+        index.run_tool_txn(db, index.ensure_schema_txn)
+        stats = index.run_tool_txn(db, index.stats_txn, args.top)
+    stats["store"] = ctx.store.describe()
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+        return 0
+    print(f"store:           {stats['store']}")
+    print(f"paths:           {stats['paths']}")
+    print(f"objects:         {stats['objects']} ({stats['corrupt_objects']} corrupt)")
+    print(f"logical bytes:   {_human(stats['logical_bytes'])}")
+    print(f"stored bytes:    {_human(stats['stored_bytes'])}")
+    print(f"saved bytes:     {_human(stats['saved_bytes'])}")
+    print(f"dedup ratio:     {stats['dedup_ratio']}")
+    if stats["largest_duplicates"]:
+        print("largest duplicates:")
+        for dup in stats["largest_duplicates"]:
+            print(
+                f"  {dup['sha256'][:16]}…  {dup['paths']} paths x {_human(dup['length'])}"
+                f"  saves {_human(dup['saved'])}"
+            )
+    return 0
+
+
+def _report(command: str, stats: dict[str, Any], args: argparse.Namespace) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(stats, indent=2, sort_keys=True))
+        return
+    mode = (
+        " (dry run: nothing changed)"
+        if getattr(args, "dry_run", False) or (command == "gc" and not stats.get("applied"))
+        else ""
+    )
+    print(f"{command}{mode}:")
+    for key, value in stats.items():
+        if key in ("deleted", "applied"):
+            continue
+        print(f"  {key}: {_human(value) if key.startswith('bytes') else value}")
+
+
+def register(subparsers: Any) -> None:
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-c", "--config", required=True, help="Synapse's homeserver.yaml")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = subparsers.add_parser(
+        "migrate", help="load the local media store or a synapse-s3-storage-provider prefix"
+    )
+    common(p)
+    p.add_argument(
+        "--from-legacy-prefix",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="PREFIX",
+        help="migrate objects written by synapse-s3-storage-provider under PREFIX"
+        " (default: the configured legacy_prefix) instead of the local media store",
+    )
+    p.add_argument("--keep-source", action="store_true", help="do not delete legacy objects")
+    p.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    p.set_defaults(func=cmd_migrate)
+
+    p = subparsers.add_parser("gc", help="delete index rows and objects Synapse no longer uses")
+    common(p)
+    p.add_argument(
+        "--grace",
+        type=parse_duration,
+        default=parse_duration("24h"),
+        help="never touch anything newer than this (default 24h)",
+    )
+    p.add_argument("--apply", action="store_true", help="really delete (default: dry run)")
+    p.add_argument("--dry-run", action="store_true", help="report, change nothing (default)")
+    p.set_defaults(func=cmd_gc)
+
+    p = subparsers.add_parser("stats", help="objects, logical vs stored bytes, dedup ratio")
+    common(p)
+    p.add_argument("--top", type=int, default=10, help="how many largest duplicates to list")
+    p.set_defaults(func=cmd_stats)
+
+
+__all__ = ["register"]

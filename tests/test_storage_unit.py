@@ -1,0 +1,297 @@
+"""Pure logic of the storage provider: paths, the index protocol, blob store, responder."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from synapse_msc3916.config import StorageConfig
+from synapse_msc3916.storage import index
+from synapse_msc3916.storage.blobstore import FileBlobStore, blob_name, sha_from_name
+from synapse_msc3916.storage.responder import BlobResponder
+from synapse_msc3916.storage.tools import parse_duration
+
+SHA = "ab" * 32
+
+
+def test_parse_media_path_all_kinds() -> None:
+    ref = index.parse_media_path("local_content/ab/cd/efgh")
+    assert ref == index.MediaRef(None, "abcdefgh")
+    ref = index.parse_media_path("remote_content/example.org:8448/ab/cd/efgh")
+    assert ref == index.MediaRef("example.org:8448", "abcdefgh")
+    ref = index.parse_media_path("local_thumbnails/ab/cd/efgh/32-32-image-png-crop")
+    assert ref == index.MediaRef(None, "abcdefgh", 32, 32, "image/png", "crop")
+    ref = index.parse_media_path("remote_thumbnail/hs/ab/cd/ef/640-480-image-svg+xml-scale")
+    assert ref == index.MediaRef("hs", "abcdef", 640, 480, "image/svg+xml", "scale")
+    for bad in ("url_cache/2024-01-01/abc", "local_content/ab", "ab/cd/" + SHA, "", "x"):
+        assert index.parse_media_path(bad) is None
+
+
+def test_blob_names_round_trip() -> None:
+    assert blob_name(SHA) == f"ab/ab/{SHA}"
+    assert sha_from_name(blob_name(SHA)) == SHA
+    assert sha_from_name("local_content/ab/cd/ef") is None
+    assert sha_from_name(f"ab/cd/{SHA}") is None
+
+
+def test_parse_duration() -> None:
+    assert parse_duration("24h") == 86400
+    assert parse_duration("0s") == 0
+    assert parse_duration("90") == 90
+    assert parse_duration("1.5m") == 90
+
+
+def test_max_pool_connections_defaults_to_threadpool_size() -> None:
+    config = StorageConfig.parse({"backend": "s3", "bucket": "media", "threadpool_size": 7})
+    assert config.max_pool_connections == 7
+
+
+class SqliteTxn:
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+        self.cur = conn.cursor()
+        self.rowcount = -1
+
+    def execute(self, sql: str, args: Any = ()) -> None:
+        self.cur.execute(sql, tuple(args))
+        self.rowcount = self.cur.rowcount
+
+    def fetchall(self) -> list[Any]:
+        return self.cur.fetchall()
+
+    def fetchone(self) -> Any:
+        return self.cur.fetchone()
+
+
+@pytest.fixture
+def txn() -> SqliteTxn:
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.executescript(
+        """
+        CREATE TABLE local_media_repository (media_id TEXT, media_length INT, sha256 TEXT);
+        CREATE TABLE remote_media_cache (media_origin TEXT, filesystem_id TEXT,
+            media_length INT, sha256 TEXT);
+        CREATE TABLE local_media_repository_thumbnails (media_id TEXT, thumbnail_width INT,
+            thumbnail_height INT, thumbnail_type TEXT, thumbnail_method TEXT);
+        CREATE TABLE remote_media_cache_thumbnails (media_origin TEXT, filesystem_id TEXT,
+            thumbnail_width INT, thumbnail_height INT, thumbnail_type TEXT,
+            thumbnail_method TEXT);
+        """
+    )
+    t = SqliteTxn(conn)
+    index.ensure_schema_txn(t)
+    return t
+
+
+def test_schema_is_idempotent_and_versioned(txn: SqliteTxn) -> None:
+    assert index.ensure_schema_txn(txn) == index.SCHEMA_VERSION
+    txn.execute(f"SELECT version FROM {index.SCHEMA} WHERE component = ?", ("dedup_storage",))
+    assert txn.fetchone() == (index.SCHEMA_VERSION,)
+    # A database left at an older version is upgraded in place, tables intact.
+    txn.execute(f"UPDATE {index.SCHEMA} SET version = 0", ())
+    assert index.ensure_schema_txn(txn) == index.SCHEMA_VERSION
+    txn.execute(f"UPDATE {index.SCHEMA} SET version = 99", ())
+    with pytest.raises(RuntimeError, match="newer"):
+        index.ensure_schema_txn(txn)
+
+
+def test_claim_protocol(txn: SqliteTxn) -> None:
+    ref = index.MediaRef(None, "media1")
+    assert index.claim_blob_txn(txn, SHA, 10, 1000) == (index.WRITE, False)
+    # Not yet stored: a second uploader must write too (its 412 is harmless).
+    assert index.claim_blob_txn(txn, SHA, 10, 1001) == (index.WRITE, False)
+    index.record_path_txn(txn, "local_content/me/di/a1", SHA, 10, ref, 1002, True)
+    assert index.claim_blob_txn(txn, SHA, 10, 1003) == (index.HIT, False)
+    index.mark_corrupt_txn(txn, SHA)
+    assert index.claim_blob_txn(txn, SHA, 10, 1004) == (index.WRITE, True)
+    loc = index.locate_txn(txn, "local_content/me/di/a1")
+    assert loc is not None and loc.sha256 == SHA and not loc.servable
+
+
+def test_gc_never_deletes_a_blob_referenced_again(txn: SqliteTxn) -> None:
+    now = index.now_ms()
+    index.claim_blob_txn(txn, SHA, 10, now - 10_000)
+    index.record_path_txn(
+        txn, "local_content/go/ne/x", SHA, 10, index.MediaRef(None, "gonex"), now - 10_000, True
+    )
+    cutoff = now - 1000
+    # The media row does not exist: the path is an orphan.
+    assert index.orphan_paths_txn(txn, cutoff) == ["local_content/go/ne/x"]
+    assert index.delete_path_txn(txn, "local_content/go/ne/x", cutoff)
+    # The blob row itself is older than the grace period, hence a candidate.
+    txn.execute(f"UPDATE {index.BLOBS} SET last_ref_ts = ?", (now - 10_000,))
+    assert index.unreferenced_blobs_txn(txn, cutoff) == [(SHA, 10)]
+    # An upload claims it between the scan and the mark: the mark must fail.
+    assert index.claim_blob_txn(txn, SHA, 10, now) == (index.HIT, False)
+    assert not index.mark_deleting_txn(txn, SHA, cutoff, now)
+    # Once marked, a new upload waits instead of trusting the object ...
+    txn.execute(f"UPDATE {index.BLOBS} SET last_ref_ts = ?", (now - 10_000,))
+    assert index.mark_deleting_txn(txn, SHA, cutoff, now)
+    assert index.claim_blob_txn(txn, SHA, 10, now + 1)[0] == index.WAIT
+    # ... and writes it afresh after the delete finished.
+    index.finish_deleting_txn(txn, SHA, now)
+    assert index.claim_blob_txn(txn, SHA, 10, now + 2) == (index.WRITE, False)
+
+
+def test_orphan_paths_respect_media_and_thumbnail_rows(txn: SqliteTxn) -> None:
+    old = 1000
+    txn.execute("INSERT INTO local_media_repository VALUES ('keep', 1, NULL)", ())
+    txn.execute(
+        "INSERT INTO local_media_repository_thumbnails VALUES ('keep', 32, 32, 'image/png',"
+        " 'crop')",
+        (),
+    )
+    txn.execute("INSERT INTO remote_media_cache VALUES ('hs', 'rkeep', 1, NULL)", ())
+    rows = {
+        "local_content/ke/ep/x": index.MediaRef(None, "keep"),
+        "local_content/go/ne/x": index.MediaRef(None, "gone"),
+        "local_thumbnails/ke/ep/x/32-32-image-png-crop": index.MediaRef(
+            None, "keep", 32, 32, "image/png", "crop"
+        ),
+        "local_thumbnails/ke/ep/x/96-96-image-png-crop": index.MediaRef(
+            None, "keep", 96, 96, "image/png", "crop"
+        ),
+        "remote_content/hs/rk/ee/p": index.MediaRef("hs", "rkeep"),
+        "remote_content/hs/rg/on/e": index.MediaRef("hs", "rgone"),
+    }
+    for path, ref in rows.items():
+        index.record_path_txn(txn, path, SHA, 1, ref, old, True)
+    index.record_path_txn(
+        txn, "local_content/ne/w/", SHA, 1, index.MediaRef(None, "new"), 5000, True
+    )
+    assert index.orphan_paths_txn(txn, 2000) == [
+        "local_content/go/ne/x",
+        "local_thumbnails/ke/ep/x/96-96-image-png-crop",
+        "remote_content/hs/rg/on/e",
+    ]
+
+
+def test_file_blobstore_exclusive_atomic_create(tmp_path: Path) -> None:
+    store = FileBlobStore(str(tmp_path / "blobs"))
+    src = tmp_path / "src"
+    data = os.urandom(100_000)
+    src.write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    results: list[bool] = []
+
+    def put() -> None:
+        results.append(store.put_file(sha, str(src), len(data)))
+
+    threads = [threading.Thread(target=put) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(True) == 1
+    files = [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]
+    assert [p.name for p in files] == [sha]  # no temp files left behind
+    reader = store.open(sha)
+    assert reader is not None and reader.size == len(data) and reader.read(10**6) == data
+    reader.close()
+    assert [i.name for i in store.list_blobs()] == [blob_name(sha)]
+    store.delete(sha)
+    assert store.open(sha) is None
+
+
+class FakeReader:
+    def __init__(self, data: bytes):
+        self.data = data
+        self.pos = 0
+        self.size = len(data)
+        self.reads = 0
+        self.closed = False
+
+    def read(self, n: int) -> bytes:
+        self.reads += 1
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeConsumer:
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.producer: Any = None
+        self.unregistered = False
+        self.pause_after_write = False
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        assert streaming
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.unregistered = True
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(data)
+        if self.pause_after_write:
+            self.producer.pauseProducing()
+
+
+def _responder(reader: FakeReader, sha: str | None, corrupt: list[str]) -> BlobResponder:
+    return BlobResponder(
+        reader=reader,
+        read_in_thread=lambda f: defer.ensureDeferred(_call(f)),
+        run_in_background=lambda f, *a: defer.ensureDeferred(f(*a)),
+        make_yieldable=lambda d: d,
+        reactor=Clock(),
+        length=reader.size,
+        sha256=sha,
+        on_corrupt=corrupt.append,
+        chunk_size=1000,
+    )
+
+
+async def _call(f: Any) -> Any:
+    return f()
+
+
+def test_responder_honours_pause_and_resume() -> None:
+    data = os.urandom(3500)
+    reader, consumer, corrupt = FakeReader(data), FakeConsumer(), []
+    responder = _responder(reader, hashlib.sha256(data).hexdigest(), corrupt)
+    consumer.pause_after_write = True
+    done = defer.ensureDeferred(_wrap(responder.write_to_consumer(consumer)))
+    assert len(consumer.chunks) == 1 and reader.reads == 1  # paused: no read ahead
+    consumer.pause_after_write = False
+    responder.resumeProducing()
+    assert b"".join(consumer.chunks) == data
+    assert consumer.unregistered and not corrupt
+    assert done.called
+
+
+async def _wrap(aw: Any) -> Any:
+    return await aw
+
+
+def test_responder_withholds_the_last_chunk_of_a_corrupt_blob() -> None:
+    data = os.urandom(2500)
+    reader, consumer, corrupt = FakeReader(data), FakeConsumer(), []
+    responder = _responder(reader, hashlib.sha256(b"other").hexdigest(), corrupt)
+    done = defer.ensureDeferred(_wrap(responder.write_to_consumer(consumer)))
+    failures: list[Any] = []
+    done.addErrback(failures.append)
+    assert len(b"".join(consumer.chunks)) == 2000  # the final 500 bytes never went out
+    assert corrupt and "SHA-256" in corrupt[0]
+    assert failures
+
+
+def test_responder_detects_truncation() -> None:
+    reader, consumer, corrupt = FakeReader(b"x" * 1500), FakeConsumer(), []
+    responder = _responder(reader, None, corrupt)
+    reader.size = 1500
+    reader.data = b"x" * 1200  # the object is shorter than it claims
+    done = defer.ensureDeferred(_wrap(responder.write_to_consumer(consumer)))
+    done.addErrback(lambda f: None)
+    assert corrupt and "truncated" in corrupt[0]
