@@ -60,21 +60,25 @@ class PostgreSQL:
         wait_for(self._ready, 60, "postgresql", self.proc)
         return self
 
-    def _connect(self, dbname: str = "postgres") -> Any:
+    def connect(self, dbname: str = "postgres") -> Any:
         import psycopg2
 
         return psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=dbname)
 
     def _ready(self) -> bool:
-        self._connect().close()
+        self.connect().close()
         return True
 
     def create_database(self, name: str) -> dict[str, Any]:
-        conn = self._connect()
+        conn = self.connect()
         conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute(f"CREATE DATABASE {name} ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
         conn.close()
+        return self.database_config(name)
+
+    def database_config(self, name: str) -> dict[str, Any]:
+        """Synapse's ``database:`` block for a database of this server."""
         return {
             "name": "psycopg2",
             "args": {"user": "postgres", "host": "127.0.0.1", "port": self.port,
@@ -82,7 +86,7 @@ class PostgreSQL:
         }
 
     def query(self, dbname: str, sql: str, args: tuple = ()) -> list[tuple]:
-        conn = self._connect(dbname)
+        conn = self.connect(dbname)
         try:
             with conn.cursor() as cur:
                 cur.execute(sql, args)

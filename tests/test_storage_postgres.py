@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 
@@ -15,21 +13,18 @@ from synapse_msc3916.homeserver_config import Database
 from synapse_msc3916.storage import index
 from synapse_msc3916.storage.blobstore import blob_name
 from tests.harness import SeaweedFS, Synapse, request
-from tests.storage_helpers import PostgreSQL, download, provider_entry, s3_config, wipe_local_media
+from tests.harness_workers import PostgreSQL
+from tests.storage_helpers import download, provider_entry, s3_config, wipe_local_media
 from tests.test_storage_s3 import run_tool, sha
 
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgreSQL]:
-    # Not under pytest's tmp_path: that is private to root, and PostgreSQL runs as
-    # the postgres user.
-    directory = tempfile.mkdtemp(prefix="msc3916-storage-pg-")
-    server = PostgreSQL(directory)
+    server = PostgreSQL()
     try:
         yield server.start()
     finally:
         server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_many_processes_creating_the_schema_at_once(postgres: PostgreSQL) -> None:

@@ -39,7 +39,7 @@ def run_tool(hs: Synapse, *args: str) -> subprocess.CompletedProcess:
 
 
 def index_rows(hs: Synapse, where: str = "1=1", args: tuple = ()) -> list[tuple]:
-    return hs.sqlite(f"SELECT path, sha256, length FROM msc3916_storage_paths WHERE {where}", args)
+    return hs.sql(f"SELECT path, sha256, length FROM msc3916_storage_paths WHERE {where}", args)
 
 
 def test_same_bytes_from_different_users_is_one_object(
@@ -274,7 +274,7 @@ def test_corrupt_object_is_detected_counted_and_not_served_again(
     assert getattr(resp, "body", None) != data
     assert hs.metric_value("synapse_msc3916_storage_corruptions_total") == 1
     assert download(hs, token, media_id).status == 404
-    assert hs.sqlite(
+    assert hs.sql(
         "SELECT corrupt FROM msc3916_storage_blobs WHERE sha256 = ?", (sha(data),)
     ) == [(1,)]
     # Uploading the content again repairs the object.
