@@ -413,4 +413,14 @@ class WorkerSynapse(Synapse):
         return self.postgres.query(self.db_name, query.replace("?", "%s"), args)
 
     def start_expecting_failure(self, timeout: float = 60.0) -> tuple[int, str]:
-        return super().start_expecting_failure(timeout)
+        """Start a media worker, expecting it to exit: media storage providers are loaded
+        (and their configuration checked) only on processes that serve media."""
+        worker = Worker(self, "media-check", ["media"])
+        result = subprocess.run(
+            [PYTHON, "-m", "synapse.app.generic_worker", "-c", str(self.config_path), "-c", str(worker.config_path)],
+            cwd=self.dir, env=self.env(), capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        )
+        output = (result.stdout + result.stderr).decode("utf-8", "replace")
+        if worker.log_file.exists():
+            output += worker.log_file.read_text(errors="replace")
+        return result.returncode, output

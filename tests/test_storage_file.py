@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.harness import Synapse
 from tests.storage_helpers import download, provider_entry, wipe_local_media
 
@@ -44,6 +46,7 @@ def test_file_backend_round_trip_dedups(
     assert hs.metric_value("synapse_msc3916_storage_bytes_saved_total") >= len(data)
 
 
+@pytest.mark.single_process
 def test_bad_config_stops_synapse_naming_the_key(
     synapse_factory: Callable[..., Synapse], tmp_path: Path
 ) -> None:

@@ -130,11 +130,17 @@ def test_without_local_media_storage_uploads_reach_the_provider(
     assert thumb.status == 200 and thumb.body.startswith(b"\x89PNG")
     assert len(seaweedfs.list_keys("no-local-store")) >= 3  # two originals + thumbnails
 
-    # Without store_synchronous Synapse deletes the temp file before a background store
-    # could read it: refuse to start, naming the key.
+
+@pytest.mark.single_process
+def test_without_local_media_storage_store_synchronous_is_required(
+    synapse_factory: Callable[..., Synapse], seaweedfs: SeaweedFS
+) -> None:
+    """Without store_synchronous Synapse deletes the temp file before a background store
+    could read it: refuse to start, naming the key."""
+    seaweedfs.create_bucket("no-local-store-async")
     bad = synapse_factory(
         storage_providers=[
-            provider_entry(s3_config(seaweedfs, "no-local-store"), synchronous=False)
+            provider_entry(s3_config(seaweedfs, "no-local-store-async"), synchronous=False)
         ],
         extra_config={"enable_local_media_storage": False},
     )
