@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 import synapse
 from synapse.api.errors import Codes, NotFoundError, SynapseError
 from synapse.federation.transport.server._base import Authenticator
-from synapse.http.server import respond_with_json
 from synapse.media._base import FileInfo, Responder, ThumbnailInfo
 from synapse.media.media_repository import MediaRepository
 from synapse.media.media_storage import MultipartFileConsumer
@@ -333,16 +332,28 @@ def fix_zero_byte_multipart() -> None:
     MultipartFileConsumer.unregisterProducer = unregisterProducer  # type: ignore[method-assign]
 
 
-def respond_json(request: SynapseRequest, code: int, body: Any) -> None:
-    respond_with_json(request, code, body, send_cors=True)
-
-
 # --- Storage provider support ---
 
 
 def storage_module_api(hs: HomeServer) -> ModuleApi:
     """The ModuleApi a storage provider uses: providers get the HomeServer, not an API."""
     return hs.get_module_api()
+
+
+async def run_db_read_committed(hs: HomeServer, desc: str, func: Callable[..., Any], *args: Any) -> Any:
+    """A database transaction at READ COMMITTED (PostgreSQL; SQLite serialises anyway).
+
+    Synapse runs transactions at REPEATABLE READ, where PostgreSQL aborts every
+    transaction but one when several update the same row at once: exactly what
+    concurrent uploads of the same content do to its blob row. Synapse retries an aborted
+    transaction only a few times, so a burst of identical uploads failed. At READ
+    COMMITTED the later updates wait for the earlier ones and then apply.
+    """
+    from synapse.storage.engines._base import IsolationLevel
+
+    return await hs.get_datastores().main.db_pool.runInteraction(
+        desc, func, *args, isolation_level=IsolationLevel.READ_COMMITTED
+    )
 
 
 def storage_reactor(hs: HomeServer) -> Any:

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import TOPOLOGY, request, xmatrix_header
-from tests.harness_workers import Deployment
+from tests.harness import TOPOLOGY, SeaweedFS, request, xmatrix_header
+from tests.harness_workers import Deployment, Worker
 from tests.test_endpoints import png
 from tests.test_freeze import assert_frozen, iso
 
@@ -66,3 +66,188 @@ def test_freeze_decision_is_the_same_on_both_workers(deployment: Deployment) -> 
         assert_frozen(worker.get(f"/_matrix/media/v3/download/{sn}/{new}"), worker.name)
         assert_frozen(worker.get(f"/_matrix/client/r0/media/download/{sn}/{new}"), worker.name)
         assert worker.get(f"/_matrix/client/unstable/org.matrix.msc3916/media/download/{sn}/{new}", token).status == 200
+
+
+# --- the dedup storage provider shared by several media workers -------------------
+
+import hashlib  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+
+from synapse_msc3916.storage.blobstore import blob_name  # noqa: E402
+from tests.storage_helpers import provider_entry, s3_config, wipe_local_media  # noqa: E402
+
+BUCKET = "workers-shared"
+
+
+@pytest.fixture(scope="module")
+def s3_deployment(tmp_path_factory: pytest.TempPathFactory, seaweedfs: SeaweedFS) -> Iterator[Deployment]:
+    seaweedfs.create_bucket(BUCKET)
+    d = Deployment(
+        tmp_path_factory.mktemp("workers-s3"),
+        media_workers=2,
+        storage_providers=[provider_entry(s3_config(seaweedfs, BUCKET))],
+    ).start()
+    d.token = d.main.register("uploader")  # type: ignore[union-attr, attr-defined]
+    yield d
+    d.stop()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _download(worker: Worker, token: str, media_id: str):  # type: ignore[no-untyped-def]
+    return worker.get(f"/_matrix/client/v1/media/download/{worker.server_name}/{media_id}", token)
+
+
+def test_same_content_on_both_workers_at_once_is_one_object(s3_deployment: Deployment, seaweedfs: SeaweedFS) -> None:
+    w1, w2 = s3_deployment.workers
+    token = s3_deployment.token  # type: ignore[attr-defined]
+    content = os.urandom(300_000)
+    barrier = threading.Barrier(16)
+
+    def upload(i: int) -> tuple[str, str]:
+        worker = (w1, w2)[i % 2]
+        barrier.wait()
+        return worker.name, worker.upload(token, content, "application/octet-stream", f"same{i}.bin")
+
+    with ThreadPoolExecutor(16) as pool:
+        uploads = list(pool.map(upload, range(16)))
+    assert {name for name, _ in uploads} == {"media1", "media2"}
+    keys = seaweedfs.list_keys(BUCKET)
+    assert keys.count(blob_name(_sha(content))) == 1
+    # Each worker serves what the other stored, from the bucket (local copies wiped).
+    wipe_local_media(s3_deployment.main)  # type: ignore[arg-type]
+    for name, media_id in uploads:
+        other = w2 if name == "media1" else w1
+        r = _download(other, token, media_id)
+        assert r.status == 200 and r.body == content, (name, media_id)
+
+
+def test_killing_a_media_worker_mid_upload_loses_nothing_acknowledged(s3_deployment: Deployment) -> None:
+    w1, w2 = s3_deployment.workers
+    token = s3_deployment.token  # type: ignore[attr-defined]
+    acknowledged = [(w1.upload(token, data, "application/octet-stream"), data)
+                    for data in (os.urandom(50_000) for _ in range(5))]
+    # An upload that is still streaming when its worker dies.
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", w1.port, timeout=30)
+    conn.putrequest("POST", "/_matrix/media/v3/upload?filename=big.bin")
+    conn.putheader("Authorization", f"Bearer {token}")
+    conn.putheader("Content-Type", "application/octet-stream")
+    conn.putheader("Content-Length", str(20_000_000))
+    conn.endheaders()
+    conn.send(os.urandom(2_000_000))
+    w1.kill()
+    conn.close()
+    try:
+        # The other worker keeps serving, from the bucket, what w1 acknowledged.
+        wipe_local_media(s3_deployment.main)  # type: ignore[arg-type]
+        for media_id, data in acknowledged:
+            r = _download(w2, token, media_id)
+            assert r.status == 200 and r.body == data
+        fresh = os.urandom(10_000)
+        assert _download(w2, token, w2.upload(token, fresh)).body == fresh
+    finally:
+        w1.start()
+    for media_id, data in acknowledged:
+        assert _download(w1, token, media_id).body == data
+
+
+def test_gc_while_both_workers_take_uploads(s3_deployment: Deployment, seaweedfs: SeaweedFS) -> None:
+    main = s3_deployment.main
+    assert main is not None
+    w1, w2 = s3_deployment.workers
+    admin = main.register("gcadmin", admin=True)
+    shared = os.urandom(30_000)
+    # Content whose only media is deleted: gc may remove it, unless it is uploaded again.
+    first = w1.upload(admin, shared)
+    r = request("DELETE", w1.base_url, f"/_synapse/admin/v1/media/{main.server_name}/{first}",
+                {"Authorization": f"Bearer {admin}"})
+    assert r.status == 200
+    time.sleep(2.1)
+    stop = threading.Event()
+    uploads: list[tuple[str, bytes]] = []
+    lock = threading.Lock()
+
+    def uploader(worker: Worker) -> None:
+        while not stop.is_set():
+            data = shared if len(uploads) % 2 else os.urandom(5_000)
+            media_id = worker.upload(admin, data)
+            with lock:
+                uploads.append((media_id, data))
+
+    threads = [threading.Thread(target=uploader, args=(w,)) for w in (w1, w2)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(3):
+            gc = subprocess.run(
+                [sys.executable, "-m", "synapse_msc3916", "gc", "--grace", "2s", "--apply",
+                 "-c", str(main.config_path)],
+                env=main.env(), capture_output=True, text=True, timeout=120,
+            )
+            assert gc.returncode == 0, gc.stderr
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert len(uploads) > 10
+    wipe_local_media(main)
+    for i, (media_id, data) in enumerate(uploads):
+        r = _download((w1, w2)[i % 2], admin, media_id)
+        assert r.status == 200 and r.body == data, media_id
+    assert blob_name(_sha(shared)) in seaweedfs.list_keys(BUCKET)
+
+
+def test_five_media_workers_starting_at_once_create_the_schema_once(
+    tmp_path_factory: pytest.TempPathFactory, seaweedfs: SeaweedFS
+) -> None:
+    """A fresh PostgreSQL database, five processes of the module starting together."""
+    seaweedfs.create_bucket("workers-schema")
+    d = Deployment(
+        tmp_path_factory.mktemp("workers-schema"),
+        media_workers=0,
+        storage_providers=[provider_entry(s3_config(seaweedfs, "workers-schema"))],
+    ).start()
+    main = d.main
+    assert main is not None
+    workers = [Worker(main, f"media{i}", ["media"]) for i in range(1, 6)]
+    try:
+        d.workers = workers
+        procs = []
+        for w in workers:
+            w.stdout = open(w.stdout_file, "ab")
+            w.proc = subprocess.Popen(
+                [sys.executable, "-m", "synapse.app.generic_worker", "-c", str(main.config_path),
+                 "-c", str(w.config_path)],
+                cwd=main.dir, env=main.env(), stdout=w.stdout, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+            procs.append(w.proc)
+        from tests.harness import wait_for
+
+        for w in workers:
+            wait_for(lambda w=w: request("GET", w.base_url, "/health", timeout=2).status == 200,
+                     120, w.name, w.proc)
+        db = d.postgres
+        wait_for(lambda: db.query("synapse", "SELECT COUNT(*) FROM msc3916_storage_schema")[0][0] == 1,
+                 30, "schema")
+        assert db.query("synapse", "SELECT component, version FROM msc3916_storage_schema") == [
+            ("dedup_storage", 1)
+        ]
+        for w in workers:
+            out = w.output()
+            errors = [line for line in out.splitlines() if " - ERROR - " in line or "Traceback" in line]
+            assert errors == [], (w.name, errors)
+        token = main.register("schema")
+        data = os.urandom(1000)
+        media_id = workers[0].upload(token, data)
+        assert _download(workers[4], token, media_id).body == data
+    finally:
+        d.stop()

@@ -97,6 +97,11 @@ class DedupStorageProvider:
             self._api.register_spam_checker_callbacks(
                 check_media_file_for_spam=self._remember_upload_file
             )
+        # Create or upgrade the index as the process starts, not on the first upload, so
+        # that a schema problem shows in the log at once.
+        self._reactor.callWhenRunning(
+            self._api.run_as_background_process, "msc3916_storage_schema", self._ensure_schema
+        )
         logger.info("synapse_msc3916: dedup storage provider on %s", self._store.describe())
 
     def __str__(self) -> str:
@@ -127,7 +132,7 @@ class DedupStorageProvider:
 
     async def _db(self, desc: str, func: Any, *args: Any) -> Any:
         await self._ensure_schema()
-        return await self._api.run_db_interaction(f"msc3916_storage_{desc}", func, *args)
+        return await sa.run_db_read_committed(self._hs, f"msc3916_storage_{desc}", func, *args)
 
     async def _ensure_schema(self) -> None:
         """Create the index tables on first use, tolerating a concurrent creator.
