@@ -154,8 +154,10 @@ class FileBlobStore:
             pass
 
     def list_blobs(self) -> Iterator[ObjectInfo]:
-        for root, _dirs, files in os.walk(self.directory):
-            for name in files:
+        """Every blob, in hash order (as S3 lists keys), so ``gc`` can merge with the index."""
+        for root, dirs, files in os.walk(self.directory):
+            dirs.sort()
+            for name in sorted(files):
                 rel = os.path.relpath(os.path.join(root, name), self.directory)
                 if sha_from_name(rel.replace(os.sep, "/")) is None:
                     continue

@@ -347,13 +347,16 @@ def delete_path_txn(txn: Txn, path: str, cutoff: int) -> bool:
     return txn.rowcount == 1
 
 
-def unreferenced_blobs_txn(txn: Txn, cutoff: int, limit: int = 1000) -> list[tuple[str, int]]:
+def unreferenced_blobs_txn(
+    txn: Txn, cutoff: int, limit: int = 1000, after: str = ""
+) -> list[tuple[str, int]]:
+    """Blobs no path references, in hash order after ``after`` (keyset pagination)."""
     txn.execute(
-        f"SELECT b.sha256, b.length FROM {BLOBS} b WHERE b.last_ref_ts < ?"
+        f"SELECT b.sha256, b.length FROM {BLOBS} b WHERE b.sha256 > ? AND b.last_ref_ts < ?"
         f" AND (b.deleting_ts IS NULL OR b.deleting_ts < ?)"
         f" AND NOT EXISTS (SELECT 1 FROM {PATHS} p WHERE p.sha256 = b.sha256)"
         " ORDER BY b.sha256 LIMIT ?",
-        (cutoff, now_ms() - DELETING_STALE_MS, limit),
+        (after, cutoff, now_ms() - DELETING_STALE_MS, limit),
     )
     return [(str(r[0]), int(r[1])) for r in txn.fetchall()]
 
@@ -388,9 +391,10 @@ def finish_deleting_txn(txn: Txn, sha256: str, deleting_ts: int) -> None:
     txn.execute(f"DELETE FROM {BLOBS} WHERE sha256 = ? AND deleting_ts = ?", (sha256, deleting_ts))
 
 
-def known_blobs_txn(txn: Txn) -> set[str]:
-    txn.execute(f"SELECT sha256 FROM {BLOBS}", ())
-    return {str(r[0]) for r in txn.fetchall()}
+def known_blobs_page_txn(txn: Txn, after: str, limit: int) -> list[str]:
+    """Hashes with a blob row, in order, after ``after``: a page of the merge in ``gc``."""
+    txn.execute(f"SELECT sha256 FROM {BLOBS} WHERE sha256 > ? ORDER BY sha256 LIMIT ?", (after, limit))
+    return [str(r[0]) for r in txn.fetchall()]
 
 
 def path_indexed_txn(txn: Txn, path: str) -> bool:

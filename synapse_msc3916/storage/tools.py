@@ -16,7 +16,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from synapse_msc3916 import homeserver_config as hc
@@ -52,15 +52,20 @@ class Progress:
     def step(self, n: int = 1) -> None:
         self.done += n
         now = time.monotonic()
-        if self.done >= self.total or now - self._last >= (0.1 if self._tty else 5.0):
+        finished = bool(self.total) and self.done >= self.total
+        if finished or now - self._last >= (0.1 if self._tty else 5.0):
             self._last = now
             self._draw()
 
     def _draw(self) -> None:
+        end = "\r" if self._tty else "\n"
+        if not self.total:  # open-ended: a running count
+            self.stream.write(f"{self.label}: {self.done}{end}")
+            self.stream.flush()
+            return
         width = 30
         filled = width * self.done // self.total if self.total else width
         bar = "#" * filled + "-" * (width - filled)
-        end = "\r" if self._tty else "\n"
         self.stream.write(f"{self.label} [{bar}] {self.done}/{self.total}{end}")
         self.stream.flush()
 
@@ -238,6 +243,49 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 # --- gc --------------------------------------------------------------------------------
 
 
+_PAGE = 10_000
+
+
+def _unreferenced(page: Any, cutoff: int) -> Iterator[tuple[str, int]]:
+    """All unreferenced blobs, fetched a page at a time in hash order (bounded memory)."""
+    after = ""
+    while True:
+        rows = page(cutoff, _PAGE, after)
+        yield from rows
+        if len(rows) < _PAGE:
+            return
+        after = rows[-1][0]
+
+
+def _objects_without_row(db: Any, store: Any) -> Iterator[tuple[str, Any]]:
+    """Objects in the store that no blob row knows, by merging two hash-ordered lists.
+
+    Both the store listing and the index pages come in hash order, so the sweep holds one
+    page of hashes at a time, whatever the number of objects (10^8 hashes as a set
+    would need gigabytes).
+    """
+    page: list[str] = []
+    position = 0
+    after = ""
+    exhausted = False
+    for info in store.list_blobs():
+        sha = info.name.rsplit("/", 1)[-1]
+        while True:
+            if position == len(page) and not exhausted:
+                page = index.run_tool_txn(db, index.known_blobs_page_txn, after, _PAGE)
+                position = 0
+                exhausted = len(page) < _PAGE
+                if page:
+                    after = page[-1]
+            if position < len(page) and page[position] < sha:
+                position += 1
+                continue
+            break
+        if position < len(page) and page[position] == sha:
+            continue
+        yield sha, info
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     """Forget paths whose media Synapse deleted, then delete objects nothing references.
 
@@ -266,16 +314,14 @@ def cmd_gc(args: argparse.Namespace) -> int:
             try:
                 for path in index.orphan_paths_txn(txn, cutoff, 1_000_000):
                     stats["paths_removed"] += int(index.delete_path_txn(txn, path, cutoff))
-                for sha256, length in index.unreferenced_blobs_txn(txn, cutoff, 1_000_000):
+                for sha256, length in _unreferenced(lambda *a: index.unreferenced_blobs_txn(txn, *a), cutoff):
                     stats["objects_deleted"] += 1
                     stats["bytes_freed"] += length
                     deleted.append(sha256)
-                known = index.known_blobs_txn(txn)
             finally:
                 db.conn.rollback()
-            for info in ctx.store.list_blobs():
-                sha = info.name.rsplit("/", 1)[-1]
-                if sha not in known and info.mtime * 1000 < cutoff:
+            for _sha, info in _objects_without_row(db, ctx.store):
+                if info.mtime * 1000 < cutoff:
                     stats["orphan_objects_deleted"] += 1
                     stats["bytes_freed"] += info.size
         else:
@@ -287,8 +333,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
                 stats["paths_removed"] += removed
                 if len(paths) < 1000 or not removed:
                     break
-            candidates = index.run_tool_txn(db, index.unreferenced_blobs_txn, cutoff, 1_000_000)
-            progress = Progress("gc", len(candidates))
+            progress = Progress("gc", 0)
+            candidates = _unreferenced(
+                lambda *a: index.run_tool_txn(db, index.unreferenced_blobs_txn, *a), cutoff
+            )
             for sha256, length in candidates:
                 progress.step()
                 mark = index.now_ms()
@@ -303,10 +351,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
                 stats["bytes_freed"] += length
                 deleted.append(sha256)
             progress.close()
-            known = index.run_tool_txn(db, index.known_blobs_txn)
-            for info in list(ctx.store.list_blobs()):
-                sha = info.name.rsplit("/", 1)[-1]
-                if sha in known or info.mtime * 1000 >= cutoff:
+            for sha, info in _objects_without_row(db, ctx.store):
+                if info.mtime * 1000 >= cutoff:
                     continue
                 mark = index.now_ms()
                 if not index.run_tool_txn(
