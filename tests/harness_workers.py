@@ -168,8 +168,11 @@ class Worker:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90.0) -> Worker:
-        from tests.harness import request
+        self.spawn()
+        return self.wait_ready(timeout)
 
+    def spawn(self) -> Worker:
+        """Start the process without waiting for it (to start several at once)."""
         self.stdout = open(self.stdout_file, "ab")
         self.proc = subprocess.Popen(
             [PYTHON, "-m", "synapse.app.generic_worker", "-c", str(self.main.config_path),
@@ -177,6 +180,11 @@ class Worker:
             cwd=self.main.dir, env=self.main.env(), stdout=self.stdout, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
+        return self
+
+    def wait_ready(self, timeout: float = 90.0) -> Worker:
+        from tests.harness import request
+
         try:
             wait_for(lambda: request("GET", self.base_url, "/health", timeout=2).status == 200,
                      timeout, f"worker {self.name}", self.proc)
@@ -184,12 +192,7 @@ class Worker:
             raise RuntimeError(f"{e}\n{self.output()[-4000:]}") from None
         return self
 
-    def output(self) -> str:
-        text = ""
-        for f in (self.stdout_file, self.log_file):
-            if f.exists():
-                text += f.read_text(errors="replace")
-        return text
+    output = Synapse.output
 
     def kill(self) -> None:
         if self.proc is not None:

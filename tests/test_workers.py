@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import TOPOLOGY, SeaweedFS, request, xmatrix_header
+from tests.harness import TOPOLOGY, SeaweedFS, request, wait_for, xmatrix_header
 from tests.harness_workers import Deployment, Worker
 from tests.test_endpoints import png
 from tests.test_freeze import assert_frozen, iso
@@ -220,21 +220,10 @@ def test_five_media_workers_starting_at_once_create_the_schema_once(
     workers = [Worker(main, f"media{i}", ["media"]) for i in range(1, 6)]
     try:
         d.workers = workers
-        procs = []
         for w in workers:
-            w.stdout = open(w.stdout_file, "ab")
-            w.proc = subprocess.Popen(
-                [sys.executable, "-m", "synapse.app.generic_worker", "-c", str(main.config_path),
-                 "-c", str(w.config_path)],
-                cwd=main.dir, env=main.env(), stdout=w.stdout, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-            )
-            procs.append(w.proc)
-        from tests.harness import wait_for
-
+            w.spawn()
         for w in workers:
-            wait_for(lambda w=w: request("GET", w.base_url, "/health", timeout=2).status == 200,
-                     120, w.name, w.proc)
+            w.wait_ready(120)
         db = d.postgres
         wait_for(lambda: db.query("synapse", "SELECT COUNT(*) FROM msc3916_storage_schema")[0][0] == 1,
                  30, "schema")
