@@ -149,3 +149,19 @@ def test_freeze_cache_is_bounded() -> None:
     for i in range(100):
         decide(policy, None, f"m{i}")
     assert len(policy._cache) == 10
+
+
+@settings(max_examples=500)
+@given(
+    kind=st.sampled_from(["download", "thumbnail"]),
+    rest=st.text(max_size=80).map(lambda s: s.replace("\x00", "")) | st.text(alphabet="%/.:aF0", max_size=30),
+)
+def test_media_path_checks_only_raise_matrix_errors(kind: str, rest: str) -> None:
+    from synapse.api.errors import SynapseError
+
+    from synapse_msc3916 import media_ids
+
+    try:
+        media_ids.check_media_path(kind, rest)
+    except SynapseError as e:
+        assert e.code == 400 and e.errcode == "M_INVALID_PARAM"
