@@ -295,3 +295,25 @@ def test_responder_detects_truncation() -> None:
     done = defer.ensureDeferred(_wrap(responder.write_to_consumer(consumer)))
     done.addErrback(lambda f: None)
     assert corrupt and "truncated" in corrupt[0]
+
+
+def test_responder_streams_a_prefetched_small_blob_without_reading_again() -> None:
+    data = os.urandom(800)
+    reader, consumer, corrupt = FakeReader(data), FakeConsumer(), []
+    reader.pos = len(data)  # the provider already read it whole while opening
+    responder = BlobResponder(
+        reader=reader,
+        read_in_thread=lambda f: defer.ensureDeferred(_call(f)),
+        run_in_background=lambda f, *a: defer.ensureDeferred(f(*a)),
+        make_yieldable=lambda d: d,
+        reactor=Clock(),
+        length=len(data),
+        sha256=hashlib.sha256(b"other").hexdigest(),
+        on_corrupt=corrupt.append,
+        chunk_size=1000,
+        prefetched=(data, hashlib.sha256(data)),
+    )
+    done = defer.ensureDeferred(_wrap(responder.write_to_consumer(consumer)))
+    done.addErrback(lambda f: None)
+    assert reader.reads == 0
+    assert consumer.chunks == [] and corrupt and "SHA-256" in corrupt[0]  # still verified

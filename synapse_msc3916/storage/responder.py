@@ -59,9 +59,11 @@ class BlobResponder(Responder):
         sha256: str | None,
         on_corrupt: Callable[[str], None],
         chunk_size: int = CHUNK_SIZE,
+        prefetched: tuple[bytes, Any] | None = None,
     ):
         """``sha256=None`` streams without verification (legacy objects, whose content
-        nothing recorded)."""
+        nothing recorded). ``prefetched`` is the start of the blob already read, with
+        the SHA-256 hash object that has consumed it."""
         self._reader = reader
         self._read_in_thread = read_in_thread
         self._run_in_background = run_in_background
@@ -78,6 +80,7 @@ class BlobResponder(Responder):
         self._stopped = False
         self._done: defer.Deferred = defer.Deferred()
         self._in_flight: defer.Deferred | None = None
+        self._prefetched = prefetched
 
     # --- Responder ---
 
@@ -140,11 +143,16 @@ class BlobResponder(Responder):
         return d
 
     async def _pump(self) -> None:
-        digest = hashlib.sha256()
+        digest: Any = hashlib.sha256()
         sent = 0
         pending: defer.Deferred | None = None
         try:
-            pending = self._start_read(sent, digest)
+            if self._prefetched is not None:
+                first, digest = self._prefetched
+                self._prefetched = None
+                pending = defer.succeed(first)
+            else:
+                pending = self._start_read(sent, digest)
             while not self._stopped:
                 chunk = b""
                 if pending is not None:
