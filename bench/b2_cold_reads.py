@@ -10,6 +10,7 @@ Goals: >= 1.5x synapse-s3-storage-provider on 100 MiB and 1 GiB, >= 1.0x on smal
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from bench.load import median
@@ -22,6 +23,35 @@ KIB, MIB, GIB = 1024, 1024 * 1024, 1024 * 1024 * 1024
 DEDUP = "DedupStorageProvider"
 S3SP = "synapse-s3-storage-provider 1.7"
 DIRECT = "boto3 direct GET (limit)"
+LOCAL = "Synapse local disk, no provider"
+
+WHY = (
+    "**Why goals are missed** (profiled with `py-spy record --threads` on the Synapse process "
+    "during 300 MiB cold reads). *70% of direct*: the direct GET is SeaweedFS (Go) straight to "
+    "the client, while everything served by Synapse passes one Twisted reactor thread, which "
+    "sends at most 128 KiB per `send()` (Twisted's `Connection.SEND_LIMIT`) and, with the dedup "
+    "provider, spent over half of its samples in `send()` and most of the rest in epoll. "
+    "Synapse serving the same file from its own local disk, with no provider at all (the "
+    "local-disk rows), is not much faster than the dedup provider on large files (see "
+    "\"% of local\"), so no provider can come near 70% of the direct GET on this machine. "
+    "*1.5x synapse-s3-storage-provider on large files*: that provider already reaches "
+    "roughly 60-80% of the same ceiling (it reads 16 KiB at a time on a pool thread and "
+    "hands each chunk to the reactor), so 1.5x would mean beating Synapse's own local-disk "
+    "speed; runs measure about 1.15x-1.5x. Before this benchmark the dedup provider did *not* "
+    "beat it: the reactor spent about half of its samples in `hashlib` (the SHA-256 "
+    "verification), and reading and sending alternated. Both were fixed in the storage code: "
+    "each chunk is now hashed on the pool thread next to its read, and one chunk is read "
+    "ahead while the previous one is sent (memory stays bounded at two 1 MiB chunks, see the "
+    "RSS row). *Small files*: a cold read costs Synapse about 1.6 ms even from its local disk; "
+    "the dedup provider adds one index lookup (a transaction on Synapse's database pool) before "
+    "its S3 GET, which synapse-s3-storage-provider does not need (it GETs by path), so small "
+    "files sit at parity, 0.9x-1.15x across runs, inside the noise of this shared machine. "
+    "Objects of up to 1 MiB are now read and hashed in the same pool call that opens them, "
+    "which took one thread hop off each small read (1 KiB: 2.71 -> 2.59 ms median in a "
+    "300-read A/B, synapse-s3-storage-provider 2.44 ms). botocore's CRC32 response validation "
+    "(its default) also runs on the dedup provider's reads; it is redundant with the SHA-256 "
+    "check but cost under 5% of samples, on the pool thread, so it is left on."
+)
 
 
 def _local_path(media_id: str) -> str:
@@ -52,22 +82,31 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
             hs.start()
             tokens[name] = hs.register("bench")
         client = weed.client()
-        order = [DEDUP, S3SP, DIRECT]
+        order = [DEDUP, S3SP, DIRECT, LOCAL]
         for label, size, rounds, reads in cases:
             source = workdir / "source.bin"
             sha = make_file(source, size)
             ids = {name: upload_file(hs, tokens[name], source) for name, hs in servers.items()}
             source.unlink()
+            # Keep a hard link to the dedup server's local copy, to put it back for LOCAL reads.
+            local_copy = servers[DEDUP].media_store / _local_path(ids[DEDUP])
+            kept = workdir / "kept.bin"
+            os.link(local_copy, kept)
             direct_key = _local_path(ids[S3SP])
             verify = size <= MIB  # bigger reads check the length; the bench must not eat the CPU
             times: dict[str, list[float]] = {k: [] for k in order}
             rss: dict[str, list[float]] = {DEDUP: [], S3SP: []}
             for r in range(rounds):
-                turn = order[r % 3:] + order[: r % 3]
+                turn = order[r % len(order):] + order[: r % len(order)]
                 for _ in range(reads):
                     for name in turn:
                         if name == DIRECT:
                             seconds, got, digest = timed_s3_download(client, "b2-s3sp", direct_key, verify)
+                        elif name == LOCAL:
+                            wipe_local_media(servers[DEDUP])
+                            local_copy.parent.mkdir(parents=True, exist_ok=True)
+                            os.link(kept, local_copy)
+                            seconds, got, digest = timed_download(servers[DEDUP], tokens[DEDUP], ids[DEDUP], verify)
                         else:
                             hs = servers[name]
                             wipe_local_media(hs)
@@ -78,6 +117,7 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
                         assert got == size, (name, label, got)
                         assert not verify or digest == sha, (name, label)
                         times[name].append(seconds)
+            kept.unlink()
             med = {k: median(v) for k, v in times.items()}
             ref_goal = 1.5 if size >= 100 * MIB else 1.0
 
@@ -94,12 +134,14 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
             vs_direct = med[DIRECT] / med[DEDUP]
             report.add(
                 "B2", f"cold read {label}", DEDUP,
-                ratio=f"{vs_s3sp:.2f}x; {vs_direct:.0%} of direct",
+                ratio=f"{vs_s3sp:.2f}x; {vs_direct:.0%} of direct; {med[LOCAL] / med[DEDUP]:.0%} of local",
                 goal=f">= {ref_goal}x, >= 70% of direct",
                 met=vs_s3sp >= ref_goal and vs_direct >= 0.70,
                 **figures(DEDUP),
             )
             report.add("B2", f"cold read {label}", DIRECT, goal="limit", **figures(DIRECT))
+            report.add("B2", f"cold read {label}", LOCAL, ratio=f"{med[S3SP] / med[LOCAL]:.2f}x vs s3sp",
+                       goal="Synapse's own ceiling", **figures(LOCAL))
             if size == GIB:
                 for name in (DEDUP, S3SP):
                     growth = max(rss[name])
@@ -109,6 +151,7 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
                         met=growth <= 64 if name == DEDUP else None,
                         **{"RSS +MiB": f"{growth:.1f}"},
                     )
+        report.note("B2", WHY)
         report.note(
             "B2",
             "Each Synapse read is a cold read: `local_content` etc. are deleted before it, so the "
@@ -116,7 +159,9 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
             "`/_matrix/client/v1/media/download` with a keep-alive-free `http.client` GET that "
             "reads 1 MiB at a time and discards the bytes (files <= 1 MiB are also SHA-256 "
             "checked, larger ones by length). The direct row is `boto3 get_object` of the "
-            "synapse-s3-storage-provider object, read the same way. Ratios are "
+            "synapse-s3-storage-provider object, read the same way. The local-disk row is "
+            "not a contender but Synapse's own ceiling: the dedup server serving the same file "
+            "from its local media store (page cache warm, no provider involved). Ratios are "
             "median-time ratios (higher is better for the dedup provider). RSS growth is the "
             "peak VmRSS of the Synapse process (from /proc/<pid>/status, sampled every 10 ms "
             "during the read) minus its VmRSS just before the read; worst of the rounds.",
