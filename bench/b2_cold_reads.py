@@ -29,7 +29,7 @@ WHY = (
     "**Why goals are missed** (profiled with `py-spy record --threads` on the Synapse process "
     "during 300 MiB cold reads). *70% of direct*: the direct GET is SeaweedFS (Go) straight to "
     "the client, while everything served by Synapse passes one Twisted reactor thread, which "
-    "sends at most 128 KiB per `send()` (Twisted's `Connection.SEND_LIMIT`) and, with the dedup "
+    "sends at most 128 KiB per `send()` (Twisted's `FileDescriptor.SEND_LIMIT`) and, with the dedup "
     "provider, spent over half of its samples in `send()` and most of the rest in epoll. "
     "Synapse serving the same file from its own local disk, with no provider at all (the "
     "local-disk rows), is not much faster than the dedup provider on large files (see "
