@@ -263,7 +263,7 @@ def test_responder_honours_pause_and_resume() -> None:
     responder = _responder(reader, hashlib.sha256(data).hexdigest(), corrupt)
     consumer.pause_after_write = True
     done = defer.ensureDeferred(_wrap(responder.write_to_consumer(consumer)))
-    assert len(consumer.chunks) == 1 and reader.reads == 1  # paused: no read ahead
+    assert len(consumer.chunks) == 1 and reader.reads == 2  # paused: one chunk read ahead, no more
     consumer.pause_after_write = False
     responder.resumeProducing()
     assert b"".join(consumer.chunks) == data
@@ -326,3 +326,25 @@ def test_gc_orphan_sweep_merges_in_bounded_pages(monkeypatch) -> None:  # type: 
 
     found = [sha for sha, _ in tools._objects_without_row(db, Store())]
     assert found == [s for s in shas if s not in known]
+
+
+def test_responder_streams_a_prefetched_small_blob_without_reading_again() -> None:
+    data = os.urandom(800)
+    reader, consumer, corrupt = FakeReader(data), FakeConsumer(), []
+    reader.pos = len(data)  # the provider already read it whole while opening
+    responder = BlobResponder(
+        reader=reader,
+        read_in_thread=lambda f: defer.ensureDeferred(_call(f)),
+        run_in_background=lambda f, *a: defer.ensureDeferred(f(*a)),
+        make_yieldable=lambda d: d,
+        reactor=Clock(),
+        length=len(data),
+        sha256=hashlib.sha256(b"other").hexdigest(),
+        on_corrupt=corrupt.append,
+        chunk_size=1000,
+        prefetched=(data, hashlib.sha256(data)),
+    )
+    done = defer.ensureDeferred(_wrap(responder.write_to_consumer(consumer)))
+    done.addErrback(lambda f: None)
+    assert reader.reads == 0
+    assert consumer.chunks == [] and corrupt and "SHA-256" in corrupt[0]  # still verified

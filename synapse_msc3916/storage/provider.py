@@ -32,7 +32,7 @@ from synapse_msc3916.metrics import (
 )
 from synapse_msc3916.storage import index
 from synapse_msc3916.storage.blobstore import S3BlobStore, StorageUnavailable, make_blobstore
-from synapse_msc3916.storage.responder import BlobResponder
+from synapse_msc3916.storage.responder import CHUNK_SIZE, BlobResponder
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,23 @@ def hash_file(path: str) -> tuple[str, int]:
             digest.update(chunk)
             length += len(chunk)
     return digest.hexdigest(), length
+
+
+def _open_and_read_small(store: Any, sha256: str, length: int) -> tuple[Any, Any]:
+    """Open a blob; one chunk or smaller, read and hash it in the same pool call.
+
+    Most media are small: this saves the responder a second trip through the thread
+    pool for them. Returns (reader or None, (bytes, sha256 digest) or None).
+    """
+    reader = store.open(sha256)
+    if reader is None or reader.size != length or not 0 < length <= CHUNK_SIZE:
+        return reader, None
+    try:
+        data = reader.read(length)
+    except BaseException:
+        reader.close()
+        raise
+    return reader, (data, hashlib.sha256(data))
 
 
 def media_ref(file_info: Any) -> index.MediaRef:
@@ -248,7 +265,9 @@ class DedupStorageProvider:
             STORAGE_FETCHES.labels(result="legacy" if responder else "missing").inc()
             return responder
         try:
-            reader = await self._in_thread(self._store.open, located.sha256)
+            reader, prefetched = await self._in_thread(
+                _open_and_read_small, self._store, located.sha256, located.length
+            )
         except StorageUnavailable as e:
             raise self._unavailable("fetch", e) from e
         if reader is None:
@@ -268,7 +287,7 @@ class DedupStorageProvider:
         STORAGE_FETCHES.labels(result="hit").inc()
         STORAGE_FETCH_LATENCY.observe(time.monotonic() - started)
         sha256 = located.sha256
-        return self._responder(reader, located.length, sha256)
+        return self._responder(reader, located.length, sha256, prefetched)
 
     async def _fetch_legacy(self, path: str) -> Any:
         """A read miss may still be an object synapse-s3-storage-provider wrote."""
@@ -282,8 +301,11 @@ class DedupStorageProvider:
             return None
         return self._responder(reader, reader.size, None)
 
-    def _responder(self, reader: Any, length: int, sha256: str | None) -> BlobResponder:
+    def _responder(
+        self, reader: Any, length: int, sha256: str | None, prefetched: Any = None
+    ) -> BlobResponder:
         return BlobResponder(
+            prefetched=prefetched,
             reader=reader,
             read_in_thread=lambda f: self._in_thread(f),
             run_in_background=self._run_in_background,

@@ -1,9 +1,10 @@
 """Streaming a blob to Synapse's consumer.
 
-Memory is bounded to one chunk per response, and no thread is held for the length of
-a download: each chunk is read by one short call on the provider's thread pool, and
-the next read starts only when the consumer is not paused. A client that reads slowly
-therefore costs an open S3 connection, never a blocked thread.
+Memory is bounded to two chunks per response, and no thread is held for the length of
+a download: each chunk is read (and hashed) by one short call on the provider's thread
+pool, one chunk ahead of the one being sent, and no further read starts while the
+consumer is paused. A client that reads slowly therefore costs an open S3 connection,
+never a blocked thread.
 
 Content is verified as it streams. The final chunk is held back until the SHA-256 of
 everything before it plus itself matches the index, so a corrupt blob never produces a
@@ -37,6 +38,13 @@ class CorruptBlob(Exception):
     """The bytes read did not match the index's length or SHA-256."""
 
 
+def _read_and_hash(reader: BlobReader, n: int, digest: Any) -> bytes:
+    """One read plus its hash, run on a pool thread (hashlib releases the GIL)."""
+    chunk = reader.read(n)
+    digest.update(chunk)
+    return chunk
+
+
 @implementer(IPushProducer)
 class BlobResponder(Responder):
     def __init__(
@@ -51,9 +59,11 @@ class BlobResponder(Responder):
         sha256: str | None,
         on_corrupt: Callable[[str], None],
         chunk_size: int = CHUNK_SIZE,
+        prefetched: tuple[bytes, Any] | None = None,
     ):
         """``sha256=None`` streams without verification (legacy objects, whose content
-        nothing recorded)."""
+        nothing recorded). ``prefetched`` is the start of the blob already read, with
+        the SHA-256 hash object that has consumed it."""
         self._reader = reader
         self._read_in_thread = read_in_thread
         self._run_in_background = run_in_background
@@ -69,6 +79,8 @@ class BlobResponder(Responder):
         self._resume: defer.Deferred | None = None
         self._stopped = False
         self._done: defer.Deferred = defer.Deferred()
+        self._in_flight: defer.Deferred | None = None
+        self._prefetched = prefetched
 
     # --- Responder ---
 
@@ -81,7 +93,12 @@ class BlobResponder(Responder):
     def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
         self._stopped = True
         self._wake()
-        self._reader.close()
+        in_flight = self._in_flight
+        if in_flight is not None and not in_flight.called:
+            # Never close the body under a pool thread still reading it.
+            in_flight.addBoth(lambda _: self._reader.close())
+        else:
+            self._reader.close()
 
     # --- IPushProducer ---
 
@@ -112,34 +129,55 @@ class BlobResponder(Responder):
             except defer.TimeoutError:
                 raise TimeoutError("consumer did not resume in time") from None
 
+    def _start_read(self, sent: int, digest: Any) -> defer.Deferred | None:
+        """Start reading (and hashing) the chunk after ``sent`` bytes on the pool."""
+        want = min(self._chunk_size, self._length - sent)
+        if want <= 0:
+            return None
+        # Hashing 1 MiB takes about as long as sending it: do it on the pool thread,
+        # next to the read, not on the reactor.
+        d: defer.Deferred = self._run_in_background(
+            self._read_in_thread, functools.partial(_read_and_hash, self._reader, want, digest)
+        )
+        self._in_flight = d
+        return d
+
     async def _pump(self) -> None:
-        digest = hashlib.sha256()
+        digest: Any = hashlib.sha256()
         sent = 0
+        pending: defer.Deferred | None = None
         try:
+            if self._prefetched is not None:
+                first, digest = self._prefetched
+                self._prefetched = None
+                pending = defer.succeed(first)
+            else:
+                pending = self._start_read(sent, digest)
             while not self._stopped:
-                await self._wait_until_resumed()
-                if self._stopped:
-                    break
-                want = min(self._chunk_size, self._length - sent)
                 chunk = b""
-                if want > 0:
-                    chunk = await self._read_in_thread(functools.partial(self._reader.read, want))
+                if pending is not None:
+                    chunk = await self._make_yieldable(pending)
+                    pending = None
                     if self._stopped:
                         break
                     if not chunk:
                         raise CorruptBlob(f"truncated after {sent} of {self._length} bytes")
-                digest.update(chunk)
                 sent += len(chunk)
                 if sent == self._length:
                     if self._sha256 is not None and digest.hexdigest() != self._sha256:
                         raise CorruptBlob(
                             f"SHA-256 is {digest.hexdigest()}, the index says {self._sha256}"
                         )
+                # Read one chunk ahead while this one goes out: the S3 read and the hash
+                # overlap the reactor's socket writes. At most two chunks are in memory.
+                if sent < self._length:
+                    pending = self._start_read(sent, digest)
                 if chunk:
                     assert self._consumer is not None
                     self._consumer.write(chunk)
                 if sent >= self._length:
                     break
+                await self._wait_until_resumed()
             self._finish(None)
         except CorruptBlob as e:
             self._on_corrupt(str(e))
@@ -150,6 +188,9 @@ class BlobResponder(Responder):
             logger.warning("synapse_msc3916: streaming a stored file failed: %s", e)
             self._abort()
             self._finish(e)
+        finally:
+            if pending is not None:
+                pending.addErrback(lambda _: None)  # abandoned read-ahead: its error is moot
 
     def _abort(self) -> None:
         """Drop the client's connection: a response with missing bytes must not look whole."""
