@@ -14,10 +14,10 @@ import os
 from pathlib import Path
 
 from bench.load import median
-from bench.media import RssSampler, make_file, s3_legacy_entry, timed_download, timed_s3_download, upload_file
+from bench.media import RssSampler, make_file, timed_download, timed_s3_download, upload_file
 from bench.report import Report
 from tests.harness import SeaweedFS, Synapse
-from tests.storage_helpers import provider_entry, s3_config, wipe_local_media
+from tests.storage_helpers import provider_entry, s3_config, s3_legacy_entry, wipe_local_media
 
 KIB, MIB, GIB = 1024, 1024 * 1024, 1024 * 1024 * 1024
 DEDUP = "DedupStorageProvider"
@@ -80,7 +80,9 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
         servers[DEDUP] = Synapse(
             workdir / "dedup", storage_providers=[provider_entry(s3_config(weed, "b2-dedup"))]
         )
-        servers[S3SP] = Synapse(workdir / "s3sp", storage_providers=[s3_legacy_entry(weed, "b2-s3sp")])
+        servers[S3SP] = Synapse(
+            workdir / "s3sp", storage_providers=[s3_legacy_entry(weed, "b2-s3sp", threadpool_size=4)]
+        )
         tokens = {}
         for name, hs in servers.items():
             hs.start()

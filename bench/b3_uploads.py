@@ -14,10 +14,10 @@ import random
 import time
 from pathlib import Path
 
-from bench.media import s3_legacy_entry, upload_bytes
+from bench.media import upload_bytes
 from bench.report import Report
 from tests.harness import SeaweedFS, Synapse
-from tests.storage_helpers import provider_entry, s3_config
+from tests.storage_helpers import provider_entry, s3_config, s3_legacy_entry
 
 DEDUP = "DedupStorageProvider"
 S3SP = "synapse-s3-storage-provider 1.7"
@@ -57,7 +57,9 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
         servers[DEDUP] = Synapse(
             workdir / "dedup", storage_providers=[provider_entry(s3_config(weed, "b3-dedup"))]
         )
-        servers[S3SP] = Synapse(workdir / "s3sp", storage_providers=[s3_legacy_entry(weed, "b3-s3sp")])
+        servers[S3SP] = Synapse(
+            workdir / "s3sp", storage_providers=[s3_legacy_entry(weed, "b3-s3sp", threadpool_size=4)]
+        )
         tokens, conn = {}, {}
         for name, hs in servers.items():
             hs.start()

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.harness import SeaweedFS, Synapse
+from tests.harness import Synapse
 
 CHUNK = 1 << 20
 
@@ -97,25 +97,6 @@ def timed_s3_download(client: Any, bucket: str, key: str, verify: bool) -> tuple
             digest.update(chunk)
     body.close()
     return time.perf_counter() - start, received, digest.hexdigest() if digest else ""
-
-
-def s3_legacy_entry(seaweedfs: SeaweedFS, bucket: str, prefix: str = "") -> dict[str, Any]:
-    """synapse-s3-storage-provider 1.7, configured like the dedup provider."""
-    return {
-        "module": "s3_storage_provider.S3StorageProviderBackend",
-        "store_local": True,
-        "store_remote": True,
-        "store_synchronous": True,
-        "config": {
-            "bucket": bucket,
-            "prefix": prefix,
-            "endpoint_url": seaweedfs.endpoint_url,
-            "region_name": "us-east-1",
-            "access_key_id": seaweedfs.ACCESS_KEY,
-            "secret_access_key": seaweedfs.SECRET_KEY,
-            "threadpool_size": 4,
-        },
-    }
 
 
 def proc_status_kib(pid: int, field: str) -> int:

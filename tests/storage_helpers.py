@@ -64,3 +64,21 @@ def thumbnail(
         token,
     )
 
+
+def s3_legacy_entry(seaweedfs: Any, bucket: str, prefix: str = "", **extra: Any) -> dict[str, Any]:
+    """synapse-s3-storage-provider 1.7 on the same SeaweedFS, configured like ours."""
+    return {
+        "module": "s3_storage_provider.S3StorageProviderBackend",
+        "store_local": True,
+        "store_remote": True,
+        "store_synchronous": True,
+        "config": {
+            "bucket": bucket,
+            "prefix": prefix,
+            "endpoint_url": seaweedfs.endpoint_url,
+            "region_name": "us-east-1",
+            "access_key_id": seaweedfs.ACCESS_KEY,
+            "secret_access_key": seaweedfs.SECRET_KEY,
+            **extra,
+        },
+    }

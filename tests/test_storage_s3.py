@@ -19,6 +19,7 @@ from tests.storage_helpers import (
     png,
     provider_entry,
     s3_config,
+    s3_legacy_entry,
     thumbnail,
     wipe_local_media,
 )
@@ -112,20 +113,7 @@ def test_legacy_bucket_served_then_migrated(
 ) -> None:
     bucket = "dedup-legacy"
     seaweedfs.create_bucket(bucket)
-    legacy = {
-        "module": "s3_storage_provider.S3StorageProviderBackend",
-        "store_local": True,
-        "store_remote": True,
-        "store_synchronous": True,
-        "config": {
-            "bucket": bucket,
-            "prefix": "legacy/",
-            "endpoint_url": seaweedfs.endpoint_url,
-            "region_name": "us-east-1",
-            "access_key_id": seaweedfs.ACCESS_KEY,
-            "secret_access_key": seaweedfs.SECRET_KEY,
-        },
-    }
+    legacy = s3_legacy_entry(seaweedfs, bucket, "legacy/")
     hs = synapse_factory(storage_providers=[legacy])
     hs.start()
     token = hs.register("alice")
