@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import synapse
 from synapse.api.errors import Codes, NotFoundError, SynapseError
 from synapse.federation.transport.server._base import Authenticator
-from synapse.media._base import FileInfo, Responder, ThumbnailInfo
+from synapse.media._base import Responder
 from synapse.media.media_repository import MediaRepository
 from synapse.media.media_storage import MultipartFileConsumer
 from synapse.media.thumbnailer import ThumbnailProvider
@@ -38,11 +38,9 @@ SUPPORTED_SYNAPSE = ("1.163.",)
 
 __all__ = [
     "Codes",
-    "FileInfo",
     "NotFoundError",
     "Responder",
     "SynapseError",
-    "ThumbnailInfo",
 ]
 
 

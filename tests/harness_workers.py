@@ -347,7 +347,6 @@ class WorkerSynapse(Synapse):
              "resources": [{"names": ["replication"]}]},
             {"port": self.metrics_port, "bind_addresses": ["127.0.0.1"], "type": "metrics"},
         ]
-        config.pop("tls_certificate_path", None) if not self.tls else None
         config["database"] = self.postgres.create_database(self.db_name)
         config["redis"] = {"enabled": True, "host": "127.0.0.1", "port": self.redis.port}
         config["instance_map"] = {"main": {"host": "127.0.0.1", "port": self.replication_port}}
