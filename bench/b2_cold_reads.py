@@ -14,14 +14,21 @@ import os
 from pathlib import Path
 
 from bench.load import median
-from bench.media import RssSampler, make_file, timed_download, timed_s3_download, upload_file
+from bench.media import (
+    DEDUP,
+    S3SP,
+    RssSampler,
+    make_file,
+    start_provider_contenders,
+    timed_download,
+    timed_s3_download,
+    upload_file,
+)
 from bench.report import Report
 from tests.harness import SeaweedFS, Synapse
-from tests.storage_helpers import provider_entry, s3_config, s3_legacy_entry, wipe_local_media
+from tests.storage_helpers import wipe_local_media
 
 KIB, MIB, GIB = 1024, 1024 * 1024, 1024 * 1024 * 1024
-DEDUP = "DedupStorageProvider"
-S3SP = "synapse-s3-storage-provider 1.7"
 DIRECT = "boto3 direct GET (limit)"
 LOCAL = "Synapse local disk, no provider"
 
@@ -75,18 +82,7 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
     servers: dict[str, Synapse] = {}
     try:
         weed.start()
-        weed.create_bucket("b2-dedup")
-        weed.create_bucket("b2-s3sp")
-        servers[DEDUP] = Synapse(
-            workdir / "dedup", storage_providers=[provider_entry(s3_config(weed, "b2-dedup"))]
-        )
-        servers[S3SP] = Synapse(
-            workdir / "s3sp", storage_providers=[s3_legacy_entry(weed, "b2-s3sp", threadpool_size=4)]
-        )
-        tokens = {}
-        for name, hs in servers.items():
-            hs.start()
-            tokens[name] = hs.register("bench")
+        tokens = start_provider_contenders(workdir, weed, "b2", servers)
         client = weed.client()
         order = [DEDUP, S3SP, DIRECT, LOCAL]
         for label, size, rounds, reads in cases:

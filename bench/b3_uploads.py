@@ -14,13 +14,10 @@ import random
 import time
 from pathlib import Path
 
-from bench.media import upload_bytes
+from bench.media import DEDUP, S3SP, start_provider_contenders, upload_bytes
 from bench.report import Report
 from tests.harness import SeaweedFS, Synapse
-from tests.storage_helpers import provider_entry, s3_config, s3_legacy_entry
 
-DEDUP = "DedupStorageProvider"
-S3SP = "synapse-s3-storage-provider 1.7"
 MIB = 1024 * 1024
 
 
@@ -52,18 +49,9 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
     conns: list[http.client.HTTPConnection] = []
     try:
         weed.start()
-        weed.create_bucket("b3-dedup")
-        weed.create_bucket("b3-s3sp")
-        servers[DEDUP] = Synapse(
-            workdir / "dedup", storage_providers=[provider_entry(s3_config(weed, "b3-dedup"))]
-        )
-        servers[S3SP] = Synapse(
-            workdir / "s3sp", storage_providers=[s3_legacy_entry(weed, "b3-s3sp", threadpool_size=4)]
-        )
-        tokens, conn = {}, {}
+        tokens = start_provider_contenders(workdir, weed, "b3", servers)
+        conn = {}
         for name, hs in servers.items():
-            hs.start()
-            tokens[name] = hs.register("bench")
             conn[name] = http.client.HTTPConnection("127.0.0.1", hs.port, timeout=120)
             conns.append(conn[name])
         spent = dict.fromkeys(servers, 0.0)

@@ -10,7 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.harness import Synapse
+from tests.harness import SeaweedFS, Synapse
+from tests.storage_helpers import provider_entry, s3_config, s3_legacy_entry
+
+DEDUP = "DedupStorageProvider"
+S3SP = "synapse-s3-storage-provider 1.7"
 
 CHUNK = 1 << 20
 
@@ -136,3 +140,24 @@ class RssSampler:
     @property
     def growth_mib(self) -> float:
         return (self.peak - self.baseline) / 1024
+
+
+def start_provider_contenders(
+    workdir: Path, weed: SeaweedFS, tag: str, servers: dict[str, Synapse]
+) -> dict[str, str]:
+    """Two Synapses on one SeaweedFS, one per S3 provider (ours, synapse-s3-storage-provider).
+
+    ``servers`` is filled before anything starts, so the caller's cleanup stops whatever did
+    start. Returns an access token per contender.
+    """
+    weed.create_bucket(f"{tag}-dedup")
+    weed.create_bucket(f"{tag}-s3sp")
+    servers[DEDUP] = Synapse(workdir / "dedup", storage_providers=[provider_entry(s3_config(weed, f"{tag}-dedup"))])
+    servers[S3SP] = Synapse(
+        workdir / "s3sp", storage_providers=[s3_legacy_entry(weed, f"{tag}-s3sp", threadpool_size=4)]
+    )
+    tokens = {}
+    for name, hs in servers.items():
+        hs.start()
+        tokens[name] = hs.register("bench")
+    return tokens
