@@ -60,7 +60,7 @@ class AuthenticatedMediaModule:
 
     @staticmethod
     def parse_config(config: dict[str, Any]) -> ModuleConfig:
-        sa.check_synapse_version()
+        sa.check_synapse()
         return ModuleConfig.parse(config)
 
     def feature_enabled(self, feature: str) -> bool:

@@ -126,7 +126,7 @@ class DedupStorageProvider:
 
     @staticmethod
     def parse_config(config: dict[str, Any]) -> StorageConfig:
-        sa.check_synapse_version()
+        sa.check_synapse()
         parsed = StorageConfig.parse(config)
         if parsed.backend == "file":
             assert parsed.directory is not None

@@ -1,0 +1,101 @@
+"""The one place that touches Synapse beyond ``synapse.module_api``: one file per seam.
+
+The module reuses Synapse's own machinery (servlets, the media repository, the federation
+``Authenticator`` and keyring, the storage-provider types) rather than re-implementing
+it. Those are internal APIs, so each seam declares the internals it uses (``NEEDS``) and
+``probes.check_synapse`` checks them all at start-up, failing closed:
+
+    server.py      the HomeServer behind the module API, server names, SSO icons
+    listeners.py   the router in front of each HTTP listener's /_matrix resource
+    versions.py    Synapse's /versions servlet with the module's unstable features
+    federation.py  Synapse's X-Matrix Authenticator and federation rate limiter
+    media_gate.py  the gate on every unauthenticated media read (freeze, signed reads)
+    multipart.py   the zero-byte multipart/mixed fix
+    storage.py     database pool, media config and Responder for the storage provider
+    probes.py      the start-up checks and the tested release range
+
+The names below are imported from their seam on first use, so that importing the
+package never imports a seam whose Synapse internals are missing: the probes report
+that as one line instead of an ImportError traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from synapse_msc3916.synapse_adapter.probes import check_synapse
+
+SEAMS = ("server", "listeners", "versions", "federation", "media_gate", "multipart", "storage")
+
+_EXPORTS = {
+    "server": (
+        "Codes", "NotFoundError", "SynapseError", "homeserver", "can_load_media_repo",
+        "is_mine_server_name", "validate_server_name", "sso_icon_media",
+    ),
+    "listeners": ("install_routers", "resolve_resource", "encoded_like", "ErrorResource"),
+    "versions": ("VersionsResource",),
+    "federation": ("federation_authenticator", "federation_ratelimiter"),
+    "media_gate": ("install_media_gate",),
+    "multipart": ("fix_zero_byte_multipart",),
+    "storage": (
+        "Responder", "storage_module_api", "run_db_read_committed", "storage_reactor",
+        "media_store_path", "local_media_storage_enabled", "provider_store_synchronous",
+        "storage_config_error", "storage_not_spam",
+    ),
+}
+_SEAM_OF = {name: seam for seam, names in _EXPORTS.items() for name in names}
+
+__all__ = [
+    "SEAMS", "check_synapse",
+    "Codes", "NotFoundError", "SynapseError", "homeserver", "can_load_media_repo",
+    "is_mine_server_name", "validate_server_name", "sso_icon_media",
+    "install_routers", "resolve_resource", "encoded_like", "ErrorResource",
+    "VersionsResource", "federation_authenticator", "federation_ratelimiter",
+    "install_media_gate", "fix_zero_byte_multipart",
+    "Responder", "storage_module_api", "run_db_read_committed", "storage_reactor",
+    "media_store_path", "local_media_storage_enabled", "provider_store_synchronous",
+    "storage_config_error", "storage_not_spam",
+]
+
+if TYPE_CHECKING:
+    from synapse_msc3916.synapse_adapter.federation import federation_authenticator, federation_ratelimiter
+    from synapse_msc3916.synapse_adapter.server import (
+        Codes,
+        NotFoundError,
+        SynapseError,
+        can_load_media_repo,
+        homeserver,
+        is_mine_server_name,
+        sso_icon_media,
+        validate_server_name,
+    )
+    from synapse_msc3916.synapse_adapter.listeners import (
+        ErrorResource,
+        encoded_like,
+        install_routers,
+        resolve_resource,
+    )
+    from synapse_msc3916.synapse_adapter.media_gate import install_media_gate
+    from synapse_msc3916.synapse_adapter.multipart import fix_zero_byte_multipart
+    from synapse_msc3916.synapse_adapter.storage import (
+        Responder,
+        local_media_storage_enabled,
+        media_store_path,
+        provider_store_synchronous,
+        run_db_read_committed,
+        storage_config_error,
+        storage_module_api,
+        storage_not_spam,
+        storage_reactor,
+    )
+    from synapse_msc3916.synapse_adapter.versions import VersionsResource
+
+
+def __getattr__(name: str) -> Any:
+    seam = _SEAM_OF.get(name)
+    if seam is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{seam}"), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,149 @@
+"""Routing seam: a router in front of each HTTP listener's own ``/_matrix`` resource."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from synapse.module_api import DirectServeJsonResource
+from twisted.web.resource import EncodingResourceWrapper, Resource
+
+from synapse_msc3916.synapse_adapter.probes import Need, method
+
+if TYPE_CHECKING:
+    from synapse.http.site import SynapseRequest
+    from synapse.server import HomeServer
+
+logger = logging.getLogger(__name__)
+
+NEEDS = [
+    method("synapse.server.HomeServer.__init__", "listening ports are recorded in hs._listening_services"),
+    Need("synapse.config.server.TCPListenerConfig", "each listener's type, port and resource names",
+         check=lambda cls: _has_fields(cls, "type", "port", "http_options")),
+    Need("synapse.config.server.HttpListenerConfig", "the resource names a listener serves",
+         check=lambda cls: _has_fields(cls, "resources")),
+    Need("synapse.config.server.HttpResourceConfig", "the resource names a listener serves",
+         check=lambda cls: _has_fields(cls, "names")),
+    Need("synapse.module_api.DirectServeJsonResource", "errors rendered like Synapse's servlets"),
+    method("twisted.web.resource.EncodingResourceWrapper.__init__", "compress: true listeners (_encoders)",
+           params=("original", "encoders")),
+]
+
+
+def _has_fields(cls: Any, *names: str) -> bool:
+    fields = {a.name for a in getattr(cls, "__attrs_attrs__", ())}
+    return set(names) <= fields
+
+
+ListenerNames = frozenset[str]
+RouterFactory = Callable[[Resource, ListenerNames], Resource]
+
+
+def install_routers(hs: HomeServer, make_router: RouterFactory) -> None:
+    """Put a router in front of every HTTP listener's own ``/_matrix`` resource.
+
+    Synapse builds one resource tree per listener and offers modules no hook into it:
+    a resource registered with ``register_web_resource`` is shared by every listener and
+    cannot live below the leaf ``/_matrix/client`` or ``/_matrix/federation``. Synapse
+    constructs modules and then, without yielding to the reactor, starts its listeners;
+    a call scheduled now therefore runs once every listener exists and before the first
+    request is read. It then wraps each listener's ``/_matrix`` child with a router that
+    knows that listener's resource names, so no path family leaks across listeners.
+    """
+    reactor = hs.get_reactor()
+
+    def _install() -> None:
+        listeners = _http_listener_configs(hs)
+        installed = 0
+        for port in _listening_ports(hs, reactor):
+            site = getattr(port, "factory", None)
+            site = getattr(site, "wrappedFactory", site)  # TLS listeners wrap the site
+            root = getattr(site, "resource", None)
+            if root is None or not hasattr(root, "children"):
+                continue
+            names = listeners.get(_port_key(port))
+            if names is None:
+                continue
+            matrix = root.children.get(b"_matrix")
+            if matrix is None or getattr(matrix, "_msc3916_router", False):
+                continue
+            router = make_router(matrix, names)
+            router._msc3916_router = True  # type: ignore[attr-defined]
+            root.putChild(b"_matrix", router)
+            installed += 1
+        logger.info("synapse_msc3916: media router installed on %d listener(s)", installed)
+
+    reactor.callLater(0, _install)  # type: ignore[arg-type]
+
+
+def _port_key(port: Any) -> Any:
+    try:
+        host = port.getHost()
+    except Exception:
+        return None
+    return getattr(host, "port", None) or getattr(host, "name", None)
+
+
+def _http_listener_configs(hs: HomeServer) -> dict[Any, ListenerNames]:
+    configs = (
+        hs.config.worker.worker_listeners
+        if hs.config.worker.worker_app
+        else hs.config.server.listeners
+    )
+    result: dict[Any, ListenerNames] = {}
+    for listener in configs:
+        if listener.type != "http" or listener.http_options is None:
+            continue
+        names = frozenset(
+            name for res in listener.http_options.resources for name in res.names
+        )
+        key = getattr(listener, "port", None) or getattr(listener, "path", None)
+        result[key] = names
+    return result
+
+
+def _listening_ports(hs: HomeServer, reactor: Any) -> Iterable[Any]:
+    seen: list[Any] = list(hs._listening_services)  # noqa: SLF001
+    # Workers do not record their HTTP ports in _listening_services.
+    for reader in reactor.getReaders():
+        if hasattr(reader, "factory") and reader not in seen:
+            seen.append(reader)
+    return seen
+
+
+def resolve_resource(matrix: Resource, segments: list[bytes], request: Any) -> Resource:
+    """Walk a listener's own ``/_matrix`` tree to the resource that serves ``segments``.
+
+    Twisted's own traversal stops at the first leaf; so does this.
+    """
+    resource = matrix
+    for segment in segments:
+        if getattr(resource, "isLeaf", False):
+            break
+        resource = resource.getChildWithDefault(segment, request)
+    return resource
+
+
+def encoded_like(sibling: Resource, resource: Resource) -> Resource:
+    """Wrap ``resource`` in the same response compression as Synapse's ``sibling``.
+
+    A listener with ``compress: true`` gzips its client API (``gz_wrap``); a resource the
+    module serves in its place must do the same.
+    """
+    if isinstance(sibling, EncodingResourceWrapper):
+        return EncodingResourceWrapper(resource, sibling._encoders)  # noqa: SLF001
+    return resource
+
+
+class ErrorResource(DirectServeJsonResource):
+    """Renders an exception exactly as a Synapse servlet would (JSON error, CORS)."""
+
+    isLeaf = True
+
+    def __init__(self, error: Exception):
+        super().__init__()
+        self._error = error
+
+    async def _async_render(self, request: SynapseRequest) -> None:
+        raise self._error

@@ -1,0 +1,66 @@
+"""The HomeServer behind the module API, and the few facts about it the module reads."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from synapse.api.errors import Codes, NotFoundError, SynapseError
+from synapse.module_api import ModuleApi
+from synapse.util.stringutils import parse_and_validate_server_name
+
+from synapse_msc3916.synapse_adapter.probes import Need, method
+
+if TYPE_CHECKING:
+    from synapse.server import HomeServer
+
+NEEDS = [
+    method("synapse.module_api.ModuleApi.__init__", "the HomeServer behind the module API (api._hs)", params=("hs",)),
+    method("synapse.api.errors.SynapseError", "Matrix errors rendered by Synapse", params=("code", "msg", "errcode")),
+    Need("synapse.api.errors.NotFoundError", "404 M_NOT_FOUND"),
+    Need("synapse.api.errors.Codes.INVALID_PARAM", "400 M_INVALID_PARAM for bad path segments"),
+    Need("synapse.util.stringutils.parse_and_validate_server_name", "server names in paths"),
+    method("synapse.server.HomeServer.is_mine_server_name", "local media vs remote", params=("server_name",)),
+]
+
+__all__ = ["Codes", "NotFoundError", "SynapseError"]
+
+
+def homeserver(api: ModuleApi) -> HomeServer:
+    """The HomeServer behind a ModuleApi (private, hence here)."""
+    return api._hs  # noqa: SLF001
+
+
+def can_load_media_repo(hs: HomeServer) -> bool:
+    return bool(hs.config.media.can_load_media_repo)
+
+
+def is_mine_server_name(hs: HomeServer, server_name: str) -> bool:
+    return bool(hs.is_mine_server_name(server_name))
+
+
+def validate_server_name(server_name: str) -> None:
+    """Raise 400 M_INVALID_PARAM for a server name Synapse would refuse."""
+    try:
+        parse_and_validate_server_name(server_name)
+    except ValueError:
+        raise SynapseError(
+            400, f"Invalid server name: {server_name[:255]!r}", Codes.INVALID_PARAM
+        ) from None
+
+
+def sso_icon_media(hs: HomeServer) -> frozenset[tuple[str, str]]:
+    """The mxc:// icons of the configured SSO identity providers.
+
+    The login page shows them to users who have no access token yet, so a freeze must
+    never hide them.
+    """
+    icons: set[tuple[str, str]] = set()
+    providers = list(getattr(hs.config.oidc, "oidc_providers", ()) or ())
+    providers.append(getattr(hs.config, "cas", None))
+    for provider in providers:
+        icon = getattr(provider, "idp_icon", None)
+        if isinstance(icon, str) and icon.startswith("mxc://"):
+            server, _, media_id = icon[len("mxc://") :].partition("/")
+            if server and media_id:
+                icons.add((server, media_id))
+    return frozenset(icons)
