@@ -159,7 +159,47 @@ class ModuleConfig:
         )
 
 
-_DIRECTORY_KEYS = {"backend", "directory"}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|[smhdwy]?)\s*$")
+_DURATION_UNITS_MS = {
+    "ms": 1,
+    "": 1000,
+    "s": 1000,
+    "m": 60_000,
+    "h": 3_600_000,
+    "d": 86_400_000,
+    "w": 7 * 86_400_000,
+    "y": 365 * 86_400_000,
+}
+
+
+def parse_duration_ms(value: Any, key: str) -> int:
+    """``0s``, ``30s``, ``15m``, ``24h``, ``7d``, ``2w`` or a number of seconds, as ms."""
+    if isinstance(value, bool):
+        raise _fail(key, f"must be a duration like 24h, 30m or 0s, not {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise _fail(key, f"must not be negative, not {value!r}")
+        return int(value * 1000)
+    match = _DURATION_RE.match(value) if isinstance(value, str) else None
+    if not match:
+        raise _fail(key, f"must be a duration like 24h, 30m or 0s, not {value!r}")
+    return int(float(match.group(1)) * _DURATION_UNITS_MS[match.group(2)])
+
+
+DEFAULT_DELETE_AFTER_MS = 24 * 3_600_000
+
+
+def _delete_after(block: Mapping[str, Any]) -> int | None:
+    """``delete_after``: absent means the default (24h), an explicit null means off."""
+    if "delete_after" not in block:
+        return DEFAULT_DELETE_AFTER_MS
+    value = block["delete_after"]
+    if value is None:
+        return None
+    return parse_duration_ms(value, "delete_after")
+
+
+_DIRECTORY_KEYS = {"backend", "directory", "delete_after"}
 _S3_KEYS = {
     "bucket",
     "prefix",
@@ -176,6 +216,7 @@ _S3_KEYS = {
     "connect_timeout",
     "read_timeout",
     "legacy_prefix",
+    "delete_after",
     # accepted for drop-in compatibility with synapse-s3-storage-provider
     "request_checksum_calculation",
     "response_checksum_validation",
@@ -214,6 +255,8 @@ class StorageConfig:
     # botocore's checksum settings, as synapse-s3-storage-provider passes them through
     request_checksum_calculation: str | None = None
     response_checksum_validation: str | None = None
+    # How long after the last reference goes an object is deleted; None: only by gc.
+    delete_after_ms: int | None = DEFAULT_DELETE_AFTER_MS
 
     @classmethod
     def parse(cls, block: Any) -> StorageConfig:
@@ -229,7 +272,7 @@ class StorageConfig:
             directory = _str(block, "directory", None)
             if not directory:
                 raise _fail("directory", "is required with backend: file")
-            return cls(backend="file", directory=directory)
+            return cls(backend="file", directory=directory, delete_after_ms=_delete_after(block))
 
         _check_keys(block, _S3_KEYS | {"backend"}, "")
         bucket = _str(block, "bucket", None)
@@ -283,4 +326,5 @@ class StorageConfig:
             legacy_prefix=legacy_prefix,
             request_checksum_calculation=checksums["request_checksum_calculation"],
             response_checksum_validation=checksums["response_checksum_validation"],
+            delete_after_ms=_delete_after(block),
         )

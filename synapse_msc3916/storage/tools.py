@@ -13,9 +13,11 @@ import argparse
 import json
 import os
 import re
+import socket
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -138,25 +140,30 @@ def _store_one(
                 tmp = _download(store, legacy_key)
                 local_file = tmp
             sha256, length = hash_file(local_file)
+        claim = index.Claim(uuid.uuid4().hex, path, f"cli:{socket.gethostname()}:{os.getpid()}")
         for _ in range(240):
             decision, overwrite = index.run_tool_txn(
-                db, index.claim_blob_txn, sha256, length, index.now_ms()
+                db, index.claim_blob_txn, sha256, length, index.now_ms(), claim
             )
             if decision != index.WAIT:
                 break
             time.sleep(0.25)
         else:
             raise hc.ToolError(f"{sha256} stayed locked by another gc for a minute")
-        written = False
-        if decision == index.WRITE:
-            if local_file is not None:
-                written = store.put_file(sha256, local_file, length, overwrite)
-            else:
-                assert legacy_key is not None
-                written = store.copy_key_to_blob(legacy_key, sha256)
-        index.run_tool_txn(
-            db, index.record_path_txn, path, sha256, length, ref, index.now_ms(), True
-        )
+        try:
+            written = False
+            if decision == index.WRITE:
+                if local_file is not None:
+                    written = store.put_file(sha256, local_file, length, overwrite)
+                else:
+                    assert legacy_key is not None
+                    written = store.copy_key_to_blob(legacy_key, sha256)
+            index.run_tool_txn(
+                db, index.record_path_txn, path, sha256, length, ref, index.now_ms(), True, claim
+            )
+        except BaseException:
+            index.run_tool_txn(db, index.release_claim_txn, claim.token, index.now_ms())
+            raise
         return written
     finally:
         if tmp is not None:
@@ -246,7 +253,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 _PAGE = 10_000
 
 
-def _unreferenced(page: Any, cutoff: int) -> Iterator[tuple[str, int]]:
+def _unreferenced(page: Any, cutoff: int) -> Iterator[tuple[str, int, int]]:
     """All unreferenced blobs, fetched a page at a time in hash order (bounded memory)."""
     after = ""
     while True:
@@ -289,9 +296,13 @@ def _objects_without_row(db: Any, store: Any) -> Iterator[tuple[str, Any]]:
 def cmd_gc(args: argparse.Namespace) -> int:
     """Forget paths whose media Synapse deleted, then delete objects nothing references.
 
-    Nothing younger than ``--grace`` is touched: Synapse writes its media rows after
-    the providers have stored the file, so a new path legitimately has no media row
-    for a moment, and a blob claimed by an upload in progress has no path yet.
+    Safe at any ``--grace``: deleted media are known exactly from the tombstones the
+    deletion triggers wrote, and an upload in flight holds a claim on its blob until
+    its path is recorded. The grace only keeps recent garbage a while, and decides
+    about paths the tombstones cannot explain (indexed before the triggers existed),
+    which are also never younger than ``UNEXPLAINED_PATH_MIN_AGE_MS``. With the
+    provider's ``delete_after`` the deletion job does all this by itself; ``gc`` is
+    the safety net (objects nothing indexes, ``delete_after: null``).
     """
     ctx = Context(args.config)
     apply = args.apply and not args.dry_run
@@ -312,9 +323,15 @@ def cmd_gc(args: argparse.Namespace) -> int:
             # counts exactly what --apply would remove.
             txn = index.ToolTxn(db)
             try:
+                index.release_stale_claims_txn(txn, now)
+                while True:
+                    batch = index.apply_tombstones_txn(txn, now, 1000)
+                    stats["paths_removed"] += batch.paths_removed
+                    if batch.tombstones < 1000:
+                        break
                 for path in index.orphan_paths_txn(txn, cutoff, 1_000_000):
                     stats["paths_removed"] += int(index.delete_path_txn(txn, path, cutoff))
-                for sha256, length in _unreferenced(lambda *a: index.unreferenced_blobs_txn(txn, *a), cutoff):
+                for sha256, length, _gen in _unreferenced(lambda *a: index.unreferenced_blobs_txn(txn, *a), cutoff):
                     stats["objects_deleted"] += 1
                     stats["bytes_freed"] += length
                     deleted.append(sha256)
@@ -325,6 +342,12 @@ def cmd_gc(args: argparse.Namespace) -> int:
                     stats["orphan_objects_deleted"] += 1
                     stats["bytes_freed"] += info.size
         else:
+            index.run_tool_txn(db, index.release_stale_claims_txn, now)
+            while True:
+                batch = index.run_tool_txn(db, index.apply_tombstones_txn, index.now_ms(), 1000)
+                stats["paths_removed"] += batch.paths_removed
+                if batch.tombstones < 1000:
+                    break
             while True:
                 paths = index.run_tool_txn(db, index.orphan_paths_txn, cutoff, 1000)
                 removed = 0
@@ -337,14 +360,16 @@ def cmd_gc(args: argparse.Namespace) -> int:
             candidates = _unreferenced(
                 lambda *a: index.run_tool_txn(db, index.unreferenced_blobs_txn, *a), cutoff
             )
-            for sha256, length in candidates:
+            for sha256, length, gen in candidates:
                 progress.step()
                 mark = index.now_ms()
-                if not index.run_tool_txn(db, index.mark_deleting_txn, sha256, cutoff, mark):
+                if not index.run_tool_txn(db, index.mark_deleting_txn, sha256, gen, mark):
                     continue  # referenced again since the scan
                 try:
                     ctx.store.delete(sha256)
                 except StorageUnavailable as e:
+                    # Never leave the row claiming an object that may be gone.
+                    index.run_tool_txn(db, index.abort_deleting_txn, sha256, mark)
                     raise hc.ToolError(str(e)) from None
                 index.run_tool_txn(db, index.finish_deleting_txn, sha256, mark)
                 stats["objects_deleted"] += 1

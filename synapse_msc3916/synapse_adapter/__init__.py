@@ -12,6 +12,8 @@ it. Those are internal APIs, so each seam declares the internals it uses (``NEED
     media_gate.py  the gate on every unauthenticated media read (freeze, signed reads)
     multipart.py   the zero-byte multipart/mixed fix
     storage.py     database pool, media config and Responder for the storage provider
+    media_deletions.py  triggers tombstoning Synapse's media deletions; the deletion
+                   job's process and timer
     probes.py      the start-up checks and the tested release range
 
 The names below are imported from their seam on first use, so that importing the
@@ -26,7 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 from synapse_msc3916.synapse_adapter.probes import check_synapse
 
-SEAMS = ("server", "listeners", "versions", "federation", "media_gate", "multipart", "storage")
+SEAMS = (
+    "server", "listeners", "versions", "federation", "media_gate", "multipart", "storage",
+    "media_deletions",
+)
 
 _EXPORTS = {
     "server": (
@@ -43,6 +48,10 @@ _EXPORTS = {
         "media_store_path", "local_media_storage_enabled", "provider_store_synchronous",
         "storage_config_error", "storage_not_spam",
     ),
+    "media_deletions": (
+        "ensure_deletion_triggers_txn", "deletion_triggers_present_txn",
+        "runs_media_background_jobs", "instance_name", "media_deletions_looping_call",
+    ),
 }
 _SEAM_OF = {name: seam for seam, names in _EXPORTS.items() for name in names}
 
@@ -56,10 +65,27 @@ __all__ = [
     "Responder", "storage_module_api", "run_db_read_committed", "storage_reactor",
     "media_store_path", "local_media_storage_enabled", "provider_store_synchronous",
     "storage_config_error", "storage_not_spam",
+    "ensure_deletion_triggers_txn", "deletion_triggers_present_txn",
+    "runs_media_background_jobs", "instance_name", "media_deletions_looping_call",
 ]
 
 if TYPE_CHECKING:
     from synapse_msc3916.synapse_adapter.federation import federation_authenticator, federation_ratelimiter
+    from synapse_msc3916.synapse_adapter.listeners import (
+        ErrorResource,
+        encoded_like,
+        install_routers,
+        resolve_resource,
+    )
+    from synapse_msc3916.synapse_adapter.media_deletions import (
+        deletion_triggers_present_txn,
+        ensure_deletion_triggers_txn,
+        instance_name,
+        media_deletions_looping_call,
+        runs_media_background_jobs,
+    )
+    from synapse_msc3916.synapse_adapter.media_gate import install_media_gate
+    from synapse_msc3916.synapse_adapter.multipart import fix_zero_byte_multipart
     from synapse_msc3916.synapse_adapter.server import (
         Codes,
         NotFoundError,
@@ -70,14 +96,6 @@ if TYPE_CHECKING:
         sso_icon_media,
         validate_server_name,
     )
-    from synapse_msc3916.synapse_adapter.listeners import (
-        ErrorResource,
-        encoded_like,
-        install_routers,
-        resolve_resource,
-    )
-    from synapse_msc3916.synapse_adapter.media_gate import install_media_gate
-    from synapse_msc3916.synapse_adapter.multipart import fix_zero_byte_multipart
     from synapse_msc3916.synapse_adapter.storage import (
         Responder,
         local_media_storage_enabled,
