@@ -78,6 +78,7 @@ def test_admin_deletions_are_followed_into_the_bucket(
     # A user's media, and media older than a date.
     _admin(hs, "DELETE", f"/_synapse/admin/v1/users/@bob:{hs.server_name}/media", admin)
     _wait_gone(seaweedfs, bucket, {sha(bobs)})
+    assert download(hs, bob, b1).status == 404
     cut = int(time.time() * 1000) + 1000
     assert o1 in _admin(
         hs, "POST", f"/_synapse/admin/v1/media/delete?before_ts={cut}", admin, b"{}"
