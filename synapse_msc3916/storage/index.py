@@ -661,7 +661,7 @@ def unreferenced_blobs_txn(
     """
     txn.execute(
         f"SELECT b.sha256, b.length, b.gen FROM {BLOBS} b WHERE b.sha256 > ?"
-        " AND COALESCE(b.unref_ts, b.last_ref_ts) < ?"
+        " AND COALESCE(b.unref_ts, b.last_ref_ts) <= ?"
         " AND (b.deleting_ts IS NULL OR b.deleting_ts < ?)"
         f" AND {_UNREFERENCED} ORDER BY b.sha256 LIMIT ?",
         (after, cutoff, now_ms() - DELETING_STALE_MS, limit),

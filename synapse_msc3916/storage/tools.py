@@ -331,7 +331,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
                         break
                 for path in index.orphan_paths_txn(txn, cutoff, 1_000_000):
                     stats["paths_removed"] += int(index.delete_path_txn(txn, path, cutoff))
-                for sha256, length, _gen in _unreferenced(lambda *a: index.unreferenced_blobs_txn(txn, *a), cutoff):
+                # Measured after the paths went, so that --grace 0h takes what they left.
+                blob_cutoff = index.now_ms() - int(args.grace * 1000)
+                for sha256, length, _gen in _unreferenced(
+                    lambda *a: index.unreferenced_blobs_txn(txn, *a), blob_cutoff
+                ):
                     stats["objects_deleted"] += 1
                     stats["bytes_freed"] += length
                     deleted.append(sha256)
@@ -358,7 +362,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
                     break
             progress = Progress("gc", 0)
             candidates = _unreferenced(
-                lambda *a: index.run_tool_txn(db, index.unreferenced_blobs_txn, *a), cutoff
+                lambda *a: index.run_tool_txn(db, index.unreferenced_blobs_txn, *a),
+                index.now_ms() - int(args.grace * 1000),
             )
             for sha256, length, gen in candidates:
                 progress.step()
