@@ -119,7 +119,7 @@ class DedupStorageProvider:
         # Create or upgrade the index as the process starts, not on the first upload, so
         # that a schema problem shows in the log at once.
         self._reactor.callWhenRunning(
-            self._api.run_as_background_process, "msc3916_storage_schema", self._ensure_schema
+            sa.run_in_background_process, self._api, "msc3916_storage_schema", self._ensure_schema
         )
         # Claims this process made in a previous life are released at start-up: they are
         # the ones made before this instant by this instance name.

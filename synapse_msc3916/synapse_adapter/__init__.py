@@ -51,6 +51,7 @@ _EXPORTS = {
     "media_deletions": (
         "ensure_deletion_triggers_txn", "deletion_triggers_present_txn",
         "runs_media_background_jobs", "instance_name", "media_deletions_looping_call",
+        "run_in_background_process",
     ),
 }
 _SEAM_OF = {name: seam for seam, names in _EXPORTS.items() for name in names}
@@ -67,6 +68,7 @@ __all__ = [
     "storage_config_error", "storage_not_spam",
     "ensure_deletion_triggers_txn", "deletion_triggers_present_txn",
     "runs_media_background_jobs", "instance_name", "media_deletions_looping_call",
+    "run_in_background_process",
 ]
 
 if TYPE_CHECKING:
@@ -82,6 +84,7 @@ if TYPE_CHECKING:
         ensure_deletion_triggers_txn,
         instance_name,
         media_deletions_looping_call,
+        run_in_background_process,
         runs_media_background_jobs,
     )
     from synapse_msc3916.synapse_adapter.media_gate import install_media_gate
