@@ -9,8 +9,10 @@ where it has ``client`` or ``media``, federation paths where it has ``federation
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
+import attr
 from twisted.web.resource import Resource
 
 from synapse_msc3916 import media_ids
@@ -18,14 +20,27 @@ from synapse_msc3916 import synapse_adapter as sa
 from synapse_msc3916.metrics import MEDIA_REQUESTS
 from synapse_msc3916.routes import Action, Family, Listener, Route, find_route
 
-if TYPE_CHECKING:
-    from synapse_msc3916.module import AuthenticatedMediaModule
-
 logger = logging.getLogger(__name__)
 
 # Set on a request whose X-Matrix signature the module has checked, so that the media
 # gate lets Synapse's legacy servlet serve it as a federation read.
 SIGNED_ORIGIN_ATTR = "_msc3916_signed_origin"
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class RouterContext:
+    """What the routers need from the module, built once by ``module.py``."""
+
+    hs: Any
+    # Whether this process serves media (else only /versions is routed).
+    serves_media: bool
+    # Whether /versions gets the module's unstable features.
+    advertises_features: bool
+    versions_resource: Resource
+    # feature_enabled("unstable_msc3916" | "msc1902") -> bool
+    feature_enabled: Callable[[str], bool]
+    # signed_resource(then) -> a resource that checks X-Matrix, then calls then(request, origin)
+    signed_resource: Callable[[Callable[[Any, str], Resource]], Resource]
 
 
 def families_served(names: frozenset[str]) -> frozenset[Listener]:
@@ -38,9 +53,7 @@ def families_served(names: frozenset[str]) -> frozenset[Listener]:
 
 
 class ListenerRouter(Resource):
-    def __init__(
-        self, matrix: Resource, names: frozenset[str], module: AuthenticatedMediaModule
-    ):
+    def __init__(self, matrix: Resource, names: frozenset[str], module: RouterContext):
         super().__init__()
         self._matrix = matrix
         self._served = families_served(names)
