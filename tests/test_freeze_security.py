@@ -157,3 +157,29 @@ def test_client_families_on_metrics(server: Server) -> None:
             seen.add(line.split('client="', 1)[1].split('"', 1)[0])
     assert seen <= set(FAMILIES), seen - set(FAMILIES)
     assert MAX_LENGTH < 10_000
+
+
+def test_freeze_report_counts_flagged_media_and_what_reopen_would_open(server: Server) -> None:
+    import json
+    import subprocess
+    import sys
+
+    server.configure(_freeze(server, "enforce, date after the upload"))
+    hs = server.hs
+    base = [sys.executable, "-m", "synapse_msc3916", "freeze-report", "-c", str(hs.config_path)]
+    out = subprocess.run(base + ["--json", "--histogram"], capture_output=True, text=True,
+                         check=True, cwd=hs.dir, env=hs.env())
+    report = json.loads(out.stdout)
+    size = len(png())
+    assert report["synapse_enforces_flag"] is True
+    assert report["local"]["before"]["flagged"] == {"media": 1, "bytes": size}
+    assert report["local"]["before"]["not_flagged"] == {"media": 0, "bytes": 0}
+    assert report["local"]["frozen"]["media"] == 0
+    assert report["reopen_flagged_media_would_open"]["total"] == {"media": 1, "bytes": size}
+    months = report["histogram"]
+    assert sum(row["local"] for row in months) == 1
+    text = subprocess.run(base + ["--histogram"], capture_output=True, text=True, check=True,
+                          cwd=hs.dir, env=hs.env()).stdout
+    assert "reopen_flagged_media: true would open 1 media" in text
+    assert "freeze.after" in text.split("Media per month", 1)[1]
+    assert "#" in text
