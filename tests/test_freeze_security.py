@@ -183,3 +183,16 @@ def test_freeze_report_counts_flagged_media_and_what_reopen_would_open(server: S
     assert "reopen_flagged_media: true would open 1 media" in text
     assert "freeze.after" in text.split("Media per month", 1)[1]
     assert "#" in text
+
+
+def test_reopen_flagged_media_config() -> None:
+    from synapse.module_api.errors import ConfigError
+
+    from synapse_msc3916.config import FreezeConfig
+
+    base = {"after": "2024-09-04T00:00:00Z"}
+    assert FreezeConfig.parse(base).reopen_flagged_media is False  # type: ignore[union-attr]
+    assert FreezeConfig.parse({**base, "reopen_flagged_media": True}).reopen_flagged_media  # type: ignore[union-attr]
+    with pytest.raises(ConfigError) as e:
+        FreezeConfig.parse({**base, "reopen_flagged_media": "yes"})
+    assert str(e.value) == "synapse_msc3916: freeze.reopen_flagged_media: must be true or false, not 'yes'"
