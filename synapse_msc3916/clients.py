@@ -16,6 +16,7 @@ Pure logic, no Synapse import: unit-tested and fuzzed on its own.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import attr
@@ -199,13 +200,20 @@ def classify(user_agent: str | bytes | None) -> str:
     """The client family of a ``User-Agent`` value (``None`` or empty: no header)."""
     if user_agent is None:
         return NONE
+    if len(user_agent) > MAX_LENGTH:
+        return OTHER
+    return _classify(user_agent)
+
+
+# Clients send the same few User-Agents over and over: remember the latest answers
+# (keys are at most MAX_LENGTH long, so the cache stays small).
+@functools.lru_cache(maxsize=4096)
+def _classify(user_agent: str | bytes) -> str:
     if isinstance(user_agent, bytes):
-        if len(user_agent) > MAX_LENGTH:
-            return OTHER
         user_agent = user_agent.decode("latin-1")
     if not user_agent.strip():
         return NONE
-    if len(user_agent) > MAX_LENGTH or _CONTROL.search(user_agent):
+    if _CONTROL.search(user_agent):
         return OTHER
     for rule in RULES:
         if rule.pattern.search(user_agent):

@@ -96,6 +96,14 @@ def test_flagged_media_refused_on_every_unauthenticated_path(server: Server, cas
     for path in authenticated_paths(sn, server.media):
         assert hs.get(path, server.token).status == 200, (case, path)
     assert server.count(decision="refused") - refused == len(paths)
+    # A signed federation read (MSC1902 remote_media) is served like Synapse's stable
+    # federation endpoints, and counted as exempt.
+    exempt = server.count(decision="exempt")
+    signed = hs.federation_get(
+        f"/_matrix/federation/v1/remote_media/download/{sn}/{server.media}", sn, hs.signing_key()
+    )
+    assert signed.status == 200 and signed.body == png(), (case, signed)
+    assert server.count(decision="exempt") - exempt == 1
     # Report mode counts only what enforce would refuse *beyond* Synapse: nothing here.
     assert server.count(decision="would_refuse") == would
 
