@@ -48,13 +48,16 @@ def _rule(family: str, pattern: str, example: str, source: str) -> Rule:
 RULES: tuple[Rule, ...] = (
     # SchildiChat forks Element (Android, Desktop) and Element X (Next) and keeps their
     # User-Agent builders with its own application name, so it must come before them.
-    # SchildiChat/schildichat-android-next (DefaultUserAgentProvider, app name "SchildiChat Next"),
-    # SchildiChat/schildichat-desktop (Electron UA with the app name).
+    # SchildiChat/schildichat-android-next libraries/network/src/main/kotlin/io/element/
+    # android/libraries/network/useragent/DefaultUserAgentProvider.kt: Element X's builder,
+    # "$appName/..." with BuildMeta.applicationName (SchildiChat's); SchildiChat/schildichat-desktop
+    # is Element Desktop's Electron UA with its own app name.
     _rule(
         "schildichat",
         r"schildi",
         "SchildiChat Next/0.10.3 (Google Pixel 8; Android 15; AP4A.250105.002; Sdk 3a2e1c0)",
-        "SchildiChat/schildichat-android-next, SchildiChat/schildichat-desktop",
+        "SchildiChat/schildichat-android-next .../useragent/DefaultUserAgentProvider.kt;"
+        " SchildiChat/schildichat-desktop",
     ),
     # element-hq/element-x-android libraries/network/src/main/kotlin/io/element/android/
     # libraries/network/useragent/DefaultUserAgentProvider.kt:
@@ -74,8 +77,11 @@ RULES: tuple[Rule, ...] = (
         "Element X/25.04.2 (iPhone 15 Pro; iOS 18.4.1; Scale/3.00)",
         "element-hq/element-x-ios ElementX/Sources/Other/UserAgentBuilder.swift",
     ),
-    # element-hq/element-android (matrix-android-sdk2 UserAgentHolder):
-    # "Element/1.5.0 (Samsung SM-G960F; Android 6.0.1; ...; Flavour FDroid; MatrixAndroidSdk2 1.5.2)";
+    # element-hq/element-android matrix-sdk-android/src/main/java/org/matrix/android/sdk/
+    # internal/network/ComputeUserAgentUseCase.kt: "$appName/$appVersion ($manufacturer $model;
+    # Android $version; $buildId; Flavour $flavour; MatrixAndroidSdk2 $sdkVersion)", e.g.
+    # "Element/1.5.0 (Samsung SM-G960F; Android 6.0.1; ...; Flavour FDroid; MatrixAndroidSdk2 1.5.2)"
+    # (the app is now named "Element Classic");
     # the same strings are the test cases of element-hq/element-web
     # test/unit-tests/utils/device/parseUserAgent-test.ts, whose parser keys on "; MatrixAndroidSdk2".
     _rule(
@@ -83,16 +89,20 @@ RULES: tuple[Rule, ...] = (
         r"; matrixandroidsdk2 ",
         "Element/1.6.10 (Google Pixel 6 Pro; Android 14; AP1A.240305.019; Flavour GooglePlay;"
         " MatrixAndroidSdk2 1.6.10)",
-        "element-hq/element-android UserAgentHolder; element-web src/utils/device/parseUserAgent.ts",
+        "element-hq/element-android .../internal/network/ComputeUserAgentUseCase.kt;"
+        " element-web src/utils/device/parseUserAgent.ts",
     ),
-    # element-hq/element-ios (MatrixSDK's AFNetworking-style default):
+    # element-hq/element-ios through matrix-org/matrix-ios-sdk MatrixSDK/Utils/MXHTTPClient.m,
+    # an AFHTTPSessionManager whose serializer sends AFNetworking's default User-Agent
+    # "%@/%@ (%@; iOS %@; Scale/%0.2f)" (bundle name, version, device model, iOS version):
     # "Element/1.8.21 (iPhone XS Max; iOS 15.2; Scale/3.00)" (Riot/ before the rename);
     # element-web's parseUserAgent.ts recognises it by "; iOS ".
     _rule(
         "element-ios",
         r"^(?:element|riot)[^/ ]*/[^(]*\(.*; ios ",
         "Element/1.11.8 (iPhone 14 Pro Max; iOS 17.4.1; Scale/3.00)",
-        "element-hq/element-ios (MXHTTPClient User-Agent); element-web parseUserAgent.ts",
+        "matrix-org/matrix-ios-sdk MatrixSDK/Utils/MXHTTPClient.m (AFNetworking default UA);"
+        " element-web parseUserAgent.ts",
     ),
     # element-hq/element-desktop: Electron's Chrome UA with the app name and " Electron/"
     # (element-web parseUserAgent.ts: DESKTOP_KEYWORD = " Electron/"). Element Web in a

@@ -21,6 +21,8 @@ REAL = [
     ("Element/1.8.21 (iPhone XS Max; iOS 15.2; Scale/3.00)", "element-ios"),
     ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko)"
      " ElementNightly/2022091301 Chrome/104.0.5112.102 Electron/20.1.1 Safari/537.36", "element-desktop"),
+    ("Element Classic/1.6.56 (samsung SM-S721B; Android 16; Flavour GooglePlay; MatrixAndroidSdk2 1.6.56)",
+     "element-android"),
     # element-x-ios UserAgentBuilder, the iOS app running on a Mac
     ("Element X/1.9.0 (Mac; macOS Version 14.5 (Build 23F79); Scale/2.00)", "element-x-ios"),
     ("Element X/1.5.0 (Xiaomi Mi 9T; Android 11; RKQ1.200826.002; Sdk c344b155c)", "element-x-android"),
