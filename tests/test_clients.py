@@ -13,7 +13,7 @@ from synapse_msc3916.clients import FAMILIES, MAX_LENGTH, RULES, classify
 # plus variants: an app name that is not the rule's example, older release formats.
 REAL = [
     *[(rule.example, rule.family) for rule in RULES],
-    # element-web test/unit-tests/utils/device/parseUserAgent-test.ts, Android and iOS cases
+    # the Android and iOS cases of element-web's tests for src/utils/device/parseUserAgent.ts
     ("Element dbg/1.5.0-dev (Xiaomi Mi 9T; Android 11; RKQ1.200826.002 test-keys; Flavour GooglePlay;"
      " MatrixAndroidSdk2 1.5.2)", "element-android"),
     ("Element/1.0.0 (Linux; U; Android 6.0.1; SM-A510F Build/MMB29; Flavour GPlay; MatrixAndroidSdk2 1.0)",
