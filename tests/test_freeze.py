@@ -19,7 +19,6 @@ from tests.conftest import start_federation_pair
 from tests.harness import Synapse, make_synapse, request
 from tests.test_endpoints import png
 
-
 # Synapse's enable_authenticated_media off: no media carries its `authenticated` flag.
 NO_FLAG = {"enable_authenticated_media": False}
 

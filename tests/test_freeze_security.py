@@ -151,7 +151,7 @@ def test_client_families_on_metrics(server: Server) -> None:
     cases = [({"User-Agent": rule.example}, rule.family) for rule in RULES] + ADVERSARIAL
     assert len(RULES) >= 10
     expected: dict[str, int] = {}
-    for headers, family in cases:
+    for _headers, family in cases:
         expected[family] = expected.get(family, 0) + 1
     before = {family: server.count(client=family, decision="refused") for family in expected}
     for headers, _family in cases:
