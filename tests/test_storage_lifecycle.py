@@ -92,11 +92,40 @@ def test_admin_deletions_are_followed_into_the_bucket(
     assert hs.metric_value("synapse_msc3916_storage_objects_deleted_total") - deleted_before == gone
     assert hs.metric_value("synapse_msc3916_storage_bytes_deleted_total") >= 220_000
 
+    if TOPOLOGY == "workers":
+        # The job ran in exactly one process: the media background-jobs instance.
+        per_process = {name: _deleted_on(text) for name, text in _process_metrics(hs).items()}
+        runner = hs.config["media_instance_running_background_jobs"]
+        assert per_process.pop(runner) == gone and set(per_process.values()) == {0.0}, per_process
+
     # Deleted content uploaded again is stored and served.
     again = hs.upload(bob, unique)
     wipe_local_media(hs)
     assert download(hs, bob, again).body == unique
     assert seaweedfs.list_keys(bucket) == [blob_name(sha(unique))]
+
+    # The job's state is in the database: a deletion the process had no time to act
+    # on before a restart is carried out after it.
+    doomed = os.urandom(20_000)
+    _delete_media(hs, admin, hs.upload(admin, doomed))
+    hs.restart()
+    _wait_gone(seaweedfs, bucket, {sha(doomed)})
+    assert seaweedfs.list_keys(bucket) == [blob_name(sha(unique))]
+
+
+def _process_metrics(hs: Any) -> dict[str, str]:
+    texts = {"main": request("GET", f"http://127.0.0.1:{hs.metrics_port}", "/_synapse/metrics").body.decode()}
+    for worker in hs.workers:
+        port = worker.config["worker_listeners"][-1]["port"]
+        texts[worker.name] = request("GET", f"http://127.0.0.1:{port}", "/_synapse/metrics").body.decode()
+    return texts
+
+
+def _deleted_on(text: str) -> float:
+    for line in text.splitlines():
+        if line.startswith("synapse_msc3916_storage_objects_deleted_total "):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def test_reuploads_before_during_and_after_deletion_are_kept(
