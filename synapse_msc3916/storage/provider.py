@@ -132,7 +132,7 @@ class DedupStorageProvider:
             )
             sa.media_deletions_looping_call(
                 self._api,
-                self._deletion_job.tick,
+                self._deletion_tick,
                 tick_interval_ms(config.delete_after_ms),
                 "msc3916_storage_deletions",
             )
@@ -205,14 +205,18 @@ class DedupStorageProvider:
                 return
             except RuntimeError as e:
                 logger.error("synapse_msc3916: %s; run `synapse-msc3916 gc` to free space", e)
-                if self._deletion_job is not None:
-                    self._deletion_job = None
+                self._deletion_job = None  # its timer then does nothing
                 return
             except Exception:
                 if attempt == 4:
                     logger.exception("synapse_msc3916: could not create the deletion triggers")
                     return
                 await self._api.sleep(0.2 * (attempt + 1))
+
+    async def _deletion_tick(self) -> None:
+        job = self._deletion_job
+        if job is not None:
+            await job.tick()
 
     def _startup_txn(self, txn: Any) -> list[str]:
         index.schema_lock_txn(txn)
