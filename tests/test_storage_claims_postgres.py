@@ -19,6 +19,7 @@ import pytest
 from synapse_msc3916.homeserver_config import Database
 from synapse_msc3916.storage import index
 from synapse_msc3916.synapse_adapter import media_deletions
+from tests.harness import TOPOLOGY
 from tests.harness_workers import PostgreSQL, shared_postgres
 
 SHA = "cd" * 32
@@ -26,8 +27,16 @@ _databases = iter(range(1000))
 
 
 @pytest.fixture(scope="module")
-def postgres() -> PostgreSQL:
-    return shared_postgres()
+def postgres() -> Iterator[PostgreSQL]:
+    """The workers topology's server when there is one, else one of this module's own."""
+    if TOPOLOGY == "workers":
+        yield shared_postgres()
+        return
+    server = PostgreSQL()
+    try:
+        yield server.start()
+    finally:
+        server.stop()
 
 
 @pytest.fixture
