@@ -256,8 +256,14 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 raise hc.ToolError(str(e)) from None
             if outcome == VERIFIED:
                 stats["already"] += 1
+            elif outcome in (WRITTEN, DEDUPLICATED) and located is not None:
+                # The index pointed at a missing or damaged object: it is whole again,
+                # from this source, but the source stays until a later run finds the
+                # index and the store agreeing on their own.
+                stats["restored"] += 1
+                continue
             elif outcome in (WRITTEN, DEDUPLICATED):
-                stats["restored" if located is not None else outcome] += 1
+                stats[outcome] += 1
             else:
                 stats[MISMATCH if outcome == MISMATCH else "legacy_kept_unverified"] += 1
                 continue  # never delete a source whose copy is not verified
