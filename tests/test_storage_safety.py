@@ -9,9 +9,12 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from synapse_msc3916.storage.blobstore import blob_name
 from tests.harness import SeaweedFS, Synapse, request
@@ -237,3 +240,100 @@ def test_a_deleted_bucket_is_a_5xx_with_an_error_line_not_a_404(
     assert 500 <= upload.status < 600, upload
     scrub = run_tool(hs, "scrub", "--json")
     assert scrub.returncode == 1 and "safety-gone" in scrub.stderr, scrub.stderr
+
+
+def test_an_upload_takes_over_the_mark_of_a_gc_that_died(
+    synapse_factory: Callable[..., Synapse], tmp_path: Path
+) -> None:
+    """A gc killed between marking and deleting must delay uploads, not fail them."""
+    store = tmp_path / "blobs"
+    hs = synapse_factory(
+        storage_providers=[provider_entry({"backend": "file", "directory": str(store)})]
+    ).start()
+    token = hs.register("alice")
+    data = os.urandom(90_000)
+    first = hs.upload(token, data)
+    # What the dead gc left: a mark 40 s old (takeover at 45 s) and the object deleted.
+    mark = int(time.time() * 1000) - 40_000
+    hs.sql("UPDATE msc3916_storage_blobs SET deleting_ts = ? WHERE sha256 = ?", (mark, sha(data)))
+    (store / blob_name(sha(data))).unlink()
+    started = time.monotonic()
+    second = hs.upload(token, data)  # waits for the mark to go stale, then takes it over
+    print(f"upload behind a dead gc mark took {time.monotonic() - started:.1f}s")
+    assert hs.sql(
+        "SELECT deleting_ts, stored, corrupt FROM msc3916_storage_blobs WHERE sha256 = ?",
+        (sha(data),),
+    ) == [(None, 1, 0)]
+    assert hs.metric_value("synapse_msc3916_storage_heals_total") == 1  # a takeover rewrite
+    assert (store / blob_name(sha(data))).read_bytes() == data
+    wipe_local_media(hs)
+    for media_id in (first, second):
+        resp = download(hs, token, media_id)
+        assert resp.status == 200 and resp.body == data
+
+
+STRANGER = ("stranger-key", "stranger-secret-key")
+
+
+@pytest.fixture(scope="module")
+def seaweedfs_with_identities(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """A SeaweedFS that checks credentials: the usual admin key, and a stranger who may
+    only touch a bucket of its own (so our bucket answers it AccessDenied)."""
+    directory = tmp_path_factory.mktemp("seaweedfs-auth")
+    config = directory / "s3.json"
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "admin",
+                        "credentials": [
+                            {"accessKey": SeaweedFS.ACCESS_KEY, "secretKey": SeaweedFS.SECRET_KEY}
+                        ],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    },
+                    {
+                        "name": "stranger",
+                        "credentials": [{"accessKey": STRANGER[0], "secretKey": STRANGER[1]}],
+                        "actions": ["Read:elsewhere", "Write:elsewhere", "List:elsewhere"],
+                    },
+                ]
+            }
+        )
+    )
+    server = SeaweedFS(directory)
+    server.extra_args = [f"-s3.config={config}"]
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_access_denied_is_a_5xx_with_an_error_line_not_a_404(
+    synapse_factory: Callable[..., Synapse], seaweedfs_with_identities: SeaweedFS
+) -> None:
+    sw = seaweedfs_with_identities
+    sw.create_bucket("safety-denied")
+    hs = synapse_factory(storage_providers=[provider_entry(s3_config(sw, "safety-denied"))])
+    hs.start()
+    token = hs.register("alice")
+    data = os.urandom(30_000)
+    media_id = hs.upload(token, data)
+    hs.stop()
+    hs.config["media_storage_providers"] = [
+        provider_entry(
+            s3_config(
+                sw, "safety-denied", access_key_id=STRANGER[0], secret_access_key=STRANGER[1]
+            )
+        )
+    ]
+    hs.write_config()
+    wipe_local_media(hs)
+    hs.start()
+
+    resp = download(hs, token, media_id)
+    assert 500 <= resp.status < 600, resp
+    errors = [line for line in hs.output().splitlines() if "ERROR" in line]
+    assert any("fetch failed" in line and "AccessDenied" in line for line in errors), errors[-5:]
+    assert blob_flags(hs, data) == [(1, 0)]  # not mistaken for a missing object
