@@ -229,13 +229,13 @@ def test_a_deleted_bucket_is_a_5xx_with_an_error_line_not_a_404(
     assert any("fetch failed" in line and "NoSuchBucket" in line for line in errors), errors[-5:]
     # The index was not told the object is missing: the bucket is broken, not the object.
     assert blob_flags(hs, data) == [(1, 0)]
-    # A dedup hit on it is an error too, never a 200 for bytes that went nowhere.
+    # A new upload is an error too, never a 200 for bytes that went nowhere.
     upload = request(
         "POST",
         hs.base_url,
         "/_matrix/media/v3/upload?filename=x.bin",
         {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"},
-        data,
+        os.urandom(20_000),
     )
     assert 500 <= upload.status < 600, upload
     scrub = run_tool(hs, "scrub", "--json")

@@ -243,10 +243,19 @@ class DedupStorageProvider:
             # A dedup hit trusts an object nobody has looked at since it was written: one
             # HEAD makes sure it is still there (a lifecycle rule, an operator, a lost
             # race may have removed it) and rewrites it if not, before the user gets 200.
+            # When the store cannot answer, the index is trusted as before: a dedup hit
+            # keeps working through an S3 outage (``scrub`` catches up later).
             try:
                 size = await self._in_thread(self._store.stat, sha256)
             except StorageUnavailable as e:
-                raise self._unavailable("store", e) from e
+                STORAGE_ERRORS.labels(operation="verify").inc()
+                logger.warning(
+                    "synapse_msc3916: could not check object %s of a dedup hit (%s);"
+                    " trusting the index",
+                    sha256,
+                    e,
+                )
+                size = length
             if size != length:
                 problem = "missing" if size is None else "wrong_size"
                 STORAGE_DAMAGED.labels(where="store", problem=problem).inc()
@@ -307,7 +316,10 @@ class DedupStorageProvider:
             )
             STORAGE_FETCHES.labels(result="missing_object").inc()
             STORAGE_DAMAGED.labels(where="fetch", problem="missing").inc()
-            await self._db("mark_missing", index.mark_blob_missing_txn, located.sha256)
+            try:
+                await self._db("mark_missing", index.mark_blob_missing_txn, located.sha256)
+            except Exception:  # best effort: the read's answer must not depend on it
+                logger.exception("synapse_msc3916: could not mark %s missing", located.sha256)
             return await self._fetch_legacy(path)
         if reader.size != located.length:
             reader.close()
