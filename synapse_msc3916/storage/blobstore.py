@@ -10,6 +10,7 @@ uploaders harmless.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import secrets
 import shutil
@@ -377,29 +378,25 @@ class S3BlobStore:
             if sha_from_name(info.name) is not None:
                 yield info
 
-    def copy_key_to_blob(self, key: str, sha256: str) -> bool:
-        """Server-side copy of an existing object to a blob; False if the blob existed."""
-        from botocore.exceptions import ClientError
 
-        sse = self._sse()
-        extra: dict[str, Any] = {"StorageClass": self.config.storage_class, **sse}
-        if sse:
-            extra["CopySourceSSECustomerKey"] = sse["SSECustomerKey"]
-            extra["CopySourceSSECustomerAlgorithm"] = sse["SSECustomerAlgorithm"]
-        if self.exists_key(self.key(sha256)):
-            return False
-        try:
-            self.client.copy_object(
-                Bucket=self.bucket,
-                Key=self.key(sha256),
-                CopySource={"Bucket": self.bucket, "Key": key},
-                **extra,
-            )
-            return True
-        except ClientError as e:
-            raise self._unavailable("COPY", e) from e
-        except Exception as e:
-            raise self._unavailable("COPY", e) from e
+def hash_blob(store: BlobStore, sha256: str) -> tuple[str, int] | None:
+    """SHA-256 and length of a stored object as read back, or None if it is missing.
+
+    What ``migrate`` and ``scrub`` use to verify an object: a name is only trusted once
+    the bytes under it hash to it.
+    """
+    reader = store.open(sha256)
+    if reader is None:
+        return None
+    digest = hashlib.sha256()
+    length = 0
+    try:
+        while chunk := reader.read(1 << 20):
+            digest.update(chunk)
+            length += len(chunk)
+    finally:
+        reader.close()
+    return digest.hexdigest(), length
 
 
 def make_blobstore(config: StorageConfig) -> FileBlobStore | S3BlobStore:

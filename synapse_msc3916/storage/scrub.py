@@ -16,7 +16,6 @@ broken, so that a cron job or a monitoring check can alert on it.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -26,7 +25,7 @@ from typing import Any
 
 from synapse_msc3916 import homeserver_config as hc
 from synapse_msc3916.storage import index
-from synapse_msc3916.storage.blobstore import StorageUnavailable
+from synapse_msc3916.storage.blobstore import StorageUnavailable, hash_blob
 from synapse_msc3916.storage.progress import Progress
 from synapse_msc3916.storage.provider import hash_file
 from synapse_msc3916.storage.tools import Context
@@ -62,26 +61,10 @@ def _paths_of_txn(txn: index.Txn, sha256: str) -> list[str]:
     return [str(r[0]) for r in txn.fetchall()]
 
 
-def hash_object(store: Any, sha256: str) -> tuple[str, int] | None:
-    """SHA-256 and length of a stored object as read back, or None if it is missing."""
-    reader = store.open(sha256)
-    if reader is None:
-        return None
-    digest = hashlib.sha256()
-    length = 0
-    try:
-        while chunk := reader.read(1 << 20):
-            digest.update(chunk)
-            length += len(chunk)
-    finally:
-        reader.close()
-    return digest.hexdigest(), length
-
-
 def check_object(store: Any, sha256: str, length: int, content: bool) -> tuple[str, str]:
     """(``ok``/``missing``/``corrupt``, why) for one object; store errors raise."""
     if content:
-        read = hash_object(store, sha256)
+        read = hash_blob(store, sha256)
         if read is None:
             return MISSING, "no object"
         if read != (sha256, length):
@@ -126,7 +109,7 @@ def repair(db: Any, store: Any, media_store: str, sha256: str, length: int) -> s
         if decision == index.WAIT:
             return None  # a gc is deleting it: nothing references it any more
         store.put_file(sha256, local, length, True)
-        if hash_object(store, sha256) != (sha256, length):
+        if hash_blob(store, sha256) != (sha256, length):
             return None
         ref = index.parse_media_path(path)
         if ref is None:
@@ -239,4 +222,4 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_scrub)
 
 
-__all__ = ["register", "check_object", "hash_object"]
+__all__ = ["register", "check_object"]

@@ -24,7 +24,12 @@ import attr
 from synapse_msc3916 import homeserver_config as hc
 from synapse_msc3916.config import StorageConfig
 from synapse_msc3916.storage import index
-from synapse_msc3916.storage.blobstore import S3BlobStore, StorageUnavailable, make_blobstore
+from synapse_msc3916.storage.blobstore import (
+    S3BlobStore,
+    StorageUnavailable,
+    hash_blob,
+    make_blobstore,
+)
 from synapse_msc3916.storage.progress import Progress
 from synapse_msc3916.storage.provider import hash_file
 
@@ -108,9 +113,7 @@ def _has_sha256_column(db: Any) -> bool:
 
 def _verify_copy(store: Any, sha256: str, length: int) -> bool:
     """Read the stored object back: is its SHA-256 its name and its length the index's?"""
-    from synapse_msc3916.storage.scrub import hash_object
-
-    return bool(hash_object(store, sha256) == (sha256, length))
+    return hash_blob(store, sha256) == (sha256, length)
 
 
 def _store_one(
@@ -138,7 +141,7 @@ def _store_one(
             local_file = tmp
         sha256, length = hash_file(local_file)
         if known is not None and known != (sha256, length):
-            print(
+            Progress.write(
                 f"migrate: {path}: content has SHA-256 {sha256} ({length} bytes) but Synapse"
                 f" recorded {known[0]} ({known[1]} bytes); not migrated, source kept",
                 file=sys.stderr,
@@ -162,7 +165,7 @@ def _store_one(
             written = store.put_file(sha256, local_file, length, overwrite)
         if legacy_key is not None and not _verify_copy(store, sha256, length):
             index.run_tool_txn(db, index.mark_blob_missing_txn, sha256)
-            print(
+            Progress.write(
                 f"migrate: {path}: the copy {sha256} does not read back with its hash;"
                 " not indexed, source kept",
                 file=sys.stderr,
