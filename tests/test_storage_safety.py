@@ -120,27 +120,32 @@ def test_scrub_on_the_file_backend_finds_missing_and_truncated_objects(
         storage_providers=[provider_entry({"backend": "file", "directory": str(store)})]
     ).start()
     token = hs.register("alice")
-    gone, cut, fine = os.urandom(50_000), os.urandom(60_000), os.urandom(70_000)
-    for data in (gone, cut, fine):
-        hs.upload(token, data)
+    gone, cut, fine, rowless = (os.urandom(n) for n in (50_000, 60_000, 70_000, 20_000))
+    ids = [hs.upload(token, data) for data in (gone, cut, fine, rowless)]
     (store / blob_name(sha(gone))).unlink()
     (store / blob_name(sha(cut))).write_bytes(cut[:1000])
     flipped = bytearray(fine)
     flipped[5] ^= 1
     (store / blob_name(sha(fine))).write_bytes(bytes(flipped))  # same size: only --hash sees it
+    # What a deletion that lost a race with an upload leaves: paths, an object, no row.
+    hs.sql("DELETE FROM msc3916_storage_blobs WHERE sha256 = ?", (sha(rowless),))
 
     sizes = json.loads(run_tool(hs, "scrub", "--json").stdout)
-    assert (sizes["ok"], sizes["missing"], sizes["corrupt"]) == (1, 1, 1)
+    assert (sizes["ok"], sizes["missing"], sizes["corrupt"], sizes["unrecorded"]) == (1, 1, 1, 1)
     hashed = run_tool(hs, "scrub", "--hash", "--json")
     assert hashed.returncode == 1
     assert json.loads(hashed.stdout)["corrupt"] == 2
-    # Synapse still has the local copies: --repair restores all three.
+    # Synapse still has the local copies: --repair restores all four.
     repaired = run_tool(hs, "scrub", "--hash", "--repair")
     assert repaired.returncode == 0, repaired.stdout + repaired.stderr
-    assert "3 repaired" in repaired.stdout
-    for data in (gone, cut, fine):
+    assert "4 repaired" in repaired.stdout
+    for data in (gone, cut, fine, rowless):
         assert (store / blob_name(sha(data))).read_bytes() == data
     assert run_tool(hs, "scrub", "--hash").returncode == 0
+    wipe_local_media(hs)
+    for media_id, data in zip(ids, (gone, cut, fine, rowless), strict=True):
+        resp = download(hs, token, media_id)
+        assert resp.status == 200 and resp.body == data
 
 
 def test_migrate_deletes_only_verified_sources(

@@ -16,6 +16,7 @@ broken, so that a cron job or a monitoring check can alert on it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -31,6 +32,9 @@ from synapse_msc3916.storage.provider import hash_file
 from synapse_msc3916.storage.tools import Context
 
 OK, MISSING, CORRUPT = "ok", "missing", "corrupt"
+# Paths pointing at content with no blob row at all (a deletion that lost a race with an
+# upload): reads of them fail although the object may be there.
+UNRECORDED = "unrecorded"
 _PAGE = 1000
 # Checks run in parallel: a HEAD costs a round trip, and a million of them one after
 # the other would take hours.
@@ -47,6 +51,20 @@ def _stored_blobs_page_txn(
         (after, limit),
     )
     return [(str(r[0]), int(r[1]), bool(r[2])) for r in txn.fetchall()]
+
+
+def _unrecorded_page_txn(
+    txn: index.Txn, after: str, limit: int
+) -> list[tuple[str, int, bool]]:
+    """Contents that paths reference but no blob row records, in hash order."""
+    txn.execute(
+        f"SELECT p.sha256, MAX(p.length) FROM {index.PATHS} p"
+        f" WHERE p.sha256 > ? AND NOT EXISTS"
+        f" (SELECT 1 FROM {index.BLOBS} b WHERE b.sha256 = p.sha256)"
+        " GROUP BY p.sha256 ORDER BY p.sha256 LIMIT ?",
+        (after, limit),
+    )
+    return [(str(r[0]), int(r[1]), False) for r in txn.fetchall()]
 
 
 def _count_stored_txn(txn: index.Txn) -> int:
@@ -78,14 +96,31 @@ def check_object(store: Any, sha256: str, length: int, content: bool) -> tuple[s
     return OK, ""
 
 
-def _rows(db: Any) -> Iterator[tuple[str, int, bool]]:
+def _rows(db: Any, page_txn: Any) -> Iterator[tuple[str, int, bool]]:
     after = ""
     while True:
-        rows = index.run_tool_txn(db, _stored_blobs_page_txn, after, _PAGE)
+        rows = index.run_tool_txn(db, page_txn, after, _PAGE)
         yield from rows
         if len(rows) < _PAGE:
             return
         after = rows[-1][0]
+
+
+def _record_existing(db: Any, store: Any, sha256: str, length: int) -> str | None:
+    """Give content whose object is sound but which has no blob row its row back."""
+    paths = index.run_tool_txn(db, _paths_of_txn, sha256)
+    ref = index.parse_media_path(paths[0]) if paths else None
+    if ref is None:
+        return None
+    decision, _overwrite = index.run_tool_txn(
+        db, index.claim_blob_txn, sha256, length, index.now_ms()
+    )
+    if decision == index.WAIT or hash_blob(store, sha256) != (sha256, length):
+        return None
+    index.run_tool_txn(
+        db, index.record_path_txn, paths[0], sha256, length, ref, index.now_ms(), True
+    )
+    return paths[0]
 
 
 def repair(db: Any, store: Any, media_store: str, sha256: str, length: int) -> str | None:
@@ -128,6 +163,7 @@ def cmd_scrub(args: argparse.Namespace) -> int:
         "ok": 0,
         "missing": 0,
         "corrupt": 0,
+        "unrecorded": 0,
         "repaired": 0,
         "marked": 0,
         "broken": [],
@@ -138,8 +174,12 @@ def cmd_scrub(args: argparse.Namespace) -> int:
         index.run_tool_txn(db, index.ensure_schema_txn)
         total = index.run_tool_txn(db, _count_stored_txn)
         bar = Progress("scrub", total, unit="object")
-        page: list[tuple[str, int, bool]] = []
-        rows = _rows(db)
+        page: list[tuple[str, int, bool | None]] = []
+        # Every blob row that says "stored", then every content paths use without a row.
+        rows = itertools.chain(
+            _rows(db, _stored_blobs_page_txn),
+            ((sha, n, None) for sha, n, _ in _rows(db, _unrecorded_page_txn)),
+        )
         while True:
             page = [row for _, row in zip(range(_PAGE), rows, strict=False)]
             if not page:
@@ -157,6 +197,8 @@ def cmd_scrub(args: argparse.Namespace) -> int:
                 if state == OK and marked:
                     # The object looks sound but a read found it damaged: trust the read.
                     state, why = CORRUPT, "marked damaged by an earlier read"
+                elif state == OK and marked is None:
+                    state, why = UNRECORDED, "paths use it but the index has no blob row"
                 if state == OK:
                     stats["ok"] += 1
                     continue
@@ -165,7 +207,10 @@ def cmd_scrub(args: argparse.Namespace) -> int:
                 entry["paths"] = index.run_tool_txn(db, _paths_of_txn, sha256)
                 if args.repair:
                     try:
-                        used = repair(db, ctx.store, ctx.media_store, sha256, length)
+                        if state == UNRECORDED:
+                            used = _record_existing(db, ctx.store, sha256, length)
+                        else:
+                            used = repair(db, ctx.store, ctx.media_store, sha256, length)
                     except StorageUnavailable as e:
                         bar.close()
                         raise hc.ToolError(str(e)) from None
@@ -179,7 +224,9 @@ def cmd_scrub(args: argparse.Namespace) -> int:
                         entry["repaired_from"] = None
                 stats["broken"].append(entry)
         bar.close()
-    still_broken = stats["missing"] + stats["corrupt"] - stats["repaired"]
+    still_broken = (
+        stats["missing"] + stats["corrupt"] + stats["unrecorded"] - stats["repaired"]
+    )
     stats["still_broken"] = still_broken
     _print(stats, args)
     return 1 if still_broken else 0
@@ -199,7 +246,8 @@ def _print(stats: dict[str, Any], args: argparse.Namespace) -> None:
             print(f"    {path}")
     print(
         f"scrub: {stats['checked']} checked, {stats['ok']} ok, {stats['missing']} missing,"
-        f" {stats['corrupt']} corrupt, {stats['repaired']} repaired"
+        f" {stats['corrupt']} corrupt, {stats['unrecorded']} unrecorded,"
+        f" {stats['repaired']} repaired"
         + (" (content hashed)" if stats["hash"] else " (sizes only; --hash reads content)")
     )
     if stats["still_broken"]:
