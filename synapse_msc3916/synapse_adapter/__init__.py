@@ -60,6 +60,14 @@ __all__ = [
 
 if TYPE_CHECKING:
     from synapse_msc3916.synapse_adapter.federation import federation_authenticator, federation_ratelimiter
+    from synapse_msc3916.synapse_adapter.listeners import (
+        ErrorResource,
+        encoded_like,
+        install_routers,
+        resolve_resource,
+    )
+    from synapse_msc3916.synapse_adapter.media_gate import install_media_gate
+    from synapse_msc3916.synapse_adapter.multipart import fix_zero_byte_multipart
     from synapse_msc3916.synapse_adapter.server import (
         Codes,
         NotFoundError,
@@ -70,14 +78,6 @@ if TYPE_CHECKING:
         sso_icon_media,
         validate_server_name,
     )
-    from synapse_msc3916.synapse_adapter.listeners import (
-        ErrorResource,
-        encoded_like,
-        install_routers,
-        resolve_resource,
-    )
-    from synapse_msc3916.synapse_adapter.media_gate import install_media_gate
-    from synapse_msc3916.synapse_adapter.multipart import fix_zero_byte_multipart
     from synapse_msc3916.synapse_adapter.storage import (
         Responder,
         local_media_storage_enabled,
