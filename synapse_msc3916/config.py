@@ -180,18 +180,23 @@ _DURATION_UNITS_MS = {
 }
 
 
+_MAX_DURATION_S = 100 * 365 * 86400
+
+
 def parse_duration_ms(value: Any, key: str) -> int:
     """``0s``, ``30s``, ``15m``, ``24h``, ``7d``, ``2w`` or a number of seconds, as ms."""
     if isinstance(value, bool):
         raise _fail(key, f"must be a duration like 24h, 30m or 0s, not {value!r}")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise _fail(key, f"must not be negative, not {value!r}")
-        return int(value * 1000)
-    match = _DURATION_RE.match(value) if isinstance(value, str) else None
-    if not match:
-        raise _fail(key, f"must be a duration like 24h, 30m or 0s, not {value!r}")
-    return int(float(match.group(1)) * _DURATION_UNITS_MS[match.group(2)])
+        seconds = float(value)
+    else:
+        match = _DURATION_RE.match(value) if isinstance(value, str) else None
+        if not match:
+            raise _fail(key, f"must be a duration like 24h, 30m or 0s, not {value!r}")
+        seconds = float(match.group(1)) * _DURATION_UNITS_MS[match.group(2)] / 1000
+    if not 0 <= seconds <= _MAX_DURATION_S:  # also refuses NaN
+        raise _fail(key, f"must be between 0s and 100y, not {value!r}")
+    return int(seconds * 1000)
 
 
 DEFAULT_DELETE_AFTER_MS = 24 * 3_600_000

@@ -59,6 +59,16 @@ STORAGE_BYTES_DELETED = Counter(
     "synapse_msc3916_storage_bytes_deleted",
     "Bytes of the objects the deletion job removed from the blob store.",
 )
+STORAGE_HEALS = Counter(
+    "synapse_msc3916_storage_heals",
+    "Objects found missing or damaged (at read time, or by a store that verified its"
+    " dedup hit) and rewritten by a later store of the same content.",
+)
+STORAGE_DAMAGED = Counter(
+    "synapse_msc3916_storage_damaged_objects",
+    "Indexed objects found missing or damaged, by where they were found and what was wrong.",
+    ["where", "problem"],
+)
 
 # --- Who still uses the unauthenticated media endpoints (issue 13) ---
 # `client` is one of clients.FAMILIES (a fixed set, whatever the User-Agent holds);

@@ -17,6 +17,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import attr
+
+from synapse_msc3916.config import StorageConfig
 from synapse_msc3916.metrics import STORAGE_BYTES_DELETED, STORAGE_ERRORS, STORAGE_OBJECTS_DELETED
 from synapse_msc3916.storage import index
 from synapse_msc3916.storage.blobstore import StorageUnavailable
@@ -27,6 +30,23 @@ TOMBSTONE_BATCH = 100
 DELETE_BATCH = 50
 # Batches per tick: bounds one tick's work; the next tick continues.
 MAX_BATCHES = 20
+
+
+# S3 timeouts (connect, read) for deletions, by ``gc`` and by the deletion job. A blob
+# stays marked "deleting" while its object is deleted; an upload of the same content
+# takes a mark over once it is older than ``index.DELETING_STALE_MS`` (a deletion that
+# died). The takeover is only safe if the deletion cannot still land afterwards, so it
+# must take less than that: at most 2 attempts x (5 + 10) s = 30 s < 45 s.
+GC_DELETE_TIMEOUTS = (5, 10)
+
+
+def gc_storage_config(storage: StorageConfig) -> StorageConfig:
+    connect, read = GC_DELETE_TIMEOUTS
+    return attr.evolve(
+        storage,
+        connect_timeout=min(storage.connect_timeout, connect),
+        read_timeout=min(storage.read_timeout, read),
+    )
 
 
 def tick_interval_ms(delete_after_ms: int) -> int:
