@@ -252,9 +252,17 @@ def test_five_media_workers_starting_at_once_create_the_schema_once(
         db = d.postgres
         wait_for(lambda: db.query("synapse", "SELECT COUNT(*) FROM msc3916_storage_schema")[0][0] == 1,
                  30, "schema")
+        from synapse_msc3916.storage import index
+        from synapse_msc3916.synapse_adapter import media_deletions
+
         assert db.query("synapse", "SELECT component, version FROM msc3916_storage_schema") == [
-            ("dedup_storage", 1)
+            ("dedup_storage", index.SCHEMA_VERSION)
         ]
+        # One tombstone trigger per media table, whoever of the five created it.
+        names = sorted(media_deletions.trigger_name(t) for t, *_ in media_deletions.MEDIA_TABLES)
+        wait_for(lambda: sorted(r[0] for r in db.query(
+            "synapse", "SELECT tgname FROM pg_trigger WHERE tgname LIKE %s", ("msc3916%",))) == names,
+            30, "deletion triggers")
         for w in workers:
             out = w.output()
             errors = [line for line in out.splitlines() if " - ERROR - " in line or "Traceback" in line]
