@@ -50,3 +50,14 @@ STORAGE_CORRUPTIONS = Counter(
     "synapse_msc3916_storage_corruptions",
     "Objects whose size or SHA-256 did not match the index; they are no longer served.",
 )
+
+STORAGE_REDIRECTS = Counter(
+    "synapse_msc3916_storage_redirects",
+    "Media reads answered with a presigned S3 URL instead of the bytes, by kind"
+    " (download, thumbnail, federation).",
+    ["kind"],
+)
+STORAGE_REDIRECTED_BYTES = Counter(
+    "synapse_msc3916_storage_redirected_bytes",
+    "Bytes of the media whose reads were redirected to S3 (sent by S3, not Synapse).",
+)

@@ -12,6 +12,7 @@ it. Those are internal APIs, so each seam declares the internals it uses (``NEED
     media_gate.py  the gate on every unauthenticated media read (freeze, signed reads)
     multipart.py   the zero-byte multipart/mixed fix
     storage.py     database pool, media config and Responder for the storage provider
+    redirect.py    where Synapse starts sending a media file: presigned redirects
     probes.py      the start-up checks and the tested release range
 
 The names below are imported from their seam on first use, so that importing the
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from synapse_msc3916.synapse_adapter.probes import check_synapse
 
-SEAMS = ("server", "listeners", "versions", "federation", "media_gate", "multipart", "storage")
+SEAMS = ("server", "listeners", "versions", "federation", "media_gate", "multipart", "storage", "redirect")
 
 _EXPORTS = {
     "server": (
@@ -43,6 +44,7 @@ _EXPORTS = {
         "media_store_path", "local_media_storage_enabled", "provider_store_synchronous",
         "storage_config_error", "storage_not_spam",
     ),
+    "redirect": ("install_fetch_hook", "RedirectingResponder"),
 }
 _SEAM_OF = {name: seam for seam, names in _EXPORTS.items() for name in names}
 
@@ -56,10 +58,20 @@ __all__ = [
     "Responder", "storage_module_api", "run_db_read_committed", "storage_reactor",
     "media_store_path", "local_media_storage_enabled", "provider_store_synchronous",
     "storage_config_error", "storage_not_spam",
+    "install_fetch_hook", "RedirectingResponder",
 ]
 
 if TYPE_CHECKING:
     from synapse_msc3916.synapse_adapter.federation import federation_authenticator, federation_ratelimiter
+    from synapse_msc3916.synapse_adapter.listeners import (
+        ErrorResource,
+        encoded_like,
+        install_routers,
+        resolve_resource,
+    )
+    from synapse_msc3916.synapse_adapter.media_gate import install_media_gate
+    from synapse_msc3916.synapse_adapter.multipart import fix_zero_byte_multipart
+    from synapse_msc3916.synapse_adapter.redirect import RedirectingResponder, install_fetch_hook
     from synapse_msc3916.synapse_adapter.server import (
         Codes,
         NotFoundError,
@@ -70,14 +82,6 @@ if TYPE_CHECKING:
         sso_icon_media,
         validate_server_name,
     )
-    from synapse_msc3916.synapse_adapter.listeners import (
-        ErrorResource,
-        encoded_like,
-        install_routers,
-        resolve_resource,
-    )
-    from synapse_msc3916.synapse_adapter.media_gate import install_media_gate
-    from synapse_msc3916.synapse_adapter.multipart import fix_zero_byte_multipart
     from synapse_msc3916.synapse_adapter.storage import (
         Responder,
         local_media_storage_enabled,
