@@ -630,7 +630,7 @@ class SeaweedFS:
             "-volume.max=100", "-master.volumeSizeLimitMB=32",
             "-s3", f"-s3.port={self.s3_port}",
             "-filer",
-        ] + [f"-{k}={v}" for k, v in ports.items()]
+        ] + [f"-{k}={v}" for k, v in ports.items()] + self.extra_args()
         self.log = open(self.dir / "weed.log", "ab")
         self.proc = subprocess.Popen(
             args, cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT,
@@ -638,6 +638,10 @@ class SeaweedFS:
         )
         wait_for(self._ready, timeout, "seaweedfs", self.proc)
         return self
+
+    def extra_args(self) -> list[str]:
+        """More ``weed server`` flags, for a subclass (e.g. an S3 that checks signatures)."""
+        return []
 
     def client(self) -> Any:
         import boto3
