@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from synapse_msc3916.config import RedirectConfig, StorageConfig
-from synapse_msc3916.storage.redirect import SignedUrls, Served, decide, request_kind
+from synapse_msc3916.storage.redirect import Served, SignedUrls, decide, request_kind
 from tests.harness import SeaweedFS, Synapse, make_synapse, request
 from tests.storage_helpers import provider_entry, s3_config, wipe_local_media
 
