@@ -6,7 +6,7 @@ import io
 import shutil
 from typing import Any
 
-from tests.harness import Synapse
+from tests.harness import SeaweedFS, Synapse
 
 PROVIDER = "synapse_msc3916.DedupStorageProvider"
 
@@ -82,3 +82,22 @@ def s3_legacy_entry(seaweedfs: Any, bucket: str, prefix: str = "", **extra: Any)
             **extra,
         },
     }
+
+
+class SignedSeaweedFS(SeaweedFS):
+    """SeaweedFS whose S3 gateway has one identity, so it checks every signature.
+
+    The plain harness SeaweedFS has no identities and serves unsigned requests, so a
+    presigned URL's signature and expiry would go unchecked there.
+    """
+
+    def extra_args(self) -> list[str]:
+        import json
+
+        config = self.dir / "s3-identities.json"
+        config.write_text(json.dumps({"identities": [{
+            "name": "test",
+            "credentials": [{"accessKey": self.ACCESS_KEY, "secretKey": self.SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }]}))
+        return [f"-s3.config={config}"]

@@ -7,7 +7,6 @@ checks a URL's signature or expiry; these tests run one with an S3 identity file
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import urllib.error
@@ -22,24 +21,11 @@ import pytest
 from synapse_msc3916.config import RedirectConfig, StorageConfig
 from synapse_msc3916.storage.redirect import Served, SignedUrls, decide, request_kind
 from tests.harness import SeaweedFS, Synapse, make_synapse, request
-from tests.storage_helpers import provider_entry, s3_config, wipe_local_media
+from tests.storage_helpers import SignedSeaweedFS, provider_entry, s3_config, wipe_local_media
 
 BUCKET = "redirects"
 MIN_SIZE = 1000  # small enough that a thumbnail redirects, big enough for a 100-byte file
 NO_REDIRECT_UA = "NoRedirect/1.0"
-
-
-class SignedSeaweedFS(SeaweedFS):
-    """SeaweedFS whose S3 gateway has one identity, so it checks every signature."""
-
-    def extra_args(self) -> list[str]:
-        config = self.dir / "s3-identities.json"
-        config.write_text(json.dumps({"identities": [{
-            "name": "test",
-            "credentials": [{"accessKey": self.ACCESS_KEY, "secretKey": self.SECRET_KEY}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }]}))
-        return [f"-s3.config={config}"]
 
 
 def redirect_provider(s3: SeaweedFS, **redirect: Any) -> dict[str, Any]:
