@@ -217,6 +217,32 @@ def test_federation_peer_follows_the_location_part(
     assert hs.metric_value("synapse_msc3916_storage_redirects_total", kind="federation") == before + 2  # raw + B
 
 
+def test_legacy_endpoints_redirect_only_when_asked(
+    tmp_path: Path, s3: SeaweedFS
+) -> None:
+    """Unfrozen media (uploaded with enable_authenticated_media off): legacy paths serve it;
+    they redirect only with allow_redirect=true (MSC3860); MSC1902 paths always stream."""
+    hs = make_synapse(tmp_path / "legacy", storage_providers=[redirect_provider(s3)],
+                      extra_config={"enable_authenticated_media": False}).start()
+    try:
+        token = hs.register("erin")
+        data = os.urandom(1_200_000)
+        media_id = hs.upload(token, data, "application/octet-stream", "old.bin")
+        legacy = f"/_matrix/media/v3/download/{hs.server_name}/{media_id}"
+        plain = hs.get(legacy)
+        assert plain.status == 200 and plain.body == data
+        asked = hs.get(legacy + "?allow_redirect=true")
+        assert asked.status == 307, asked
+        assert follow(asked.header("Location") or "")[2] == data
+        for msc1902 in (f"/_matrix/client/r0/media/download/{hs.server_name}/{media_id}",
+                        f"/_matrix/client/unstable/org.matrix.msc1902/media/download/"
+                        f"{hs.server_name}/{media_id}?allow_redirect=true"):
+            resp = hs.get(msc1902)
+            assert resp.status == 200 and resp.body == data, (msc1902, resp)
+    finally:
+        hs.stop()
+
+
 def test_redirect_with_a_file_backend_refuses_to_start(tmp_path: Path) -> None:
     hs = make_synapse(tmp_path / "bad", storage_providers=[provider_entry({
         "backend": "file", "directory": str(tmp_path / "blobs"), "redirect": {"enabled": True},
