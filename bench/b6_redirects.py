@@ -139,7 +139,7 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
                         if name == DIRECT:
                             start = time.perf_counter()
                             url = signer.generate_presigned_url(
-                                "get_object", Params={"Bucket": "b6-stream", "Key": key}, ExpiresIn=300)
+                                "get_object", Params={"Bucket": "b6-redirect", "Key": key}, ExpiresIn=300)
                             got = get_url(url)
                         else:
                             hs = servers[name]
@@ -221,7 +221,7 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
             "mode is timed from the request to Synapse to the last byte from S3: the 307 (auth, "
             "the media lookups, one index lookup, a cached or fresh SigV4 signature) plus a new "
             "connection to S3 for the presigned URL. The direct row presigns (boto3, in the "
-            "bench process) and GETs the same object, read the same way (`http.client`, 1 MiB "
+            "bench process) and GETs the very object redirect mode is sent to, read the same way (`http.client`, 1 MiB "
             "reads, bytes discarded). SeaweedFS runs with an S3 identity, so it checks every "
             "signature. CPU per GiB is the Synapse process's utime + stime (all threads, "
             "/proc/<pid>/stat) over the 100 MiB and 1 GiB cold reads of each mode, divided by "
