@@ -20,7 +20,7 @@ import pytest
 
 from synapse_msc3916.config import RedirectConfig, StorageConfig
 from synapse_msc3916.storage.redirect import Served, SignedUrls, decide, request_kind
-from tests.harness import SeaweedFS, Synapse, make_synapse, request
+from tests.harness import TOPOLOGY, SeaweedFS, Synapse, make_synapse, request
 from tests.storage_helpers import SignedSeaweedFS, provider_entry, s3_config, wipe_local_media
 
 BUCKET = "redirects"
@@ -158,6 +158,11 @@ def test_refused_requests_never_redirect(hs: Synapse) -> None:
         resp = hs.get(legacy, token)
         assert resp.status == 404 and resp.header("Location") is None, (legacy, resp)
 
+    if TOPOLOGY == "workers":
+        # The media admin API runs on the media workers, and Synapse 1.163 lets only a
+        # writer of the quarantined_media_changes stream (by default the main process,
+        # which has no media admin API here) quarantine: 500 AssertionError.
+        pytest.skip("quarantine needs a quarantined_media_changes writer on the media workers")
     quarantine = request(
         "POST", hs.base_url, f"/_synapse/admin/v1/media/quarantine/{hs.server_name}/{media_id}",
         {"Authorization": f"Bearer {admin}", "Content-Type": "application/json"}, b"{}",
@@ -243,6 +248,7 @@ def test_legacy_endpoints_redirect_only_when_asked(
         hs.stop()
 
 
+@pytest.mark.single_process  # generic_worker prints only "Failed to parse config for module"
 def test_redirect_with_a_file_backend_refuses_to_start(tmp_path: Path) -> None:
     hs = make_synapse(tmp_path / "bad", storage_providers=[provider_entry({
         "backend": "file", "directory": str(tmp_path / "blobs"), "redirect": {"enabled": True},
