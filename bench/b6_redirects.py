@@ -86,7 +86,7 @@ def _local_path(media_id: str) -> str:
 def run(report: Report, workdir: Path, quick: bool = False) -> None:
     cases = [
         ("1 MiB", MIB, 3 if quick else 5, 4 if quick else 10),
-        ("100 MiB", 100 * MIB, 2 if quick else 5, 1),
+        ("100 MiB", 100 * MIB, 2 if quick else 3, 1),
         ("1 GiB", GIB, 1 if quick else 2, 1),
     ]
     workdir.mkdir(parents=True, exist_ok=True)
