@@ -101,3 +101,12 @@ class SignedSeaweedFS(SeaweedFS):
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }]}))
         return [f"-s3.config={config}"]
+
+    def stop(self) -> None:
+        """Its data is thrown away: do not wait SeaweedFS's slow SIGTERM shutdown out."""
+        from tests.harness import stop_process
+
+        if self.proc is not None:
+            stop_process(self.proc, term_timeout=3)
+            self.proc = None
+            self.log.close()
