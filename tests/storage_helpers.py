@@ -91,7 +91,7 @@ class SignedSeaweedFS(SeaweedFS):
     presigned URL's signature and expiry would go unchecked there.
     """
 
-    def extra_args(self) -> list[str]:
+    def start(self, timeout: float = 60.0) -> SeaweedFS:
         import json
 
         config = self.dir / "s3-identities.json"
@@ -100,7 +100,8 @@ class SignedSeaweedFS(SeaweedFS):
             "credentials": [{"accessKey": self.ACCESS_KEY, "secretKey": self.SECRET_KEY}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }]}))
-        return [f"-s3.config={config}"]
+        self.extra_args = [f"-s3.config={config}"]
+        return super().start(timeout)
 
     def stop(self) -> None:
         """Its data is thrown away: do not wait SeaweedFS's slow SIGTERM shutdown out."""
