@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from synapse_msc3916 import homeserver_config as hc
+from synapse_msc3916 import synapse_adapter as sa
 from synapse_msc3916.config import StorageConfig
 from synapse_msc3916.storage import index
 from synapse_msc3916.storage.blobstore import S3BlobStore, StorageUnavailable, make_blobstore
@@ -127,7 +128,9 @@ def _store_one(
     legacy_key: str | None,
 ) -> bool:
     """Index one file from a source; True if object bytes were written."""
-    known = index.run_tool_txn(db, index.synapse_sha256_txn, ref)
+    known = None
+    if sa.media_tables_have_sha256():  # Synapse 1.128 and later record it
+        known = index.run_tool_txn(db, index.synapse_sha256_txn, ref)
     tmp: str | None = None
     try:
         if known is not None and known[1] == size:

@@ -87,6 +87,14 @@ def problem(need: Need) -> str | None:
     return None
 
 
+def source_mentions(obj: Any, text: str) -> bool:
+    """Whether ``obj``'s source code contains ``text`` (False when there is no source)."""
+    try:
+        return text in inspect.getsource(obj)
+    except (OSError, TypeError):
+        return False
+
+
 def has(internal: str) -> bool:
     """Whether an optional internal is present (for a seam choosing its code path)."""
     try:
@@ -94,6 +102,11 @@ def has(internal: str) -> bool:
     except (ImportError, AttributeError):
         return False
     return True
+
+
+def available(need: Need) -> bool:
+    """Whether ``need`` is met (present, parameters and shape), for choosing a code path."""
+    return problem(need) is None
 
 
 class ProbeFailure(Exception):
