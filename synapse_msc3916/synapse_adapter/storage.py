@@ -32,8 +32,12 @@ NEEDS = [
     method("synapse.module_api.ModuleApi.run_db_interaction", "the schema of the index", params=("desc", "func")),
     method("synapse.module_api.ModuleApi.sleep", "retries of the index schema and of blob claims",
            params=("seconds",)),
-    Need("synapse.config.repository.ContentRepositoryConfig", "media_store_path and the provider entries",
-         check=lambda cls: hasattr(cls, "read_config")),
+    Need("synapse.config.repository.ContentRepositoryConfig.read_config",
+         "media_store_path and the provider entries (hs.config.media)",
+         check=lambda read_config: source_mentions(read_config, "self.media_store_path")
+         and source_mentions(read_config, "self.media_storage_providers")),
+    method("synapse.server.HomeServer.get_reactor", "the provider's thread pool and schema start-up"),
+    method("synapse.server.HomeServer.get_datastores", "the index lives in Synapse's database"),
 ]
 
 # Internals only some supported releases have; each has a code path for both sides.
