@@ -170,7 +170,9 @@ def check_synapse() -> None:
             f"synapse_msc3916 {_module_version()} cannot run on Synapse {_synapse_version()}:"
             f" {'; '.join(failures)}"
         )
-        logger.error("%s", message)
+        # Raised from parse_config, before Synapse sets up logging: Synapse prints it
+        # once as its configuration error and exits. (Logging it as well would print the
+        # same line twice through logging's last-resort handler.)
         raise ConfigError(message)
     fallbacks = [f"{n.internal} ({n.fallback})" for n in needs if n.optional and problem(n) is not None]
     if fallbacks:
