@@ -190,3 +190,32 @@ def test_optional_internal_present_exactly_from_its_release(internal: str) -> No
     (need,) = [n for n in probes.all_needs() if n.internal == internal and n.optional]
     expected = SYNAPSE_VERSION >= probes._version_tuple(need.since)
     assert probes.available(need) is expected, (need, synapse.__version__)
+
+
+# --- constraints files ------------------------------------------------------------------------
+
+
+def test_make_constraints_pins_every_locked_package_and_synapse(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    from tests.harness import REPO_ROOT
+
+    lock = tmp_path / "poetry.lock"
+    lock.write_text(
+        '[[package]]\nname = "Prometheus_Client"\nversion = "0.21.0"\n\n'
+        '[[package]]\nname = "twisted"\nversion = "24.7.0"\n\n'
+        '[[package]]\nname = "matrix-synapse-ldap3"\nversion = "0.3.0"\n\n'
+        '[[package]]\nname = "local-thing"\nversion = "1.0"\n[package.source]\ntype = "directory"\nurl = "x"\n'
+    )
+    out = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "make_constraints.py"), str(lock), "--release", "1.120.2"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    pins = [line for line in out.splitlines() if not line.startswith("#")]
+    assert pins == [
+        "matrix-synapse==1.120.2", "matrix-synapse-ldap3==0.3.0", "prometheus-client==0.21.0", "twisted==24.7.0",
+    ]
+    for release in ("1.120.2", "1.140.0"):
+        text = (REPO_ROOT / "constraints" / f"synapse-{release}.txt").read_text()
+        assert f"\nmatrix-synapse=={release}\n" in text
