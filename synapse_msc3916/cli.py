@@ -17,6 +17,7 @@ from synapse_msc3916.homeserver_config import ToolError
 COMMAND_MODULES = (
     "synapse_msc3916.freeze_report",
     "synapse_msc3916.storage.tools",
+    "synapse_msc3916.storage.scrub",
     "synapse_msc3916.keys_cli",
 )
 

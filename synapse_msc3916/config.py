@@ -102,6 +102,9 @@ class FreezeConfig:
     after_ms: int
     enforce: bool
     exempt: frozenset[tuple[str, str]] = attr.ib(factory=frozenset)
+    # Let the date re-open media Synapse's `enable_authenticated_media` flagged: without it,
+    # the freeze can only refuse more than Synapse does, never less.
+    reopen_flagged_media: bool = False
 
     @property
     def mode(self) -> str:
@@ -114,7 +117,7 @@ class FreezeConfig:
         where = "freeze."
         if not isinstance(block, Mapping):
             raise _fail("freeze", "must be a mapping with `after`, `mode` and `exempt`")
-        _check_keys(block, {"after", "mode", "exempt"}, where)
+        _check_keys(block, {"after", "mode", "exempt", "reopen_flagged_media"}, where)
         if "after" not in block:
             raise _fail("freeze.after", "is required (an ISO 8601 date-time)")
         after_ms = parse_instant(block["after"], "freeze.after")
@@ -130,7 +133,12 @@ class FreezeConfig:
             if not match:
                 raise _fail("freeze.exempt", f"not an mxc://server/media_id URI: {item!r}")
             exempt.add((match.group(1), match.group(2)))
-        return cls(after_ms=after_ms, enforce=mode == "enforce", exempt=frozenset(exempt))
+        return cls(
+            after_ms=after_ms,
+            enforce=mode == "enforce",
+            exempt=frozenset(exempt),
+            reopen_flagged_media=_bool(block, "reopen_flagged_media", False, where),
+        )
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)

@@ -2,8 +2,10 @@
 
 Media created (local) or first cached (remote) at or after ``after`` are served only on
 authenticated endpoints; older media stay reachable on the legacy ones so that URLs in
-the wild keep working. Creation times never change, so a decision, once looked up, is
-kept in memory and hot media cost no database round trip.
+the wild keep working, unless Synapse's own per-media flag already protects them: the
+freeze only ever refuses *more* than Synapse (``module.py`` combines the two). Creation
+times never change, so a decision, once looked up, is kept in memory and hot media cost
+no database round trip.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class FreezePolicy:
         self._local = local_server_name
         self._cache: OrderedDict[tuple[str | None, str], int] = OrderedDict()
         self._cache_size = cache_size
-        self._last_logged: OrderedDict[tuple[str | None, str], int] = OrderedDict()
+        self._last_logged: OrderedDict[tuple[str | None, str, str, bool], int] = OrderedDict()
 
     @property
     def config(self) -> FreezeConfig:
@@ -77,9 +79,18 @@ class FreezePolicy:
         if self._config.enforce:
             FREEZE_DECISIONS.labels("refused", _origin_label(server_name)).inc()
             return Decision.REFUSE
-        FREEZE_DECISIONS.labels("would_refuse", _origin_label(server_name)).inc()
-        self._log_rehearsal(origin, server_name, media_id)
+        # Counted and logged by ``would_refuse`` once Synapse has served it: what Synapse
+        # refuses itself is not something enforce mode would *additionally* refuse.
         return Decision.WOULD_REFUSE
+
+    def would_refuse(self, server_name: str | None, media_id: str, client: str) -> None:
+        """Report mode: Synapse served media that enforce mode would have refused."""
+        FREEZE_DECISIONS.labels("would_refuse", _origin_label(server_name)).inc()
+        self._log(server_name, media_id, client, enforce=False)
+
+    def refused(self, server_name: str | None, media_id: str, client: str) -> None:
+        """Enforce mode refused a media: log it (at most once per media, client and hour)."""
+        self._log(server_name, media_id, client, enforce=True)
 
     async def _created_ts(self, server_name: str | None, media_id: str) -> int | None:
         key = (server_name, media_id)
@@ -94,8 +105,8 @@ class FreezePolicy:
                 self._cache.popitem(last=False)
         return created
 
-    def _log_rehearsal(self, origin: str, server_name: str | None, media_id: str) -> None:
-        key = (server_name, media_id)
+    def _log(self, server_name: str | None, media_id: str, client: str, enforce: bool) -> None:
+        key = (server_name, media_id, client, enforce)
         now = self._now_ms()
         last = self._last_logged.get(key)
         if last is not None and now - last < REPORT_LOG_INTERVAL_MS:
@@ -105,10 +116,13 @@ class FreezePolicy:
         if len(self._last_logged) > max(self._cache_size, 1000):
             self._last_logged.popitem(last=False)
         logger.info(
-            "synapse_msc3916 freeze (report mode): would refuse mxc://%s/%s on an"
-            " unauthenticated endpoint",
-            origin,
+            "synapse_msc3916 freeze (%s mode): %s mxc://%s/%s on an unauthenticated endpoint"
+            " (client: %s)",
+            "enforce" if enforce else "report",
+            "refused" if enforce else "would refuse",
+            server_name or self._local,
             media_id,
+            client,
         )
 
 

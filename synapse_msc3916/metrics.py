@@ -50,3 +50,24 @@ STORAGE_CORRUPTIONS = Counter(
     "synapse_msc3916_storage_corruptions",
     "Objects whose size or SHA-256 did not match the index; they are no longer served.",
 )
+STORAGE_HEALS = Counter(
+    "synapse_msc3916_storage_heals",
+    "Objects found missing or damaged (at read time, or by a store that verified its"
+    " dedup hit) and rewritten by a later store of the same content.",
+)
+STORAGE_DAMAGED = Counter(
+    "synapse_msc3916_storage_damaged_objects",
+    "Indexed objects found missing or damaged, by where they were found and what was wrong.",
+    ["where", "problem"],
+)
+
+# --- Who still uses the unauthenticated media endpoints (issue 13) ---
+# `client` is one of clients.FAMILIES (a fixed set, whatever the User-Agent holds);
+# `decision` is served, refused, would_refuse (report mode: served, enforce would
+# refuse) or exempt (the freeze's exempt list, or an X-Matrix-signed federation read).
+UNAUTHENTICATED_REQUESTS = Counter(
+    "synapse_msc3916_unauthenticated_requests",
+    "Media reads on unauthenticated endpoints (legacy and MSC1902 download/thumbnail),"
+    " by client family (from the User-Agent) and decision.",
+    ["client", "decision"],
+)

@@ -1,12 +1,15 @@
 """``AuthenticatedMediaModule``: the entry point admins put under ``modules:``.
 
-It wires the pieces together and holds no logic of its own: the route table
-(``routes.py``), the per-listener router (``router.py``), the freeze policy
-(``freeze.py``) and the Synapse adapter (``synapse_adapter.py``).
+It wires the pieces together: the route table (``routes.py``), the per-listener router
+(``router.py``), the freeze policy (``freeze.py``), the client families (``clients.py``)
+and the Synapse adapter (``synapse_adapter/``). Its one rule of its own is how the freeze
+and Synapse's per-media ``authenticated`` flag combine on unauthenticated reads (``_gate``):
+a media is refused when either refuses it, so the freeze is never weaker than Synapse.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -14,12 +17,14 @@ from typing import Any
 from synapse.module_api import ModuleApi
 from twisted.web.resource import Resource
 
+from synapse_msc3916 import clients
 from synapse_msc3916 import synapse_adapter as sa
 from synapse_msc3916.config import ModuleConfig
 from synapse_msc3916.federation_auth import SignedDispatchResource
 from synapse_msc3916.freeze import Decision, FreezePolicy
 from synapse_msc3916.media_times import MediaTimes
-from synapse_msc3916.router import SIGNED_ORIGIN_ATTR, ListenerRouter
+from synapse_msc3916.metrics import UNAUTHENTICATED_REQUESTS
+from synapse_msc3916.router import SIGNED_ORIGIN_ATTR, ListenerRouter, RouterContext
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +61,15 @@ class AuthenticatedMediaModule:
             sa.fix_zero_byte_multipart()
             sa.install_media_gate(self._gate)
         if self.serves_media or self.advertises_features:
-            sa.install_routers(self.hs, lambda matrix, names: ListenerRouter(matrix, names, self))
+            context = RouterContext(
+                hs=self.hs,
+                serves_media=self.serves_media,
+                advertises_features=self.advertises_features,
+                versions_resource=self.versions_resource,
+                feature_enabled=self.feature_enabled,
+                signed_resource=self.signed_resource,
+            )
+            sa.install_routers(self.hs, lambda matrix, names: ListenerRouter(matrix, names, context))
 
     @staticmethod
     def parse_config(config: dict[str, Any]) -> ModuleConfig:
@@ -83,14 +96,63 @@ class AuthenticatedMediaModule:
     def signed_resource(self, then: Callable[[Any, str], Resource]) -> Resource:
         return SignedDispatchResource(self._authenticator, self._ratelimiter, then)
 
-    async def _gate(self, request: Any, server_name: str | None, media_id: str) -> bool:
-        """Decide an unauthenticated media read (see ``synapse_adapter.install_media_gate``)."""
+    async def _gate(
+        self, request: Any, server_name: str | None, media_id: str
+    ) -> tuple[bool, Callable[[bool], None] | None]:
+        """Decide an unauthenticated media read (see ``synapse_adapter.install_media_gate``).
+
+        Returns whether the read may ignore Synapse's per-media ``authenticated`` flag, and
+        a callback told whether Synapse refused it, which counts the request.
+        """
+        client = clients.classify(_user_agent(request))
         if request is not None and getattr(request, SIGNED_ORIGIN_ATTR, None):
-            return True  # a federation read the module authenticated with X-Matrix
+            # A federation read the module authenticated with X-Matrix: served like
+            # Synapse's stable federation endpoints, whatever the flag or the date.
+            return True, functools.partial(self._settle, client, Decision.EXEMPT, None, "")
         if self.freeze is None:
-            return False  # no freeze block: Synapse's own per-media flag decides
+            # No freeze block: Synapse's own per-media flag decides.
+            return False, functools.partial(self._settle, client, None, server_name, media_id)
         decision = await self.freeze.decide(server_name, media_id)
         if decision is Decision.REFUSE:
+            UNAUTHENTICATED_REQUESTS.labels(client, "refused").inc()
+            self.freeze.refused(server_name, media_id, client)
             raise sa.NotFoundError(FROZEN_ERROR)
-        # With a freeze block the date decides, not Synapse's per-media flag.
-        return True
+        config = self.freeze.config
+        # Only an explicit reopen_flagged_media lets the date serve what Synapse's flag
+        # refuses, and never in report mode: a rehearsal must not widen access.
+        reopen = (
+            config.reopen_flagged_media
+            and config.enforce
+            and decision in (Decision.SERVE, Decision.EXEMPT)
+        )
+        return reopen, functools.partial(self._settle, client, decision, server_name, media_id)
+
+    def _settle(
+        self,
+        client: str,
+        decision: Decision | None,
+        server_name: str | None,
+        media_id: str,
+        refused_by_synapse: bool,
+    ) -> None:
+        """Count one unauthenticated read once Synapse has answered it."""
+        if refused_by_synapse:
+            label = "refused"
+        elif decision is Decision.WOULD_REFUSE:
+            label = "would_refuse"
+            assert self.freeze is not None
+            self.freeze.would_refuse(server_name, media_id, client)
+        elif decision is Decision.EXEMPT:
+            label = "exempt"
+        else:
+            label = "served"
+        UNAUTHENTICATED_REQUESTS.labels(client, label).inc()
+
+
+def _user_agent(request: Any) -> bytes | None:
+    """The request's first ``User-Agent`` header, or None."""
+    headers = getattr(request, "requestHeaders", None)
+    if headers is None:
+        return None
+    values = headers.getRawHeaders(b"user-agent")
+    return values[0] if values else None

@@ -9,8 +9,10 @@ where it has ``client`` or ``media``, federation paths where it has ``federation
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
+import attr
 from twisted.web.resource import Resource
 
 from synapse_msc3916 import media_ids
@@ -18,14 +20,27 @@ from synapse_msc3916 import synapse_adapter as sa
 from synapse_msc3916.metrics import MEDIA_REQUESTS
 from synapse_msc3916.routes import Action, Family, Listener, Route, find_route
 
-if TYPE_CHECKING:
-    from synapse_msc3916.module import AuthenticatedMediaModule
-
 logger = logging.getLogger(__name__)
 
 # Set on a request whose X-Matrix signature the module has checked, so that the media
 # gate lets Synapse's legacy servlet serve it as a federation read.
 SIGNED_ORIGIN_ATTR = "_msc3916_signed_origin"
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class RouterContext:
+    """What the routers need from the module, built once by ``module.py``."""
+
+    hs: Any
+    # Whether this process serves media (else only /versions is routed).
+    serves_media: bool
+    # Whether /versions gets the module's unstable features.
+    advertises_features: bool
+    versions_resource: Resource
+    # feature_enabled("unstable_msc3916" | "msc1902") -> bool
+    feature_enabled: Callable[[str], bool]
+    # signed_resource(then) -> a resource that checks X-Matrix, then calls then(request, origin)
+    signed_resource: Callable[[Callable[[Any, str], Resource]], Resource]
 
 
 def families_served(names: frozenset[str]) -> frozenset[Listener]:
@@ -38,13 +53,11 @@ def families_served(names: frozenset[str]) -> frozenset[Listener]:
 
 
 class ListenerRouter(Resource):
-    def __init__(
-        self, matrix: Resource, names: frozenset[str], module: AuthenticatedMediaModule
-    ):
+    def __init__(self, matrix: Resource, names: frozenset[str], context: RouterContext):
         super().__init__()
         self._matrix = matrix
         self._served = families_served(names)
-        self._module = module
+        self._context = context
 
     # Twisted asks the parent for each path segment; we look at the whole raw path once.
     def getChildWithDefault(self, path: bytes, request: Any) -> Resource:
@@ -66,13 +79,13 @@ class ListenerRouter(Resource):
         return self._matrix.getChildWithDefault(path, request)
 
     def _serves(self, route: Route) -> bool:
-        if not self._module.serves_media and route.action is not Action.VERSIONS:
+        if not self._context.serves_media and route.action is not Action.VERSIONS:
             return False
         if route.action is Action.OBSERVE:
             return True
-        if route.feature is not None and not self._module.feature_enabled(route.feature):
+        if route.feature is not None and not self._context.feature_enabled(route.feature):
             return False
-        if route.action is Action.VERSIONS and not self._module.advertises_features:
+        if route.action is Action.VERSIONS and not self._context.advertises_features:
             return False
         return route.listener in self._served
 
@@ -94,14 +107,14 @@ class ListenerRouter(Resource):
             return self._rewrite(route, match, request)
         if route.action is Action.VERSIONS:
             client = self._matrix.getChildWithDefault(b"client", request)
-            return sa.encoded_like(client, self._module.versions_resource)
+            return sa.encoded_like(client, self._context.versions_resource)
         if route.action is Action.FEDERATION_ORIGIN:
             media_ids.check_media_id(match.group("media_id"))
             origin = media_ids.check_server_name(match.group("origin"))
-            if sa.is_mine_server_name(self._module.hs, origin):
+            if sa.is_mine_server_name(self._context.hs, origin):
                 suffix = f"{match.group('kind')}/{match.group('media_id')}"
                 return self._rewrite_to(f"{route.target}{suffix}", request)
-            return self._module.signed_resource(lambda req, _origin: _not_found(origin))
+            return self._context.signed_resource(lambda req, _origin: _not_found(origin))
         if route.action is Action.SIGNED_LEGACY:
             return self._signed_legacy(route, match)
         raise AssertionError(route.action)
@@ -124,12 +137,12 @@ class ListenerRouter(Resource):
         def then(request: Any, signed_by: str) -> Resource:
             origin = media_ids.check_server_name(origin_raw)
             media_ids.check_media_id(match.group("media_id"))
-            if not sa.is_mine_server_name(self._module.hs, origin):
+            if not sa.is_mine_server_name(self._context.hs, origin):
                 raise sa.NotFoundError("Only local media are served over federation")
             setattr(request, SIGNED_ORIGIN_ATTR, signed_by)
             return self._rewrite_to(f"{route.target}{kind}/{rest}", request)
 
-        return self._module.signed_resource(then)
+        return self._context.signed_resource(then)
 
 
 def _synapse_would_crash(route: Route, match: Any) -> Resource | None:

@@ -611,6 +611,7 @@ class SeaweedFS:
         self.s3_port = free_port()
         self.endpoint_url = f"http://127.0.0.1:{self.s3_port}"
         self.proc: subprocess.Popen | None = None
+        self.extra_args: list[str] = []  # e.g. -s3.config=... for identities
 
     def start(self, timeout: float = 60.0) -> SeaweedFS:
         weed = shutil.which("weed", path=str(_BIN)) or shutil.which("weed")
@@ -630,7 +631,7 @@ class SeaweedFS:
             "-volume.max=100", "-master.volumeSizeLimitMB=32",
             "-s3", f"-s3.port={self.s3_port}",
             "-filer",
-        ] + [f"-{k}={v}" for k, v in ports.items()]
+        ] + [f"-{k}={v}" for k, v in ports.items()] + self.extra_args
         self.log = open(self.dir / "weed.log", "ab")
         self.proc = subprocess.Popen(
             args, cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT,

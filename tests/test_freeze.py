@@ -1,4 +1,9 @@
-"""The dated authenticated-only freeze, end to end through real homeservers."""
+"""The dated authenticated-only freeze, end to end through real homeservers.
+
+These servers run with ``enable_authenticated_media: false``, so that Synapse's own
+per-media flag refuses nothing and the date alone decides (the behaviour before issue 13).
+How the freeze combines with that flag when it is on is in ``test_freeze_security.py``.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,9 @@ import pytest
 from tests.conftest import start_federation_pair
 from tests.harness import Synapse, make_synapse, request
 from tests.test_endpoints import png
+
+# Synapse's enable_authenticated_media off: no media carries its `authenticated` flag.
+NO_FLAG = {"enable_authenticated_media": False}
 
 
 def iso(ms: int) -> str:
@@ -54,7 +62,7 @@ def assert_frozen(resp, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def frozen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Synapse]:
-    hs = make_synapse(tmp_path_factory.mktemp("freeze"), module_config={})
+    hs = make_synapse(tmp_path_factory.mktemp("freeze"), module_config={}, extra_config=NO_FLAG)
     hs.start()
     hs.token = hs.register("alice")  # type: ignore[attr-defined]
     hs.old = hs.upload(hs.token, png(), "image/png", "old.png")  # type: ignore[attr-defined]
@@ -200,7 +208,9 @@ def test_freeze_report_cli(frozen: Synapse) -> None:
 
 
 def test_remote_media_frozen_by_first_cache_time(tmp_path_factory: pytest.TempPathFactory) -> None:
-    a, b = start_federation_pair(tmp_path_factory.mktemp("freeze-fed"), module_config={})
+    a, b = start_federation_pair(
+        tmp_path_factory.mktemp("freeze-fed"), module_config={}, extra_config=NO_FLAG
+    )
     try:
         a_tok, b_tok = a.register("alice"), b.register("bob")
         cached_early = a.upload(a_tok, png(), "image/png", "early.png")

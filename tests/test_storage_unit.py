@@ -348,3 +348,19 @@ def test_responder_streams_a_prefetched_small_blob_without_reading_again() -> No
     done.addErrback(lambda f: None)
     assert reader.reads == 0
     assert consumer.chunks == [] and corrupt and "SHA-256" in corrupt[0]  # still verified
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal() -> None:
+    import io
+
+    from synapse_msc3916.storage.progress import Progress
+
+    out = io.StringIO()
+    bar = Progress("scrub", 3, unit="object", stream=out)
+    for _ in range(3):
+        bar.step()
+    bar.close()
+    text = out.getvalue()
+    assert "\r" not in text and "\x1b" not in text
+    assert "scrub: 100%" in text and "3/3" in text
+    assert all(line.startswith("scrub:") for line in text.splitlines())

@@ -10,6 +10,7 @@ uploaders harmless.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import secrets
 import shutil
@@ -68,6 +69,9 @@ class BlobStore(Protocol):
         """Store the file at ``source``; False if the blob existed and nothing was written."""
 
     def open(self, sha256: str) -> BlobReader | None: ...
+
+    def stat(self, sha256: str) -> int | None:
+        """The object's size, or None if it does not exist (errors raise)."""
 
     def delete(self, sha256: str) -> None: ...
 
@@ -147,6 +151,14 @@ class FileBlobStore:
         except OSError as e:
             raise StorageUnavailable(f"cannot read blob {sha256}: {e.strerror}") from e
 
+    def stat(self, sha256: str) -> int | None:
+        try:
+            return os.stat(self._path(sha256)).st_size
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StorageUnavailable(f"cannot stat blob {sha256}: {e.strerror}") from e
+
     def delete(self, sha256: str) -> None:
         try:
             os.unlink(self._path(sha256))
@@ -170,7 +182,10 @@ class FileBlobStore:
 
 # --- S3 -----------------------------------------------------------------------------
 
-_MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+# Only a missing *object* is a miss. ``NoSuchBucket``, ``AccessDenied`` and every other
+# error are failures: answering "not found" for them would make Synapse serve 404s for
+# media that exist (and would make a deleted bucket look like an empty one).
+_MISSING = {"404", "NoSuchKey", "NotFound"}
 
 
 class _S3Reader:
@@ -259,18 +274,33 @@ class S3BlobStore:
     def _unavailable(self, what: str, e: Exception) -> StorageUnavailable:
         return StorageUnavailable(f"S3 {what} on bucket {self.bucket!r} failed: {e}")
 
-    def exists_key(self, key: str) -> bool:
+    def head_key(self, key: str) -> dict[str, Any] | None:
+        """HEAD an object: its response, or None if the object does not exist.
+
+        A HEAD answer has no body, so a missing bucket is a bare 404 just like a missing
+        key; a 404 is therefore confirmed with a HEAD of the bucket before it is believed.
+        """
         from botocore.exceptions import ClientError
 
         try:
-            self.client.head_object(Bucket=self.bucket, Key=key, **self._sse())
-            return True
+            return dict(self.client.head_object(Bucket=self.bucket, Key=key, **self._sse()))
         except ClientError as e:
-            if self._code(e) in _MISSING:
-                return False
-            raise self._unavailable("HEAD", e) from e
+            if self._code(e) not in _MISSING:
+                raise self._unavailable("HEAD", e) from e
         except Exception as e:
             raise self._unavailable("HEAD", e) from e
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as e:
+            raise self._unavailable("HEAD bucket", e) from e
+        return None
+
+    def exists_key(self, key: str) -> bool:
+        return self.head_key(key) is not None
+
+    def stat(self, sha256: str) -> int | None:
+        head = self.head_key(self.key(sha256))
+        return None if head is None else int(head["ContentLength"])
 
     def put_file(self, sha256: str, source: str, length: int, overwrite: bool = False) -> bool:
         from botocore.exceptions import ClientError
@@ -348,29 +378,25 @@ class S3BlobStore:
             if sha_from_name(info.name) is not None:
                 yield info
 
-    def copy_key_to_blob(self, key: str, sha256: str) -> bool:
-        """Server-side copy of an existing object to a blob; False if the blob existed."""
-        from botocore.exceptions import ClientError
 
-        sse = self._sse()
-        extra: dict[str, Any] = {"StorageClass": self.config.storage_class, **sse}
-        if sse:
-            extra["CopySourceSSECustomerKey"] = sse["SSECustomerKey"]
-            extra["CopySourceSSECustomerAlgorithm"] = sse["SSECustomerAlgorithm"]
-        if self.exists_key(self.key(sha256)):
-            return False
-        try:
-            self.client.copy_object(
-                Bucket=self.bucket,
-                Key=self.key(sha256),
-                CopySource={"Bucket": self.bucket, "Key": key},
-                **extra,
-            )
-            return True
-        except ClientError as e:
-            raise self._unavailable("COPY", e) from e
-        except Exception as e:
-            raise self._unavailable("COPY", e) from e
+def hash_blob(store: BlobStore, sha256: str) -> tuple[str, int] | None:
+    """SHA-256 and length of a stored object as read back, or None if it is missing.
+
+    What ``migrate`` and ``scrub`` use to verify an object: a name is only trusted once
+    the bytes under it hash to it.
+    """
+    reader = store.open(sha256)
+    if reader is None:
+        return None
+    digest = hashlib.sha256()
+    length = 0
+    try:
+        while chunk := reader.read(1 << 20):
+            digest.update(chunk)
+            length += len(chunk)
+    finally:
+        reader.close()
+    return digest.hexdigest(), length
 
 
 def make_blobstore(config: StorageConfig) -> FileBlobStore | S3BlobStore:

@@ -28,7 +28,11 @@ SCHEMA = "msc3916_storage_schema"
 # How long a garbage collection may hold a blob in the "deleting" state before an
 # upload of the same content takes the blob over. It bounds how long an upload can wait;
 # a GC deletes one object between marking and unmarking, which takes far less.
-DELETING_STALE_MS = 5 * 60 * 1000
+# It must stay shorter than the upload's wait (``provider._WAIT_FOR_GC_SECONDS``, 60 s) so
+# that a gc that died between marking and deleting delays an upload instead of failing
+# it, and longer than a deletion can take (``gc`` deletes with short S3 timeouts,
+# ``tools.GC_DELETE_TIMEOUTS``: at most 2 x (5 + 10) s).
+DELETING_STALE_MS = 45 * 1000
 
 
 class Txn(Protocol):
@@ -301,6 +305,25 @@ def locate_txn(txn: Txn, path: str) -> Located | None:
 
 def mark_corrupt_txn(txn: Txn, sha256: str) -> None:
     txn.execute(f"UPDATE {BLOBS} SET corrupt = 1 WHERE sha256 = ?", (sha256,))
+
+
+def mark_blob_missing_txn(txn: Txn, sha256: str) -> bool:
+    """Record that a blob's object was found missing (or damaged) although the row says
+    it is stored; True if this call changed the row.
+
+    Self-healing relies on this one conditional statement and nothing else: it sets the
+    same ``corrupt`` flag a failed verification sets, which the store path already
+    reads (``claim_blob_txn`` answers ``write`` with ``overwrite``), so the next store of
+    the same content rewrites the object instead of being a dedup hit on nothing, and
+    ``record_path_txn`` clears the flag once it has. A row being deleted is left alone:
+    its object is meant to vanish.
+    """
+    txn.execute(
+        f"UPDATE {BLOBS} SET corrupt = 1"
+        " WHERE sha256 = ? AND corrupt = 0 AND deleting_ts IS NULL",
+        (sha256,),
+    )
+    return txn.rowcount == 1
 
 
 # --- garbage collection --------------------------------------------------------

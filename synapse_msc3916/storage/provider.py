@@ -24,10 +24,12 @@ from synapse_msc3916.metrics import (
     STORAGE_BYTES_SAVED,
     STORAGE_BYTES_WRITTEN,
     STORAGE_CORRUPTIONS,
+    STORAGE_DAMAGED,
     STORAGE_DEDUP_HITS,
     STORAGE_ERRORS,
     STORAGE_FETCH_LATENCY,
     STORAGE_FETCHES,
+    STORAGE_HEALS,
     STORAGE_STORES,
 )
 from synapse_msc3916.storage import index
@@ -38,8 +40,11 @@ logger = logging.getLogger(__name__)
 
 # Temp-file paths announced by the spam-check hook, waiting for their store_file call.
 _PENDING_MAX = 10_000
-# How long an upload waits for a GC to finish deleting the same content, in total.
+# How long an upload waits for a GC to finish deleting the same content, in total. It
+# must exceed ``index.DELETING_STALE_MS``: a mark left by a gc that died is then taken
+# over by the waiting upload (claim answers ``write``) before the upload gives up.
 _WAIT_FOR_GC_SECONDS = 60.0
+assert _WAIT_FOR_GC_SECONDS * 1000 > index.DELETING_STALE_MS
 
 
 def hash_file(path: str) -> tuple[str, int]:
@@ -235,6 +240,35 @@ class DedupStorageProvider:
                 raise self._unavailable("store", TimeoutError("blob is being deleted by gc"))
             await self._api.sleep(0.25)
 
+        healing = False
+        if decision == index.HIT:
+            # A dedup hit trusts an object nobody has looked at since it was written: one
+            # HEAD makes sure it is still there (a lifecycle rule, an operator, a lost
+            # race may have removed it) and rewrites it if not, before the user gets 200.
+            # When the store cannot answer, the index is trusted as before: a dedup hit
+            # keeps working through an S3 outage (``scrub`` catches up later).
+            try:
+                size = await self._in_thread(self._store.stat, sha256)
+            except StorageUnavailable as e:
+                STORAGE_ERRORS.labels(operation="verify").inc()
+                logger.warning(
+                    "synapse_msc3916: could not check object %s of a dedup hit (%s);"
+                    " trusting the index",
+                    sha256,
+                    e,
+                )
+                size = length
+            if size != length:
+                problem = "missing" if size is None else "wrong_size"
+                STORAGE_DAMAGED.labels(where="store", problem=problem).inc()
+                logger.warning(
+                    "synapse_msc3916: object %s is %s, rewriting it from this upload",
+                    sha256,
+                    "missing" if size is None else f"{size} bytes instead of {length}",
+                )
+                await self._db("mark_missing", index.mark_blob_missing_txn, sha256)
+                decision, overwrite, healing = index.WRITE, size is not None, True
+
         written = False
         if decision == index.WRITE:
             try:
@@ -245,6 +279,9 @@ class DedupStorageProvider:
                 raise self._unavailable("store", e) from e
         if written:
             STORAGE_BYTES_WRITTEN.inc(length)
+            if overwrite or healing:
+                STORAGE_HEALS.inc()
+                logger.info("synapse_msc3916: rewrote damaged object %s", sha256)
         else:
             STORAGE_DEDUP_HITS.inc()
             STORAGE_BYTES_SAVED.inc(length)
@@ -273,12 +310,18 @@ class DedupStorageProvider:
         except StorageUnavailable as e:
             raise self._unavailable("fetch", e) from e
         if reader is None:
-            logger.warning(
-                "synapse_msc3916: %s is indexed as %s but the object is missing",
+            logger.error(
+                "synapse_msc3916: %s is indexed as %s but the object is missing;"
+                " the next store of this content rewrites it",
                 path,
                 located.sha256,
             )
             STORAGE_FETCHES.labels(result="missing_object").inc()
+            STORAGE_DAMAGED.labels(where="fetch", problem="missing").inc()
+            try:
+                await self._db("mark_missing", index.mark_blob_missing_txn, located.sha256)
+            except Exception:  # best effort: the read's answer must not depend on it
+                logger.exception("synapse_msc3916: could not mark %s missing", located.sha256)
             return await self._fetch_legacy(path)
         if reader.size != located.length:
             reader.close()

@@ -19,11 +19,18 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import attr
+
 from synapse_msc3916 import homeserver_config as hc
-from synapse_msc3916 import synapse_adapter as sa
 from synapse_msc3916.config import StorageConfig
 from synapse_msc3916.storage import index
-from synapse_msc3916.storage.blobstore import S3BlobStore, StorageUnavailable, make_blobstore
+from synapse_msc3916.storage.blobstore import (
+    S3BlobStore,
+    StorageUnavailable,
+    hash_blob,
+    make_blobstore,
+)
+from synapse_msc3916.storage.progress import Progress
 from synapse_msc3916.storage.provider import hash_file
 
 MEDIA_DIRS = ("local_content", "local_thumbnails", "remote_content", "remote_thumbnail")
@@ -37,44 +44,6 @@ def parse_duration(text: str) -> float:
     if not match:
         raise argparse.ArgumentTypeError(f"not a duration like 24h or 30m: {text!r}")
     return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-class Progress:
-    """One self-overwriting line on stderr; quiet enough for a log file too."""
-
-    def __init__(self, label: str, total: int, stream: Any = None):
-        self.label = label
-        self.total = total
-        self.done = 0
-        self.stream = stream or sys.stderr
-        self._last = 0.0
-        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
-
-    def step(self, n: int = 1) -> None:
-        self.done += n
-        now = time.monotonic()
-        finished = bool(self.total) and self.done >= self.total
-        if finished or now - self._last >= (0.1 if self._tty else 5.0):
-            self._last = now
-            self._draw()
-
-    def _draw(self) -> None:
-        end = "\r" if self._tty else "\n"
-        if not self.total:  # open-ended: a running count
-            self.stream.write(f"{self.label}: {self.done}{end}")
-            self.stream.flush()
-            return
-        width = 30
-        filled = width * self.done // self.total if self.total else width
-        bar = "#" * filled + "-" * (width - filled)
-        self.stream.write(f"{self.label} [{bar}] {self.done}/{self.total}{end}")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self._tty:
-            self._draw()
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 def _human(n: float) -> str:
@@ -118,29 +87,66 @@ def _iter_media_store(root: str) -> Iterable[tuple[str, str, int]]:
                 yield rel, full, os.path.getsize(full)
 
 
+# What became of one source file: only the first three allow deleting a legacy source.
+WRITTEN, DEDUPLICATED, VERIFIED = "written", "deduplicated", "verified"
+MISMATCH, UNVERIFIED = "hash_mismatch", "unverified"
+
+
+def _synapse_sha256(db: Any, ref: index.MediaRef, has_column: bool) -> tuple[str, int] | None:
+    """What Synapse recorded for this media, when its release records it (1.128+)."""
+    if not has_column:
+        return None
+    return index.run_tool_txn(db, index.synapse_sha256_txn, ref)  # type: ignore[no-any-return]
+
+
+def _has_sha256_column(db: Any) -> bool:
+    txn = index.ToolTxn(db)
+    try:
+        txn.execute("SELECT sha256 FROM local_media_repository WHERE 1 = 0", ())
+        txn.fetchall()
+        return True
+    except Exception:
+        return False
+    finally:
+        db.conn.rollback()
+
+
+def _verify_copy(store: Any, sha256: str, length: int) -> bool:
+    """Read the stored object back: is its SHA-256 its name and its length the index's?"""
+    return hash_blob(store, sha256) == (sha256, length)
+
+
 def _store_one(
     db: Any,
     store: Any,
     path: str,
     ref: index.MediaRef,
-    size: int,
     local_file: str | None,
     legacy_key: str | None,
-) -> bool:
-    """Index one file from a source; True if object bytes were written."""
-    known = None
-    if sa.media_tables_have_sha256():  # Synapse 1.128 and later record it
-        known = index.run_tool_txn(db, index.synapse_sha256_txn, ref)
+    has_sha_column: bool,
+) -> str:
+    """Index one file from a source; returns what happened (``WRITTEN``, ...).
+
+    The source's bytes are always hashed here: the SHA-256 Synapse recorded is only
+    compared with it, never trusted in its place, so a legacy object with bit rot is
+    not copied under a name that is not its content. A legacy source is then verified
+    in the store by reading the object back before anyone may delete the source.
+    """
+    known = _synapse_sha256(db, ref, has_sha_column)
     tmp: str | None = None
     try:
-        if known is not None and known[1] == size:
-            sha256, length = known
-        else:
-            if local_file is None:
-                assert legacy_key is not None and isinstance(store, S3BlobStore)
-                tmp = _download(store, legacy_key)
-                local_file = tmp
-            sha256, length = hash_file(local_file)
+        if local_file is None:
+            assert legacy_key is not None and isinstance(store, S3BlobStore)
+            tmp = _download(store, legacy_key)
+            local_file = tmp
+        sha256, length = hash_file(local_file)
+        if known is not None and known != (sha256, length):
+            Progress.write(
+                f"migrate: {path}: content has SHA-256 {sha256} ({length} bytes) but Synapse"
+                f" recorded {known[0]} ({known[1]} bytes); not migrated, source kept",
+                file=sys.stderr,
+            )
+            return MISMATCH
         for _ in range(240):
             decision, overwrite = index.run_tool_txn(
                 db, index.claim_blob_txn, sha256, length, index.now_ms()
@@ -150,17 +156,25 @@ def _store_one(
             time.sleep(0.25)
         else:
             raise hc.ToolError(f"{sha256} stayed locked by another gc for a minute")
+        if decision == index.HIT and store.stat(sha256) != length:
+            # The index says stored, the store disagrees: heal it from this source.
+            index.run_tool_txn(db, index.mark_blob_missing_txn, sha256)
+            decision, overwrite = index.WRITE, True
         written = False
         if decision == index.WRITE:
-            if local_file is not None:
-                written = store.put_file(sha256, local_file, length, overwrite)
-            else:
-                assert legacy_key is not None
-                written = store.copy_key_to_blob(legacy_key, sha256)
+            written = store.put_file(sha256, local_file, length, overwrite)
+        if legacy_key is not None and not _verify_copy(store, sha256, length):
+            index.run_tool_txn(db, index.mark_blob_missing_txn, sha256)
+            Progress.write(
+                f"migrate: {path}: the copy {sha256} does not read back with its hash;"
+                " not indexed, source kept",
+                file=sys.stderr,
+            )
+            return UNVERIFIED
         index.run_tool_txn(
             db, index.record_path_txn, path, sha256, length, ref, index.now_ms(), True
         )
-        return written
+        return WRITTEN if written else DEDUPLICATED
     finally:
         if tmp is not None:
             os.unlink(tmp)
@@ -183,8 +197,12 @@ def _download(store: S3BlobStore, key: str) -> str:
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Load an existing media store or synapse-s3-storage-provider prefix into the store.
 
-    Resumable: a path already in the index is skipped (and, for a legacy prefix, its
-    leftover legacy object deleted), so an interrupted run is simply run again.
+    Resumable: a path already in the index is skipped, so an interrupted run is simply
+    run again. Safe by default: a legacy source object is deleted only once its copy
+    has been read back with the right SHA-256 (for an already indexed path too, so a
+    destination object lost since the first run is restored from the source, never
+    deleted with it), and a source whose bytes do not match the SHA-256 Synapse
+    recorded is not migrated at all. Exit code 1 when some file was left unmigrated.
     """
     ctx = Context(args.config)
     legacy = args.from_legacy_prefix
@@ -210,11 +228,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         "skipped": 0,
         "written": 0,
         "deduplicated": 0,
+        "restored": 0,
         "bytes": 0,
         "legacy_deleted": 0,
+        "legacy_kept_unverified": 0,
+        "hash_mismatch": 0,
     }
     with _open(ctx) as db:
         index.run_tool_txn(db, index.ensure_schema_txn)
+        has_sha_column = _has_sha256_column(db)
         progress = Progress("migrate", len(sources))
         for path, local_file, size, legacy_key in sources:
             progress.step()
@@ -224,29 +246,93 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 continue
             stats["files"] += 1
             stats["bytes"] += size
-            if index.run_tool_txn(db, index.path_indexed_txn, path):
-                stats["already"] += 1
-            elif args.dry_run:
+            located = index.run_tool_txn(db, index.locate_txn, path)
+            if args.dry_run:
+                stats["already"] += int(located is not None)
                 continue
+            try:
+                outcome = _migrate_one(
+                    db, ctx.store, path, ref, local_file, legacy_key, located, has_sha_column
+                )
+            except StorageUnavailable as e:
+                progress.close()
+                raise hc.ToolError(str(e)) from None
+            if outcome == VERIFIED:
+                stats["already"] += 1
+            elif outcome in (WRITTEN, DEDUPLICATED) and located is not None:
+                # The index pointed at a missing or damaged object: it is whole again,
+                # from this source, but the source stays until a later run finds the
+                # index and the store agreeing on their own.
+                stats["restored"] += 1
+                continue
+            elif outcome in (WRITTEN, DEDUPLICATED):
+                stats[outcome] += 1
             else:
-                try:
-                    written = _store_one(db, ctx.store, path, ref, size, local_file, legacy_key)
-                except StorageUnavailable as e:
-                    raise hc.ToolError(str(e)) from None
-                stats["written" if written else "deduplicated"] += 1
-            if legacy_key is not None and not args.keep_source and not args.dry_run:
+                stats[MISMATCH if outcome == MISMATCH else "legacy_kept_unverified"] += 1
+                continue  # never delete a source whose copy is not verified
+            if legacy_key is not None and not args.keep_source:
                 assert isinstance(ctx.store, S3BlobStore)
                 ctx.store.delete_key(legacy_key)
                 stats["legacy_deleted"] += 1
         progress.close()
     _report("migrate", stats, args)
+    failed = stats["legacy_kept_unverified"] + stats["hash_mismatch"]
+    if failed:
+        print(
+            f"migrate: {failed} file(s) could not be migrated safely and were left"
+            " where they are (see above)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def _migrate_one(
+    db: Any,
+    store: Any,
+    path: str,
+    ref: index.MediaRef,
+    local_file: str | None,
+    legacy_key: str | None,
+    located: index.Located | None,
+    has_sha_column: bool,
+) -> str:
+    """Migrate one path, or check that an earlier run did; returns what happened.
+
+    An indexed path from the local media store is left alone (nothing will be
+    deleted). An indexed path from a legacy prefix is verified in the store first: its
+    object must read back with its hash before the legacy source may go. An object
+    found missing or damaged is stored again from the source, like a new one.
+    """
+    if located is not None and legacy_key is None:
+        return VERIFIED
+    if located is not None:
+        if located.servable and _verify_copy(store, located.sha256, located.length):
+            return VERIFIED
+        index.run_tool_txn(db, index.mark_blob_missing_txn, located.sha256)
+    return _store_one(db, store, path, ref, local_file, legacy_key, has_sha_column)
+
 
 
 # --- gc --------------------------------------------------------------------------------
 
 
 _PAGE = 10_000
+# S3 timeouts (connect, read) for gc's deletions. A blob stays marked "deleting" while
+# its object is deleted; an upload of the same content takes a mark over once it is
+# older than ``index.DELETING_STALE_MS`` (a gc that died). The takeover is only safe if
+# the deletion cannot still land afterwards, so it must take less than that: at most
+# 2 attempts x (5 + 10) s = 30 s < 45 s.
+GC_DELETE_TIMEOUTS = (5, 10)
+
+
+def gc_storage_config(storage: StorageConfig) -> StorageConfig:
+    connect, read = GC_DELETE_TIMEOUTS
+    return attr.evolve(
+        storage,
+        connect_timeout=min(storage.connect_timeout, connect),
+        read_timeout=min(storage.read_timeout, read),
+    )
 
 
 def _unreferenced(page: Any, cutoff: int) -> Iterator[tuple[str, int]]:
@@ -297,6 +383,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     for a moment, and a blob claimed by an upload in progress has no path yet.
     """
     ctx = Context(args.config)
+    ctx.store = make_blobstore(gc_storage_config(ctx.storage))
     apply = args.apply and not args.dry_run
     now = index.now_ms()
     cutoff = now - int(args.grace * 1000)

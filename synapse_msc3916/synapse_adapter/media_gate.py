@@ -23,10 +23,17 @@ from synapse_msc3916.synapse_adapter.probes import method
 
 logger = logging.getLogger(__name__)
 
-# gate(request or None, server_name or None, media_id) -> True: serve regardless of
-# Synapse's per-media `authenticated` flag; False: leave the decision to Synapse; or
-# raise (e.g. NotFoundError) to refuse before anything is read or fetched.
-Gate = Callable[[Any, str | None, str], Awaitable[bool]]
+# Told once the wrapped read is over whether Synapse itself refused it (NotFoundError:
+# its per-media `authenticated` flag, or remote media it will not fetch for this read),
+# so that the module can count what was really served.
+Outcome = Callable[[bool], None]
+
+# gate(request or None, server_name or None, media_id) -> (open, outcome):
+# open True: serve regardless of Synapse's per-media `authenticated` flag (a read the module
+# authenticated itself, or media the admin explicitly re-opened); False: Synapse's flag
+# still refuses what it refuses. Or raise (e.g. NotFoundError) to refuse before anything is
+# read or fetched.
+Gate = Callable[[Any, str | None, str], Awaitable[tuple[bool, Outcome | None]]]
 
 _LOCAL = ("request", "media_id", "allow_authenticated")
 _REMOTE = ("request", "server_name", "media_id", "allow_authenticated")
@@ -93,13 +100,25 @@ def gated(method: Callable[..., Awaitable[None]], remote: bool, flag: str | None
             raise NotFoundError(REFUSED_ERROR) from None
         if allow_authenticated:
             return await method(*args, **kwargs)
-        if await gate(request, server_name, media_id):
+        allow, outcome = await gate(request, server_name, media_id)
+        if allow:
             bound.arguments["allow_authenticated"] = True
         # Remote media is fetched the way the authenticated endpoints fetch it: signed
         # federation first, Synapse's own fallback to the legacy endpoint after.
         if flag is not None:
             bound.arguments[flag] = True
-        return await method(*bound.args, **bound.kwargs)
+        try:
+            await method(*bound.args, **bound.kwargs)
+        except NotFoundError:
+            if outcome is not None:
+                outcome(True)
+            raise
+        except Exception:
+            if outcome is not None:
+                outcome(False)
+            raise
+        if outcome is not None:
+            outcome(False)
 
     wrapper._msc3916_gated = True  # type: ignore[attr-defined]
     return wrapper

@@ -1,0 +1,273 @@
+"""``synapse-msc3916 scrub``: check that every indexed object is really in the store.
+
+The index is the provider's memory of what the store holds; nothing else notices when
+the two drift apart (an object deleted by an operator or a bucket lifecycle rule, a
+truncated file, bit rot) until a user's download fails. ``scrub`` walks every blob row
+that says "stored" and checks its object: that it exists with the recorded size, and
+with ``--hash`` that its SHA-256 is its name. ``--repair`` re-stores a broken object from
+a copy in Synapse's local media store when one exists (its hash verified first, the
+rewritten object verified after), and otherwise marks it, so that the next upload of
+the same content rewrites it (see ``index.mark_blob_missing_txn``).
+
+Exit code 0 when everything is sound (or was repaired), 1 when something is still
+broken, so that a cron job or a monitoring check can alert on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from synapse_msc3916 import homeserver_config as hc
+from synapse_msc3916.storage import index
+from synapse_msc3916.storage.blobstore import StorageUnavailable, hash_blob
+from synapse_msc3916.storage.progress import Progress
+from synapse_msc3916.storage.provider import hash_file
+from synapse_msc3916.storage.tools import Context
+
+OK, MISSING, CORRUPT = "ok", "missing", "corrupt"
+# Paths pointing at content with no blob row at all (a deletion that lost a race with an
+# upload): reads of them fail although the object may be there.
+UNRECORDED = "unrecorded"
+_PAGE = 1000
+# Checks run in parallel: a HEAD costs a round trip, and a million of them one after
+# the other would take hours.
+_WORKERS = 16
+
+
+def _stored_blobs_page_txn(
+    txn: index.Txn, after: str, limit: int
+) -> list[tuple[str, int, bool]]:
+    """Blob rows that claim a stored object (and are not being deleted), in hash order."""
+    txn.execute(
+        f"SELECT sha256, length, corrupt FROM {index.BLOBS}"
+        " WHERE sha256 > ? AND stored = 1 AND deleting_ts IS NULL ORDER BY sha256 LIMIT ?",
+        (after, limit),
+    )
+    return [(str(r[0]), int(r[1]), bool(r[2])) for r in txn.fetchall()]
+
+
+def _unrecorded_page_txn(
+    txn: index.Txn, after: str, limit: int
+) -> list[tuple[str, int, bool]]:
+    """Contents that paths reference but no blob row records, in hash order."""
+    txn.execute(
+        f"SELECT p.sha256, MAX(p.length) FROM {index.PATHS} p"
+        f" WHERE p.sha256 > ? AND NOT EXISTS"
+        f" (SELECT 1 FROM {index.BLOBS} b WHERE b.sha256 = p.sha256)"
+        " GROUP BY p.sha256 ORDER BY p.sha256 LIMIT ?",
+        (after, limit),
+    )
+    return [(str(r[0]), int(r[1]), False) for r in txn.fetchall()]
+
+
+def _count_stored_txn(txn: index.Txn) -> int:
+    txn.execute(
+        f"SELECT COUNT(*) FROM {index.BLOBS} WHERE stored = 1 AND deleting_ts IS NULL", ()
+    )
+    return int(txn.fetchone()[0])
+
+
+def _paths_of_txn(txn: index.Txn, sha256: str) -> list[str]:
+    txn.execute(f"SELECT path FROM {index.PATHS} WHERE sha256 = ? ORDER BY path", (sha256,))
+    return [str(r[0]) for r in txn.fetchall()]
+
+
+def check_object(store: Any, sha256: str, length: int, content: bool) -> tuple[str, str]:
+    """(``ok``/``missing``/``corrupt``, why) for one object; store errors raise."""
+    if content:
+        read = hash_blob(store, sha256)
+        if read is None:
+            return MISSING, "no object"
+        if read != (sha256, length):
+            return CORRUPT, f"reads back as {read[1]} bytes with SHA-256 {read[0]}"
+        return OK, ""
+    size = store.stat(sha256)
+    if size is None:
+        return MISSING, "no object"
+    if size != length:
+        return CORRUPT, f"{size} bytes, the index says {length}"
+    return OK, ""
+
+
+def _rows(db: Any, page_txn: Any) -> Iterator[tuple[str, int, bool]]:
+    after = ""
+    while True:
+        rows = index.run_tool_txn(db, page_txn, after, _PAGE)
+        yield from rows
+        if len(rows) < _PAGE:
+            return
+        after = rows[-1][0]
+
+
+def _record_existing(db: Any, store: Any, sha256: str, length: int) -> str | None:
+    """Give content whose object is sound but which has no blob row its row back."""
+    paths = index.run_tool_txn(db, _paths_of_txn, sha256)
+    ref = index.parse_media_path(paths[0]) if paths else None
+    if ref is None:
+        return None
+    decision, _overwrite = index.run_tool_txn(
+        db, index.claim_blob_txn, sha256, length, index.now_ms()
+    )
+    if decision == index.WAIT or hash_blob(store, sha256) != (sha256, length):
+        return None
+    index.run_tool_txn(
+        db, index.record_path_txn, paths[0], sha256, length, ref, index.now_ms(), True
+    )
+    return paths[0]
+
+
+def repair(db: Any, store: Any, media_store: str, sha256: str, length: int) -> str | None:
+    """Re-store a broken object from a verified local copy; the path used, or None.
+
+    Follows the upload protocol: the row is marked (so that a claim answers ``write``
+    with overwrite) and claimed (so that a concurrent gc leaves it alone), the copy's
+    hash is checked before the write and the object's after it.
+    """
+    for path in index.run_tool_txn(db, _paths_of_txn, sha256):
+        local = os.path.join(media_store, path)
+        try:
+            if os.path.getsize(local) != length or hash_file(local) != (sha256, length):
+                continue
+        except OSError:
+            continue
+        index.run_tool_txn(db, index.mark_blob_missing_txn, sha256)
+        decision, _overwrite = index.run_tool_txn(
+            db, index.claim_blob_txn, sha256, length, index.now_ms()
+        )
+        if decision == index.WAIT:
+            return None  # a gc is deleting it: nothing references it any more
+        store.put_file(sha256, local, length, True)
+        if hash_blob(store, sha256) != (sha256, length):
+            return None
+        ref = index.parse_media_path(path)
+        if ref is None:
+            return None
+        index.run_tool_txn(
+            db, index.record_path_txn, path, sha256, length, ref, index.now_ms(), True
+        )
+        return path
+    return None
+
+
+def cmd_scrub(args: argparse.Namespace) -> int:
+    ctx = Context(args.config)
+    stats: dict[str, Any] = {
+        "checked": 0,
+        "ok": 0,
+        "missing": 0,
+        "corrupt": 0,
+        "unrecorded": 0,
+        "repaired": 0,
+        "marked": 0,
+        "broken": [],
+        "hash": bool(args.hash),
+        "repair": bool(args.repair),
+    }
+    with hc.open_database(ctx.config) as db, ThreadPoolExecutor(_WORKERS) as pool:
+        index.run_tool_txn(db, index.ensure_schema_txn)
+        total = index.run_tool_txn(db, _count_stored_txn)
+        bar = Progress("scrub", total, unit="object")
+        page: list[tuple[str, int, bool | None]] = []
+        # Every blob row that says "stored", then every content paths use without a row.
+        rows = itertools.chain(
+            _rows(db, _stored_blobs_page_txn),
+            ((sha, n, None) for sha, n, _ in _rows(db, _unrecorded_page_txn)),
+        )
+        while True:
+            page = [row for _, row in zip(range(_PAGE), rows, strict=False)]
+            if not page:
+                break
+            try:
+                results = list(
+                    pool.map(lambda r: check_object(ctx.store, r[0], r[1], args.hash), page)
+                )
+            except StorageUnavailable as e:
+                bar.close()
+                raise hc.ToolError(str(e)) from None
+            for (sha256, length, marked), (state, why) in zip(page, results, strict=True):
+                bar.step()
+                stats["checked"] += 1
+                if state == OK and marked:
+                    # The object looks sound but a read found it damaged: trust the read.
+                    state, why = CORRUPT, "marked damaged by an earlier read"
+                elif state == OK and marked is None:
+                    state, why = UNRECORDED, "paths use it but the index has no blob row"
+                if state == OK:
+                    stats["ok"] += 1
+                    continue
+                stats[state] += 1
+                entry: dict[str, Any] = {"sha256": sha256, "problem": state, "detail": why}
+                entry["paths"] = index.run_tool_txn(db, _paths_of_txn, sha256)
+                if args.repair:
+                    try:
+                        if state == UNRECORDED:
+                            used = _record_existing(db, ctx.store, sha256, length)
+                        else:
+                            used = repair(db, ctx.store, ctx.media_store, sha256, length)
+                    except StorageUnavailable as e:
+                        bar.close()
+                        raise hc.ToolError(str(e)) from None
+                    if used is not None:
+                        stats["repaired"] += 1
+                        entry["repaired_from"] = used
+                    else:
+                        stats["marked"] += int(
+                            index.run_tool_txn(db, index.mark_blob_missing_txn, sha256)
+                        )
+                        entry["repaired_from"] = None
+                stats["broken"].append(entry)
+        bar.close()
+    still_broken = (
+        stats["missing"] + stats["corrupt"] + stats["unrecorded"] - stats["repaired"]
+    )
+    stats["still_broken"] = still_broken
+    _print(stats, args)
+    return 1 if still_broken else 0
+
+
+def _print(stats: dict[str, Any], args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+        return
+    for entry in stats["broken"]:
+        line = f"{entry['problem']}: {entry['sha256']} ({entry['detail']})"
+        if "repaired_from" in entry:
+            fixed = entry["repaired_from"]
+            line += f": repaired from {fixed}" if fixed else ": no local copy, marked for rewrite"
+        print(line)
+        for path in entry["paths"][:5]:
+            print(f"    {path}")
+    print(
+        f"scrub: {stats['checked']} checked, {stats['ok']} ok, {stats['missing']} missing,"
+        f" {stats['corrupt']} corrupt, {stats['unrecorded']} unrecorded,"
+        f" {stats['repaired']} repaired"
+        + (" (content hashed)" if stats["hash"] else " (sizes only; --hash reads content)")
+    )
+    if stats["still_broken"]:
+        print(f"scrub: {stats['still_broken']} object(s) still broken", file=sys.stderr)
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "scrub", help="check that every indexed object exists with its size (and content)"
+    )
+    p.add_argument("-c", "--config", required=True, help="Synapse's homeserver.yaml")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--hash", action="store_true", help="read every object and check its SHA-256")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="re-store broken objects from the local media store when a verified copy"
+        " exists, and mark the others so that the next upload rewrites them",
+    )
+    p.set_defaults(func=cmd_scrub)
+
+
+__all__ = ["register", "check_object"]
