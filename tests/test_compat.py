@@ -51,9 +51,9 @@ def gate_installed() -> Iterator[list[Any]]:
     """A gate that records its calls, installed for the test only."""
     calls: list[Any] = []
 
-    async def gate(request: Any, server_name: str | None, media_id: str) -> bool:
+    async def gate(request: Any, server_name: str | None, media_id: str) -> tuple[bool, Any]:
         calls.append((server_name, media_id))
-        return False
+        return False, None  # leave the decision to Synapse, no outcome callback
 
     previous = media_gate._gate
     media_gate._gate = gate
