@@ -123,7 +123,7 @@ class DedupStorageProvider:
         # Create or upgrade the index as the process starts, not on the first upload, so
         # that a schema problem shows in the log at once.
         self._reactor.callWhenRunning(
-            self._api.run_as_background_process, "msc3916_storage_schema", self._ensure_schema
+            sa.run_as_background_process, hs, "msc3916_storage_schema", self._ensure_schema
         )
         if config.redirect.enabled:
             self._install_redirects()
@@ -169,7 +169,7 @@ class DedupStorageProvider:
     # --- plumbing ---
 
     async def _in_thread(self, f: Any, *args: Any) -> Any:
-        return await self._api.defer_to_threadpool(self._pool, f, *args)
+        return await sa.defer_to_threadpool(self._hs, self._pool, f, *args)
 
     async def _db(self, desc: str, func: Any, *args: Any) -> Any:
         await self._ensure_schema()
@@ -240,7 +240,9 @@ class DedupStorageProvider:
             raise sa.SynapseError(
                 500, "Media storage could not read the uploaded file", sa.Codes.UNKNOWN
             ) from None
-        known = await self._db("synapse_sha256", index.synapse_sha256_txn, ref)
+        known = None
+        if sa.media_tables_have_sha256():  # Synapse 1.128 and later record it
+            known = await self._db("synapse_sha256", index.synapse_sha256_txn, ref)
         if known is not None and known[1] == size:
             sha256, length = known
         else:

@@ -32,7 +32,7 @@ SEAMS = ("server", "listeners", "versions", "federation", "media_gate", "multipa
 _EXPORTS = {
     "server": (
         "Codes", "NotFoundError", "SynapseError", "homeserver", "can_load_media_repo",
-        "is_mine_server_name", "validate_server_name", "sso_icon_media",
+        "is_mine_server_name", "validate_server_name", "sso_icon_media", "current_time_msec",
     ),
     "listeners": ("install_routers", "resolve_resource", "encoded_like", "ErrorResource"),
     "versions": ("VersionsResource",),
@@ -42,7 +42,8 @@ _EXPORTS = {
     "storage": (
         "Responder", "storage_module_api", "run_db_read_committed", "storage_reactor",
         "media_store_path", "local_media_storage_enabled", "provider_store_synchronous",
-        "storage_config_error", "storage_not_spam",
+        "storage_config_error", "storage_not_spam", "run_as_background_process",
+        "defer_to_threadpool", "media_tables_have_sha256",
     ),
     "redirect": ("install_fetch_hook", "RedirectingResponder"),
 }
@@ -51,13 +52,14 @@ _SEAM_OF = {name: seam for seam, names in _EXPORTS.items() for name in names}
 __all__ = [
     "SEAMS", "check_synapse",
     "Codes", "NotFoundError", "SynapseError", "homeserver", "can_load_media_repo",
-    "is_mine_server_name", "validate_server_name", "sso_icon_media",
+    "is_mine_server_name", "validate_server_name", "sso_icon_media", "current_time_msec",
     "install_routers", "resolve_resource", "encoded_like", "ErrorResource",
     "VersionsResource", "federation_authenticator", "federation_ratelimiter",
     "install_media_gate", "fix_zero_byte_multipart",
     "Responder", "storage_module_api", "run_db_read_committed", "storage_reactor",
     "media_store_path", "local_media_storage_enabled", "provider_store_synchronous",
-    "storage_config_error", "storage_not_spam",
+    "storage_config_error", "storage_not_spam", "run_as_background_process",
+    "defer_to_threadpool", "media_tables_have_sha256",
     "install_fetch_hook", "RedirectingResponder",
 ]
 
@@ -77,6 +79,7 @@ if TYPE_CHECKING:
         NotFoundError,
         SynapseError,
         can_load_media_repo,
+        current_time_msec,
         homeserver,
         is_mine_server_name,
         sso_icon_media,
@@ -84,9 +87,12 @@ if TYPE_CHECKING:
     )
     from synapse_msc3916.synapse_adapter.storage import (
         Responder,
+        defer_to_threadpool,
         local_media_storage_enabled,
         media_store_path,
+        media_tables_have_sha256,
         provider_store_synchronous,
+        run_as_background_process,
         run_db_read_committed,
         storage_config_error,
         storage_module_api,
