@@ -23,6 +23,9 @@ from synapse_msc3916.storage.redirect import Served, SignedUrls, decide, request
 from tests.harness import TOPOLOGY, SeaweedFS, Synapse, make_synapse, request
 from tests.storage_helpers import SignedSeaweedFS, provider_entry, s3_config, wipe_local_media
 
+# Every release of the supported range: the seam and both sides of federation.
+pytestmark = pytest.mark.compat
+
 BUCKET = "redirects"
 MIN_SIZE = 1000  # small enough that a thumbnail redirects, big enough for a 100-byte file
 NO_REDIRECT_UA = "NoRedirect/1.0"
