@@ -34,6 +34,7 @@ from synapse_msc3916.metrics import (
 )
 from synapse_msc3916.storage import index
 from synapse_msc3916.storage.blobstore import S3BlobStore, StorageUnavailable, make_blobstore
+from synapse_msc3916.storage.redirect import Redirector
 from synapse_msc3916.storage.responder import CHUNK_SIZE, BlobResponder
 
 logger = logging.getLogger(__name__)
@@ -124,6 +125,8 @@ class DedupStorageProvider:
         self._reactor.callWhenRunning(
             sa.run_as_background_process, hs, "msc3916_storage_schema", self._ensure_schema
         )
+        if config.redirect.enabled:
+            self._install_redirects()
         logger.info("synapse_msc3916: dedup storage provider on %s", self._store.describe())
 
     def __str__(self) -> str:
@@ -146,6 +149,22 @@ class DedupStorageProvider:
                     f"synapse_msc3916: directory: {parsed.directory} is not writable"
                 )
         return parsed
+
+    def _install_redirects(self) -> None:
+        """Hand large media to S3 (see storage/redirect.py and synapse_adapter/redirect.py)."""
+        store = self._store
+        assert isinstance(store, S3BlobStore)  # config refuses redirects on backend: file
+        expires = self._config.redirect.expires
+
+        def sign(sha256: str, content_type: str | None, disposition: str | None) -> str:
+            return store.presign_get(sha256, expires, content_type, disposition)
+
+        async def locate(path: str) -> Any:
+            return await self._db("locate", index.locate_txn, path)
+
+        sign("0" * 64, None, None)  # build the signing client now, not on the first read
+        redirector = Redirector(self._config.redirect, sign, locate, sa.RedirectingResponder)
+        sa.install_fetch_hook(redirector.hook)
 
     # --- plumbing ---
 

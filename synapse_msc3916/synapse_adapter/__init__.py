@@ -12,6 +12,7 @@ it. Those are internal APIs, so each seam declares the internals it uses (``NEED
     media_gate.py  the gate on every unauthenticated media read (freeze, signed reads)
     multipart.py   the zero-byte multipart/mixed fix
     storage.py     database pool, media config and Responder for the storage provider
+    redirect.py    where Synapse starts sending a media file: presigned redirects
     probes.py      the start-up checks and the tested release range
 
 The names below are imported from their seam on first use, so that importing the
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from synapse_msc3916.synapse_adapter.probes import check_synapse
 
-SEAMS = ("server", "listeners", "versions", "federation", "media_gate", "multipart", "storage")
+SEAMS = ("server", "listeners", "versions", "federation", "media_gate", "multipart", "storage", "redirect")
 
 _EXPORTS = {
     "server": (
@@ -44,6 +45,7 @@ _EXPORTS = {
         "storage_config_error", "storage_not_spam", "run_as_background_process",
         "defer_to_threadpool", "media_tables_have_sha256",
     ),
+    "redirect": ("install_fetch_hook", "RedirectingResponder"),
 }
 _SEAM_OF = {name: seam for seam, names in _EXPORTS.items() for name in names}
 
@@ -58,6 +60,7 @@ __all__ = [
     "media_store_path", "local_media_storage_enabled", "provider_store_synchronous",
     "storage_config_error", "storage_not_spam", "run_as_background_process",
     "defer_to_threadpool", "media_tables_have_sha256",
+    "install_fetch_hook", "RedirectingResponder",
 ]
 
 if TYPE_CHECKING:
@@ -70,6 +73,7 @@ if TYPE_CHECKING:
     )
     from synapse_msc3916.synapse_adapter.media_gate import install_media_gate
     from synapse_msc3916.synapse_adapter.multipart import fix_zero_byte_multipart
+    from synapse_msc3916.synapse_adapter.redirect import RedirectingResponder, install_fetch_hook
     from synapse_msc3916.synapse_adapter.server import (
         Codes,
         NotFoundError,
