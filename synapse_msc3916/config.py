@@ -212,7 +212,61 @@ def _delete_after(block: Mapping[str, Any]) -> int | None:
     return parse_duration_ms(value, "delete_after")
 
 
-_DIRECTORY_KEYS = {"backend", "directory", "delete_after"}
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class RedirectConfig:
+    """The provider's `redirect:` block: hand large media to S3 with a presigned URL."""
+
+    enabled: bool = False
+    min_size: int = 1 << 20
+    expires: int = 300
+    public_endpoint_url: str | None = None
+    federation: bool = True
+    exclude_user_agents: tuple[re.Pattern[str], ...] = ()
+
+    @classmethod
+    def parse(cls, block: Any) -> RedirectConfig:
+        if block is None:
+            return cls()
+        where = "redirect."
+        if not isinstance(block, Mapping):
+            raise _fail("redirect", "must be a mapping")
+        _check_keys(
+            block,
+            {"enabled", "min_size", "expires", "public_endpoint_url", "federation",
+             "exclude_user_agents"},
+            where,
+        )
+        min_size = _int(block, "min_size", 1 << 20, where, minimum=0)
+        expires = _int(block, "expires", 300, where, minimum=1, maximum=3600)
+        assert min_size is not None and expires is not None
+        public = _str(block, "public_endpoint_url", None, where)
+        if public is not None and not re.match(r"^https?://[^\s/]+", public):
+            raise _fail(where + "public_endpoint_url", f"must be an http(s) URL, not {public!r}")
+        raw_agents = block.get("exclude_user_agents") or []
+        if not isinstance(raw_agents, list):
+            raise _fail(where + "exclude_user_agents", "must be a list of regular expressions")
+        agents = []
+        for item in raw_agents:
+            if not isinstance(item, str):
+                raise _fail(where + "exclude_user_agents", f"not a string: {item!r}")
+            try:
+                agents.append(re.compile(item))
+            except re.error as e:
+                raise _fail(
+                    where + "exclude_user_agents", f"cannot parse {item!r} as a regular expression: {e}"
+                ) from None
+        return cls(
+            enabled=_bool(block, "enabled", False, where),
+            min_size=min_size,
+            expires=expires,
+            public_endpoint_url=public,
+            federation=_bool(block, "federation", True, where),
+            exclude_user_agents=tuple(agents),
+        )
+
+
+_DIRECTORY_KEYS = {"backend", "directory", "redirect", "delete_after"}
 _S3_KEYS = {
     "bucket",
     "prefix",
@@ -229,6 +283,7 @@ _S3_KEYS = {
     "connect_timeout",
     "read_timeout",
     "legacy_prefix",
+    "redirect",
     "delete_after",
     # accepted for drop-in compatibility with synapse-s3-storage-provider
     "request_checksum_calculation",
@@ -268,6 +323,7 @@ class StorageConfig:
     # botocore's checksum settings, as synapse-s3-storage-provider passes them through
     request_checksum_calculation: str | None = None
     response_checksum_validation: str | None = None
+    redirect: RedirectConfig = attr.ib(factory=RedirectConfig)
     # How long after the last reference goes an object is deleted; None: only by gc.
     delete_after_ms: int | None = DEFAULT_DELETE_AFTER_MS
 
@@ -285,6 +341,11 @@ class StorageConfig:
             directory = _str(block, "directory", None)
             if not directory:
                 raise _fail("directory", "is required with backend: file")
+            if RedirectConfig.parse(block.get("redirect")).enabled:
+                raise _fail(
+                    "redirect.enabled",
+                    "needs backend: s3 (a directory has no URL a client could be sent to)",
+                )
             return cls(backend="file", directory=directory, delete_after_ms=_delete_after(block))
 
         _check_keys(block, _S3_KEYS | {"backend"}, "")
@@ -320,6 +381,14 @@ class StorageConfig:
             if value is not None and value not in ("when_supported", "when_required"):
                 raise _fail(key, f"must be 'when_supported' or 'when_required', not {value!r}")
             checksums[key] = value
+        redirect = RedirectConfig.parse(block.get("redirect"))
+        sse_customer_key = _str(block, "sse_customer_key", None)
+        if redirect.enabled and sse_customer_key:
+            raise _fail(
+                "redirect.enabled",
+                "cannot be used with sse_customer_key (SSE-C objects need the key in a"
+                " request header, so a URL alone cannot fetch them)",
+            )
         return cls(
             backend="s3",
             bucket=bucket,
@@ -330,7 +399,7 @@ class StorageConfig:
             secret_access_key=_str(block, "secret_access_key", None),
             session_token=_str(block, "session_token", None),
             storage_class=storage_class,
-            sse_customer_key=_str(block, "sse_customer_key", None),
+            sse_customer_key=sse_customer_key,
             sse_customer_algo=algo,
             threadpool_size=threads,
             max_pool_connections=pool,
@@ -339,5 +408,6 @@ class StorageConfig:
             legacy_prefix=legacy_prefix,
             request_checksum_calculation=checksums["request_checksum_calculation"],
             response_checksum_validation=checksums["response_checksum_validation"],
+            redirect=redirect,
             delete_after_ms=_delete_after(block),
         )

@@ -1,8 +1,8 @@
 """Ed25519 signing-key files in the three formats a Matrix deployment meets (issue 6).
 
 Pure functions: parse, convert and write key files. Nothing here imports Synapse; the
-command-line side (``keys generate|combine|check|revoke``) lives in ``keys_cli`` and is
-added to the ``synapse-msc3916`` console script through :func:`register`.
+command-line side (``keys generate|combine|check|revoke``) lives in ``keys_cli``, which
+imports this file (never the other way round).
 
 The formats, as read from their descriptions (no code copied from any project):
 
@@ -375,10 +375,3 @@ def _write_all(fd: int, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def register(subparsers: Any) -> None:
-    """Add ``keys generate|combine|check|revoke`` to the console script."""
-    from synapse_msc3916 import keys_cli
-
-    keys_cli.register(subparsers)

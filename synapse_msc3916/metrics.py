@@ -80,3 +80,14 @@ UNAUTHENTICATED_REQUESTS = Counter(
     " by client family (from the User-Agent) and decision.",
     ["client", "decision"],
 )
+
+STORAGE_REDIRECTS = Counter(
+    "synapse_msc3916_storage_redirects",
+    "Media reads answered with a presigned S3 URL instead of the bytes, by kind"
+    " (download, thumbnail, federation).",
+    ["kind"],
+)
+STORAGE_REDIRECTED_BYTES = Counter(
+    "synapse_msc3916_storage_redirected_bytes",
+    "Bytes of the media whose reads were redirected to S3 (sent by S3, not Synapse).",
+)

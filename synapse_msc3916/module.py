@@ -46,7 +46,7 @@ class AuthenticatedMediaModule:
             self.freeze = FreezePolicy(
                 config.freeze,
                 times.created_ts,
-                api.get_current_time_msec,
+                sa.current_time_msec(api),
                 auto_exempt=sa.sso_icon_media(self.hs),
                 local_server_name=api.server_name,
                 cache_size=config.freeze_cache_size,

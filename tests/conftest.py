@@ -7,8 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.harness import TOPOLOGY, SeaweedFS, Synapse, make_synapse
+
+# These machines are shared and noisy: a property test must fail on a wrong answer, never
+# on a slow one (Hypothesis' default 200 ms deadline made the config fuzzers flaky under load).
+settings.register_profile("shared-machine", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("shared-machine")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -6,7 +6,7 @@ import io
 import shutil
 from typing import Any
 
-from tests.harness import Synapse
+from tests.harness import SeaweedFS, Synapse
 
 PROVIDER = "synapse_msc3916.DedupStorageProvider"
 
@@ -82,3 +82,32 @@ def s3_legacy_entry(seaweedfs: Any, bucket: str, prefix: str = "", **extra: Any)
             **extra,
         },
     }
+
+
+class SignedSeaweedFS(SeaweedFS):
+    """SeaweedFS whose S3 gateway has one identity, so it checks every signature.
+
+    The plain harness SeaweedFS has no identities and serves unsigned requests, so a
+    presigned URL's signature and expiry would go unchecked there.
+    """
+
+    def start(self, timeout: float = 60.0) -> SeaweedFS:
+        import json
+
+        config = self.dir / "s3-identities.json"
+        config.write_text(json.dumps({"identities": [{
+            "name": "test",
+            "credentials": [{"accessKey": self.ACCESS_KEY, "secretKey": self.SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }]}))
+        self.extra_args = [f"-s3.config={config}"]
+        return super().start(timeout)
+
+    def stop(self) -> None:
+        """Its data is thrown away: do not wait SeaweedFS's slow SIGTERM shutdown out."""
+        from tests.harness import stop_process
+
+        if self.proc is not None:
+            stop_process(self.proc, term_timeout=3)
+            self.proc = None
+            self.log.close()

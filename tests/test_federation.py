@@ -37,6 +37,7 @@ def access_log(hs: Synapse) -> str:
         "/_matrix/client/unstable/org.matrix.msc1902/media",
     ],
 )
+@pytest.mark.compat
 def test_user_on_b_downloads_and_thumbnails_media_of_a(pair, prefix: str) -> None:
     a, b = pair
     image = png(80, 60)
@@ -51,6 +52,7 @@ def test_user_on_b_downloads_and_thumbnails_media_of_a(pair, prefix: str) -> Non
     assert f"GET /_matrix/federation/v1/media/download/{mid}" in access_log(a)
 
 
+@pytest.mark.compat
 def test_zero_byte_media_over_federation(pair) -> None:
     a, b = pair
     mid = a.upload(a.token, b"", "text/plain", "empty.txt")
@@ -69,6 +71,7 @@ FORMS = [
 ]
 
 
+@pytest.mark.compat
 def test_a_answers_requests_signed_by_b_and_refuses_bad_ones(pair) -> None:
     a, b = pair
     mid = a.upload(a.token, b"federated bytes\n", "text/plain", "f.txt")

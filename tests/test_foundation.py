@@ -39,6 +39,7 @@ def two_listener_server(factory: Callable[..., Synapse], module: bool, **kw) -> 
     return hs, hs.base_url, f"http://127.0.0.1:{federation_port}"
 
 
+@pytest.mark.compat
 def test_versions_advertises_the_unstable_features(synapse: Synapse) -> None:
     resp = synapse.get("/_matrix/client/versions")
     assert resp.status == 200
@@ -47,6 +48,7 @@ def test_versions_advertises_the_unstable_features(synapse: Synapse) -> None:
     assert features["org.matrix.msc1902"] is True
 
 
+@pytest.mark.compat
 @pytest.mark.single_process
 def test_each_listener_serves_only_its_own_families(synapse_factory) -> None:
     hs, client, federation = two_listener_server(synapse_factory, module=True)
@@ -77,6 +79,7 @@ def test_each_listener_serves_only_its_own_families(synapse_factory) -> None:
     assert request("GET", federation, "/_matrix/client/versions").status == 404
 
 
+@pytest.mark.compat
 @pytest.mark.single_process
 def test_router_hands_everything_else_back_unchanged(synapse_factory) -> None:
     """Same answers, to the byte, as a Synapse without the module on the same layout."""
@@ -168,6 +171,7 @@ def test_bad_config_stops_synapse_naming_the_key(synapse_factory, module_config,
     assert "Traceback" not in output
 
 
+@pytest.mark.compat
 @pytest.mark.single_process
 def test_compressed_listener(synapse_factory) -> None:
     """`compress: true` gzips module answers exactly as it gzips Synapse's own."""

@@ -76,6 +76,7 @@ def frozen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Synapse]:
     hs.stop()
 
 
+@pytest.mark.compat
 def test_old_media_public_new_media_frozen(frozen: Synapse) -> None:
     sn, tok = frozen.server_name, frozen.token  # type: ignore[attr-defined]
     before = frozen.metric_value("synapse_msc3916_freeze_decisions_total", decision="refused")
@@ -130,6 +131,7 @@ def bypass_forms(sn: str, mid: str) -> list[tuple[str, str]]:
     ]
 
 
+@pytest.mark.compat
 def test_bypass_forms_are_refused(frozen: Synapse) -> None:
     sn = frozen.server_name
     for method, path in bypass_forms(sn, frozen.new):  # type: ignore[attr-defined]
@@ -144,6 +146,7 @@ def test_bypass_forms_are_refused(frozen: Synapse) -> None:
     assert len(served) >= 10, served
 
 
+@pytest.mark.compat
 def test_report_mode_serves_and_counts(frozen: Synapse) -> None:
     frozen.config["modules"][0]["config"]["freeze"]["mode"] = "report"
     frozen.restart()

@@ -598,3 +598,14 @@ def test_revoke_refuses_unknown_and_last_key(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("revoke", "-c", str(config), "--key-id", "ed25519:abc",
                                   "--output", out), "the only key")
     assert not Path(out).exists()
+
+
+def test_keys_does_not_import_its_command_line() -> None:
+    """keys_cli imports keys, never the other way round (no import circle)."""
+    import synapse_msc3916.keys as module
+
+    tree = ast.parse(open(module.__file__).read())
+    imported = {
+        alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names
+    } | {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not any("keys_cli" in name for name in imported)

@@ -18,6 +18,7 @@ def _blobs(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
+@pytest.mark.compat
 def test_file_backend_round_trip_dedups(
     synapse_factory: Callable[..., Synapse], tmp_path: Path
 ) -> None:
@@ -65,6 +66,7 @@ def test_bad_config_stops_synapse_naming_the_key(
         assert key in output, output[-2000:]
 
 
+@pytest.mark.compat
 def test_migrate_existing_media_store_into_file_backend(
     synapse_factory: Callable[..., Synapse], tmp_path: Path
 ) -> None:

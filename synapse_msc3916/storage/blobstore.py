@@ -226,6 +226,7 @@ class S3BlobStore:
         self.bucket = config.bucket or ""
         self.prefix = config.prefix
         self._conditional = True
+        self._signer: Any = None
         checksums = {
             key: value
             for key, value in (
@@ -250,6 +251,37 @@ class S3BlobStore:
                 **checksums,
             ),
         )
+
+    def presign_get(
+        self, sha256: str, expires: int, content_type: str | None, disposition: str | None
+    ) -> str:
+        """A SigV4 presigned GET of a blob, for the endpoint clients reach (no network).
+
+        The signature covers the Host, so the URL is signed by a second client that
+        knows the public endpoint (``redirect.public_endpoint_url``) when there is one.
+        The response-* overrides make S3 answer with Synapse's own headers.
+        """
+        signer = self._signer
+        if signer is None:
+            import boto3
+            from botocore.config import Config
+
+            endpoint = self.config.redirect.public_endpoint_url or self.config.endpoint_url
+            signer = self._signer = boto3.session.Session().client(
+                "s3",
+                endpoint_url=endpoint,
+                region_name=self.config.region_name,
+                aws_access_key_id=self.config.access_key_id,
+                aws_secret_access_key=self.config.secret_access_key,
+                aws_session_token=self.config.session_token,
+                config=Config(signature_version="s3v4"),
+            )
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key(sha256)}
+        if content_type:
+            params["ResponseContentType"] = content_type
+        if disposition:
+            params["ResponseContentDisposition"] = disposition
+        return str(signer.generate_presigned_url("get_object", Params=params, ExpiresIn=expires))
 
     def describe(self) -> str:
         where = self.config.endpoint_url or "AWS"

@@ -36,6 +36,7 @@ from synapse_msc3916.metrics import (
 from synapse_msc3916.storage import index
 from synapse_msc3916.storage.blobstore import S3BlobStore, StorageUnavailable, make_blobstore
 from synapse_msc3916.storage.lifecycle import DeletionJob, gc_storage_config, tick_interval_ms
+from synapse_msc3916.storage.redirect import Redirector
 from synapse_msc3916.storage.responder import CHUNK_SIZE, BlobResponder
 
 logger = logging.getLogger(__name__)
@@ -124,8 +125,10 @@ class DedupStorageProvider:
         # Create or upgrade the index as the process starts, not on the first upload, so
         # that a schema problem shows in the log at once.
         self._reactor.callWhenRunning(
-            sa.run_in_background_process, self._api, "msc3916_storage_schema", self._ensure_schema
+            sa.run_as_background_process, hs, "msc3916_storage_schema", self._ensure_schema
         )
+        if config.redirect.enabled:
+            self._install_redirects()
         # Claims this process made in a previous life are released at start-up: they are
         # the ones made before this instant by this instance name.
         self._instance = sa.instance_name(hs)
@@ -169,10 +172,26 @@ class DedupStorageProvider:
                 )
         return parsed
 
+    def _install_redirects(self) -> None:
+        """Hand large media to S3 (see storage/redirect.py and synapse_adapter/redirect.py)."""
+        store = self._store
+        assert isinstance(store, S3BlobStore)  # config refuses redirects on backend: file
+        expires = self._config.redirect.expires
+
+        def sign(sha256: str, content_type: str | None, disposition: str | None) -> str:
+            return store.presign_get(sha256, expires, content_type, disposition)
+
+        async def locate(path: str) -> Any:
+            return await self._db("locate", index.locate_txn, path)
+
+        sign("0" * 64, None, None)  # build the signing client now, not on the first read
+        redirector = Redirector(self._config.redirect, sign, locate, sa.RedirectingResponder)
+        sa.install_fetch_hook(redirector.hook)
+
     # --- plumbing ---
 
     async def _in_thread(self, f: Any, *args: Any) -> Any:
-        return await self._api.defer_to_threadpool(self._pool, f, *args)
+        return await sa.defer_to_threadpool(self._hs, self._pool, f, *args)
 
     async def _db(self, desc: str, func: Any, *args: Any) -> Any:
         await self._ensure_schema()
@@ -282,7 +301,9 @@ class DedupStorageProvider:
             raise sa.SynapseError(
                 500, "Media storage could not read the uploaded file", sa.Codes.UNKNOWN
             ) from None
-        known = await self._db("synapse_sha256", index.synapse_sha256_txn, ref)
+        known = None
+        if sa.media_tables_have_sha256():  # Synapse 1.128 and later record it
+            known = await self._db("synapse_sha256", index.synapse_sha256_txn, ref)
         if known is not None and known[1] == size:
             sha256, length = known
         else:

@@ -12,8 +12,7 @@ it. Those are internal APIs, so each seam declares the internals it uses (``NEED
     media_gate.py  the gate on every unauthenticated media read (freeze, signed reads)
     multipart.py   the zero-byte multipart/mixed fix
     storage.py     database pool, media config and Responder for the storage provider
-    media_deletions.py  triggers tombstoning Synapse's media deletions; the deletion
-                   job's process and timer
+    redirect.py    where Synapse starts sending a media file: presigned redirects
     probes.py      the start-up checks and the tested release range
 
 The names below are imported from their seam on first use, so that importing the
@@ -29,14 +28,14 @@ from typing import TYPE_CHECKING, Any
 from synapse_msc3916.synapse_adapter.probes import check_synapse
 
 SEAMS = (
-    "server", "listeners", "versions", "federation", "media_gate", "multipart", "storage",
+    "server", "listeners", "versions", "federation", "media_gate", "multipart", "storage", "redirect",
     "media_deletions",
 )
 
 _EXPORTS = {
     "server": (
         "Codes", "NotFoundError", "SynapseError", "homeserver", "can_load_media_repo",
-        "is_mine_server_name", "validate_server_name", "sso_icon_media",
+        "is_mine_server_name", "validate_server_name", "sso_icon_media", "current_time_msec",
     ),
     "listeners": ("install_routers", "resolve_resource", "encoded_like", "ErrorResource"),
     "versions": ("VersionsResource",),
@@ -46,12 +45,13 @@ _EXPORTS = {
     "storage": (
         "Responder", "storage_module_api", "run_db_read_committed", "storage_reactor",
         "media_store_path", "local_media_storage_enabled", "provider_store_synchronous",
-        "storage_config_error", "storage_not_spam",
+        "storage_config_error", "storage_not_spam", "run_as_background_process",
+        "defer_to_threadpool", "media_tables_have_sha256",
     ),
+    "redirect": ("install_fetch_hook", "RedirectingResponder"),
     "media_deletions": (
         "ensure_deletion_triggers_txn", "deletion_triggers_present_txn",
         "runs_media_background_jobs", "instance_name", "media_deletions_looping_call",
-        "run_in_background_process",
     ),
 }
 _SEAM_OF = {name: seam for seam, names in _EXPORTS.items() for name in names}
@@ -59,16 +59,17 @@ _SEAM_OF = {name: seam for seam, names in _EXPORTS.items() for name in names}
 __all__ = [
     "SEAMS", "check_synapse",
     "Codes", "NotFoundError", "SynapseError", "homeserver", "can_load_media_repo",
-    "is_mine_server_name", "validate_server_name", "sso_icon_media",
+    "is_mine_server_name", "validate_server_name", "sso_icon_media", "current_time_msec",
     "install_routers", "resolve_resource", "encoded_like", "ErrorResource",
     "VersionsResource", "federation_authenticator", "federation_ratelimiter",
     "install_media_gate", "fix_zero_byte_multipart",
     "Responder", "storage_module_api", "run_db_read_committed", "storage_reactor",
     "media_store_path", "local_media_storage_enabled", "provider_store_synchronous",
-    "storage_config_error", "storage_not_spam",
+    "storage_config_error", "storage_not_spam", "run_as_background_process",
+    "defer_to_threadpool", "media_tables_have_sha256",
+    "install_fetch_hook", "RedirectingResponder",
     "ensure_deletion_triggers_txn", "deletion_triggers_present_txn",
     "runs_media_background_jobs", "instance_name", "media_deletions_looping_call",
-    "run_in_background_process",
 ]
 
 if TYPE_CHECKING:
@@ -84,16 +85,17 @@ if TYPE_CHECKING:
         ensure_deletion_triggers_txn,
         instance_name,
         media_deletions_looping_call,
-        run_in_background_process,
         runs_media_background_jobs,
     )
     from synapse_msc3916.synapse_adapter.media_gate import install_media_gate
     from synapse_msc3916.synapse_adapter.multipart import fix_zero_byte_multipart
+    from synapse_msc3916.synapse_adapter.redirect import RedirectingResponder, install_fetch_hook
     from synapse_msc3916.synapse_adapter.server import (
         Codes,
         NotFoundError,
         SynapseError,
         can_load_media_repo,
+        current_time_msec,
         homeserver,
         is_mine_server_name,
         sso_icon_media,
@@ -101,9 +103,12 @@ if TYPE_CHECKING:
     )
     from synapse_msc3916.synapse_adapter.storage import (
         Responder,
+        defer_to_threadpool,
         local_media_storage_enabled,
         media_store_path,
+        media_tables_have_sha256,
         provider_store_synchronous,
+        run_as_background_process,
         run_db_read_committed,
         storage_config_error,
         storage_module_api,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from synapse.module_api import DirectServeJsonResource
 from twisted.web.resource import EncodingResourceWrapper, Resource
 
-from synapse_msc3916.synapse_adapter.probes import Need, method
+from synapse_msc3916.synapse_adapter.probes import Need, method, source_mentions
 
 if TYPE_CHECKING:
     from synapse.http.site import SynapseRequest
@@ -18,7 +18,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 NEEDS = [
-    method("synapse.server.HomeServer.__init__", "listening ports are recorded in hs._listening_services"),
+    Need("synapse.server.HomeServer.__init__", "listening ports are recorded in hs._listening_services",
+         check=lambda init: source_mentions(init, "_listening_services")),
+    method("synapse.server.HomeServer.get_reactor", "routers are installed once every listener exists"),
+    Need("synapse.config.server.ServerConfig.read_config", "the main process's listeners (hs.config.server)",
+         check=lambda read_config: source_mentions(read_config, "self.listeners")),
+    Need("synapse.config.workers.WorkerConfig.read_config", "a worker's listeners (hs.config.worker)",
+         check=lambda read_config: source_mentions(read_config, "self.worker_listeners")
+         and source_mentions(read_config, "self.worker_app")),
     Need("synapse.config.server.TCPListenerConfig", "each listener's type, port and resource names",
          check=lambda cls: _has_fields(cls, "type", "port", "http_options")),
     Need("synapse.config.server.HttpListenerConfig", "the resource names a listener serves",

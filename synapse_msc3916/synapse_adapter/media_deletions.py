@@ -29,17 +29,6 @@ NEEDS = [
         "the storage deletion job's timer",
         params=("desc", "run_on_all_instances"),
     ),
-    method(
-        "synapse.module_api.ModuleApi.run_as_background_process",
-        "start-up work of the storage provider (index schema, deletion triggers)",
-        since="1.136",
-        fallback="ModuleApi.delayed_background_call(0, ...), the same background process",
-    ),
-    method(
-        "synapse.module_api.ModuleApi.delayed_background_call",
-        "start-up work of the storage provider before 1.136",
-        params=("desc",),
-    ),
 ]
 
 TOMBSTONES = "msc3916_storage_tombstones"
@@ -223,15 +212,3 @@ def media_deletions_looping_call(api: Any, f: Any, msec: float, desc: str) -> No
     """
     api.looping_background_call(f, msec, desc=desc, run_on_all_instances=True)
 
-
-def run_in_background_process(api: Any, desc: str, f: Any) -> None:
-    """Run ``f`` once, now, as a background process with its own logcontext.
-
-    ``ModuleApi.run_as_background_process`` only exists from Synapse 1.136; before,
-    ``delayed_background_call`` with no delay wraps the call the same way.
-    """
-    run = getattr(api, "run_as_background_process", None)
-    if run is not None:
-        run(desc, f)
-    else:
-        api.delayed_background_call(0, f, desc=desc)

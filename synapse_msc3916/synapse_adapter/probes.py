@@ -87,6 +87,14 @@ def problem(need: Need) -> str | None:
     return None
 
 
+def source_mentions(obj: Any, text: str) -> bool:
+    """Whether ``obj``'s source code contains ``text`` (False when there is no source)."""
+    try:
+        return text in inspect.getsource(obj)
+    except (OSError, TypeError):
+        return False
+
+
 def has(internal: str) -> bool:
     """Whether an optional internal is present (for a seam choosing its code path)."""
     try:
@@ -94,6 +102,11 @@ def has(internal: str) -> bool:
     except (ImportError, AttributeError):
         return False
     return True
+
+
+def available(need: Need) -> bool:
+    """Whether ``need`` is met (present, parameters and shape), for choosing a code path."""
+    return problem(need) is None
 
 
 class ProbeFailure(Exception):
@@ -157,7 +170,9 @@ def check_synapse() -> None:
             f"synapse_msc3916 {_module_version()} cannot run on Synapse {_synapse_version()}:"
             f" {'; '.join(failures)}"
         )
-        logger.error("%s", message)
+        # Raised from parse_config, before Synapse sets up logging: Synapse prints it
+        # once as its configuration error and exits. (Logging it as well would print the
+        # same line twice through logging's last-resort handler.)
         raise ConfigError(message)
     fallbacks = [f"{n.internal} ({n.fallback})" for n in needs if n.optional and problem(n) is not None]
     if fallbacks:

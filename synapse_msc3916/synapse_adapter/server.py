@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from synapse.api.errors import Codes, NotFoundError, SynapseError
 from synapse.module_api import ModuleApi
 from synapse.util.stringutils import parse_and_validate_server_name
 
-from synapse_msc3916.synapse_adapter.probes import Need, method
+from synapse_msc3916.synapse_adapter.probes import Need, available, method, source_mentions
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -20,7 +21,21 @@ NEEDS = [
     Need("synapse.api.errors.Codes.INVALID_PARAM", "400 M_INVALID_PARAM for bad path segments"),
     Need("synapse.util.stringutils.parse_and_validate_server_name", "server names in paths"),
     method("synapse.server.HomeServer.is_mine_server_name", "local media vs remote", params=("server_name",)),
+    Need("synapse.config.repository.ContentRepositoryConfig.read_config", "which processes serve media",
+         check=lambda read_config: source_mentions(read_config, "can_load_media_repo")),
+    Need("synapse.module_api.ModuleApi.server_name", "local media vs remote in the freeze"),
+    method("synapse.module_api.ModuleApi.run_db_interaction", "creation times of media for the freeze",
+           params=("desc", "func")),
 ]
+
+# Optional: ModuleApi.get_current_time_msec arrived in Synapse 1.125.
+CLOCK = method(
+    "synapse.module_api.ModuleApi.get_current_time_msec", "the freeze's clock", since="1.125",
+    fallback="the HomeServer's clock (hs.get_clock().time_msec)",
+)
+NEEDS += [CLOCK]
+if not available(CLOCK):
+    NEEDS += [method("synapse.server.HomeServer.get_clock", "the freeze's clock (before 1.125)")]
 
 __all__ = ["Codes", "NotFoundError", "SynapseError"]
 
@@ -28,6 +43,14 @@ __all__ = ["Codes", "NotFoundError", "SynapseError"]
 def homeserver(api: ModuleApi) -> HomeServer:
     """The HomeServer behind a ModuleApi (private, hence here)."""
     return api._hs  # noqa: SLF001
+
+
+def current_time_msec(api: ModuleApi) -> Callable[[], int]:
+    """The homeserver's clock in milliseconds (``ModuleApi.get_current_time_msec`` from 1.125)."""
+    if available(CLOCK):
+        return api.get_current_time_msec
+    clock = homeserver(api).get_clock()
+    return clock.time_msec
 
 
 def can_load_media_repo(hs: HomeServer) -> bool:
