@@ -2,6 +2,8 @@
 
 Only the period of Synapse's own retention loop changes: the media it deletes and the
 way it deletes them are Synapse's, which is what the deletion-lifecycle test needs.
+The constant is ``MEDIA_RETENTION_CHECK_PERIOD`` (a ``Duration``) on recent releases and
+``MEDIA_RETENTION_CHECK_PERIOD_MS`` (milliseconds) on older ones such as 1.120.
 """
 
 from __future__ import annotations
@@ -10,12 +12,12 @@ import sys
 
 from synapse.media import media_repository
 
-try:
+if hasattr(media_repository, "MEDIA_RETENTION_CHECK_PERIOD"):
     from synapse.util.duration import Duration
 
-    media_repository.MEDIA_RETENTION_CHECK_PERIOD = Duration(seconds=2)  # type: ignore[misc]
-except ImportError:  # releases where the period is plain milliseconds
-    media_repository.MEDIA_RETENTION_CHECK_PERIOD = 2000  # type: ignore[assignment,misc]
+    media_repository.MEDIA_RETENTION_CHECK_PERIOD = Duration(seconds=2)  # type: ignore[attr-defined]
+else:
+    media_repository.MEDIA_RETENTION_CHECK_PERIOD_MS = 2000  # type: ignore[attr-defined]
 
 if __name__ == "__main__":
     from synapse.app.homeserver import main

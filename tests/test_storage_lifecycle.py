@@ -40,6 +40,7 @@ def _wait_gone(seaweedfs: SeaweedFS, bucket: str, shas: set[str]) -> None:
     wait_for(lambda: not names & set(seaweedfs.list_keys(bucket)), DEADLINE, f"objects {sorted(shas)} deleted")
 
 
+@pytest.mark.compat
 def test_admin_deletions_are_followed_into_the_bucket(
     synapse_factory: Callable[..., Synapse], seaweedfs: SeaweedFS
 ) -> None:
@@ -162,6 +163,7 @@ def test_reuploads_before_during_and_after_deletion_are_kept(
     assert sorted(seaweedfs.list_keys(bucket)) == sorted(blob_name(sha(c)) for _, c in kept)
 
 
+@pytest.mark.compat
 @pytest.mark.skipif(TOPOLOGY == "workers", reason="media retention runs on the media workers' own app")
 def test_media_retention_is_followed_into_the_bucket(
     synapse_factory: Callable[..., Synapse], seaweedfs: SeaweedFS
@@ -182,6 +184,7 @@ def test_media_retention_is_followed_into_the_bucket(
     assert hs.sql("SELECT COUNT(*) FROM msc3916_storage_paths") == [(0,)]
 
 
+@pytest.mark.compat
 def test_purge_media_cache_is_followed_into_the_bucket(
     synapse_factory: Callable[..., Synapse], seaweedfs: SeaweedFS
 ) -> None:
