@@ -167,6 +167,52 @@ class ModuleConfig:
         )
 
 
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|[smhdwy]?)\s*$")
+_DURATION_UNITS_MS = {
+    "ms": 1,
+    "": 1000,
+    "s": 1000,
+    "m": 60_000,
+    "h": 3_600_000,
+    "d": 86_400_000,
+    "w": 7 * 86_400_000,
+    "y": 365 * 86_400_000,
+}
+
+
+_MAX_DURATION_S = 100 * 365 * 86400
+
+
+def parse_duration_ms(value: Any, key: str) -> int:
+    """``0s``, ``30s``, ``15m``, ``24h``, ``7d``, ``2w`` or a number of seconds, as ms."""
+    if isinstance(value, bool):
+        raise _fail(key, f"must be a duration like 24h, 30m or 0s, not {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION_RE.match(value) if isinstance(value, str) else None
+        if not match:
+            raise _fail(key, f"must be a duration like 24h, 30m or 0s, not {value!r}")
+        seconds = float(match.group(1)) * _DURATION_UNITS_MS[match.group(2)] / 1000
+    if not 0 <= seconds <= _MAX_DURATION_S:  # also refuses NaN
+        raise _fail(key, f"must be between 0s and 100y, not {value!r}")
+    return int(seconds * 1000)
+
+
+DEFAULT_DELETE_AFTER_MS = 24 * 3_600_000
+
+
+def _delete_after(block: Mapping[str, Any]) -> int | None:
+    """``delete_after``: absent means the default (24h), an explicit null means off."""
+    if "delete_after" not in block:
+        return DEFAULT_DELETE_AFTER_MS
+    value = block["delete_after"]
+    if value is None:
+        return None
+    return parse_duration_ms(value, "delete_after")
+
+
+
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class RedirectConfig:
     """The provider's `redirect:` block: hand large media to S3 with a presigned URL."""
@@ -220,7 +266,7 @@ class RedirectConfig:
         )
 
 
-_DIRECTORY_KEYS = {"backend", "directory", "redirect"}
+_DIRECTORY_KEYS = {"backend", "directory", "redirect", "delete_after"}
 _S3_KEYS = {
     "bucket",
     "prefix",
@@ -238,6 +284,7 @@ _S3_KEYS = {
     "read_timeout",
     "legacy_prefix",
     "redirect",
+    "delete_after",
     # accepted for drop-in compatibility with synapse-s3-storage-provider
     "request_checksum_calculation",
     "response_checksum_validation",
@@ -277,6 +324,8 @@ class StorageConfig:
     request_checksum_calculation: str | None = None
     response_checksum_validation: str | None = None
     redirect: RedirectConfig = attr.ib(factory=RedirectConfig)
+    # How long after the last reference goes an object is deleted; None: only by gc.
+    delete_after_ms: int | None = DEFAULT_DELETE_AFTER_MS
 
     @classmethod
     def parse(cls, block: Any) -> StorageConfig:
@@ -297,7 +346,7 @@ class StorageConfig:
                     "redirect.enabled",
                     "needs backend: s3 (a directory has no URL a client could be sent to)",
                 )
-            return cls(backend="file", directory=directory)
+            return cls(backend="file", directory=directory, delete_after_ms=_delete_after(block))
 
         _check_keys(block, _S3_KEYS | {"backend"}, "")
         bucket = _str(block, "bucket", None)
@@ -360,4 +409,5 @@ class StorageConfig:
             request_checksum_calculation=checksums["request_checksum_calculation"],
             response_checksum_validation=checksums["response_checksum_validation"],
             redirect=redirect,
+            delete_after_ms=_delete_after(block),
         )

@@ -50,6 +50,15 @@ STORAGE_CORRUPTIONS = Counter(
     "synapse_msc3916_storage_corruptions",
     "Objects whose size or SHA-256 did not match the index; they are no longer served.",
 )
+STORAGE_OBJECTS_DELETED = Counter(
+    "synapse_msc3916_storage_objects_deleted",
+    "Objects the deletion job removed from the blob store after their last media was"
+    " deleted in Synapse (delete_after later).",
+)
+STORAGE_BYTES_DELETED = Counter(
+    "synapse_msc3916_storage_bytes_deleted",
+    "Bytes of the objects the deletion job removed from the blob store.",
+)
 STORAGE_HEALS = Counter(
     "synapse_msc3916_storage_heals",
     "Objects found missing or damaged (at read time, or by a store that verified its"

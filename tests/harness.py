@@ -628,7 +628,7 @@ class SeaweedFS:
             weed, "server",
             f"-dir={data}",
             "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
-            "-volume.max=100", "-master.volumeSizeLimitMB=32",
+            "-volume.max=1000", "-master.volumeSizeLimitMB=32",
             "-s3", f"-s3.port={self.s3_port}",
             "-filer",
         ] + [f"-{k}={v}" for k, v in ports.items()] + self.extra_args

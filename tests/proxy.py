@@ -19,7 +19,7 @@ from twisted.web import proxy, resource, server
 MEDIA_PATH = re.compile(
     rb"^/_matrix/(media/|client/[^/]+(/org\.matrix\.[^/]+)?/media/|federation/[^/]+(/org\.matrix\.[^/]+)?/"
     rb"(media|remote_media)/)"
-    rb"|^/_synapse/admin/v1/(media/|purge_media_cache|quarantine_media/|user/[^/]+/media|room/[^/]+/media)"
+    rb"|^/_synapse/admin/v1/(media/|purge_media_cache|quarantine_media/|users?/[^/]+/media|room/[^/]+/media)"
 )
 
 

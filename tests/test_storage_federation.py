@@ -20,7 +20,10 @@ def test_remote_media_is_stored_once_and_served_when_origin_is_down(
     seaweedfs.create_bucket(bucket)
     a = synapse_factory(name="origin", tls=True).start()
     b = synapse_factory(
-        name="cache", tls=True, storage_providers=[provider_entry(s3_config(seaweedfs, bucket))]
+        name="cache",
+        tls=True,
+        # delete_after: null leaves deletions to gc, which this test runs.
+        storage_providers=[provider_entry(s3_config(seaweedfs, bucket, delete_after=None))],
     ).start()
     alice, bob = a.register("alice"), b.register("bob")
     data = os.urandom(180_000)

@@ -56,6 +56,8 @@ def test_bad_config_stops_synapse_naming_the_key(
         ({"backend": "file"}, "directory"),
         ({"backend": "s3", "bucket": "ok-bucket", "threadpool_size": "many"}, "threadpool_size"),
         ({"backend": "s3", "bucket": "ok-bucket", "bogus_key": 1}, "bogus_key"),
+        ({"backend": "file", "directory": str(tmp_path / "b"), "delete_after": "soon"},
+         "synapse_msc3916: delete_after:"),
     ]
     for config, key in cases:
         hs = synapse_factory(storage_providers=[provider_entry(config)])

@@ -181,7 +181,10 @@ def test_gc_after_admin_delete_removes_exactly_unreferenced_objects(
 ) -> None:
     bucket = "dedup-gc"
     seaweedfs.create_bucket(bucket)
-    hs = synapse_factory(storage_providers=[provider_entry(s3_config(seaweedfs, bucket))]).start()
+    # delete_after: null leaves deletions to gc, the subject here.
+    hs = synapse_factory(
+        storage_providers=[provider_entry(s3_config(seaweedfs, bucket, delete_after=None))]
+    ).start()
     admin = hs.register("admin", admin=True)
     unique, shared, kept = os.urandom(50_000), os.urandom(60_000), os.urandom(70_000)
     u = hs.upload(admin, unique)
@@ -207,17 +210,19 @@ def test_gc_after_admin_delete_removes_exactly_unreferenced_objects(
         )
         assert resp.status == 200, resp
 
-    # Within the grace period nothing goes.
+    # Deleted media are known exactly (tombstones): their paths go at once, but within
+    # the grace period no object goes.
+    orphaned_paths = 2 + len(index_rows(hs, "file_id = ?", (img,)))
     young = run_tool(hs, "gc", "--apply", "--json")
     assert young.returncode == 0, young.stderr
     assert json.loads(young.stdout)["objects_deleted"] == 0
+    assert json.loads(young.stdout)["paths_removed"] == orphaned_paths
     assert len(seaweedfs.list_keys(bucket)) == baseline + 1
 
     dry = run_tool(hs, "gc", "--grace", "0s", "--json")
     assert dry.returncode == 0, dry.stderr
     planned = json.loads(dry.stdout)
-    orphaned_paths = 2 + len(index_rows(hs, "file_id = ?", (img,)))
-    assert planned["paths_removed"] == orphaned_paths
+    assert planned["paths_removed"] == 0
     assert planned["objects_deleted"] == 1 + len(thumb_shas)
     assert planned["orphan_objects_deleted"] == 1
     assert len(seaweedfs.list_keys(bucket)) == baseline + 1

@@ -123,21 +123,25 @@ def test_gc_never_deletes_a_blob_referenced_again(txn: SqliteTxn) -> None:
         txn, "local_content/go/ne/x", SHA, 10, index.MediaRef(None, "gonex"), now - 10_000, True
     )
     cutoff = now - 1000
-    # The media row does not exist: the path is an orphan.
+    # The media row does not exist (and no tombstone table says more): an old orphan.
     assert index.orphan_paths_txn(txn, cutoff) == ["local_content/go/ne/x"]
     assert index.delete_path_txn(txn, "local_content/go/ne/x", cutoff)
-    # The blob row itself is older than the grace period, hence a candidate.
-    txn.execute(f"UPDATE {index.BLOBS} SET last_ref_ts = ?", (now - 10_000,))
-    assert index.unreferenced_blobs_txn(txn, cutoff) == [(SHA, 10)]
+    [(sha, length, gen)] = index.unreferenced_blobs_txn(txn, now + 60_000)
+    assert (sha, length) == (SHA, 10)
     # An upload claims it between the scan and the mark: the mark must fail.
-    assert index.claim_blob_txn(txn, SHA, 10, now) == (index.HIT, False)
-    assert not index.mark_deleting_txn(txn, SHA, cutoff, now)
+    claim = index.Claim("t1", "local_content/ag/ai/n", "master")
+    assert index.claim_blob_txn(txn, SHA, 10, now, claim) == (index.HIT, False)
+    assert not index.mark_deleting_txn(txn, SHA, gen, now)
+    # The claim alone keeps it out of every deletion, whatever the cutoff ...
+    assert index.unreferenced_blobs_txn(txn, now + 10**9) == []
+    # ... until the upload fails and releases it.
+    index.release_claim_txn(txn, "t1", now)
+    [(_, _, gen)] = index.unreferenced_blobs_txn(txn, now + 60_000)
+    assert index.mark_deleting_txn(txn, SHA, gen, now)
     # Once marked, a new upload waits instead of trusting the object ...
-    txn.execute(f"UPDATE {index.BLOBS} SET last_ref_ts = ?", (now - 10_000,))
-    assert index.mark_deleting_txn(txn, SHA, cutoff, now)
     assert index.claim_blob_txn(txn, SHA, 10, now + 1)[0] == index.WAIT
     # ... and writes it afresh after the delete finished.
-    index.finish_deleting_txn(txn, SHA, now)
+    assert index.finish_deleting_txn(txn, SHA, now)
     assert index.claim_blob_txn(txn, SHA, 10, now + 2) == (index.WRITE, False)
 
 

@@ -52,7 +52,7 @@ def test_module_config_fuzz(block: dict) -> None:
 @given(
     st.dictionaries(
         st.sampled_from(["backend", "directory", "bucket", "threadpool_size", "endpoint_url",
-                         "storage_class", "legacy_prefix", "read_timeout", "nonsense"]),
+                         "storage_class", "legacy_prefix", "read_timeout", "delete_after", "nonsense"]),
         yaml_values | st.sampled_from(["s3", "file", "media-bucket", "/tmp/x", "http://127.0.0.1:1"]),
         max_size=6,
     )

@@ -24,6 +24,17 @@ SCHEMA_COMPONENT = "dedup_storage"
 PATHS = "msc3916_storage_paths"
 BLOBS = "msc3916_storage_blobs"
 SCHEMA = "msc3916_storage_schema"
+CLAIMS = "msc3916_storage_claims"
+TOMBSTONES = "msc3916_storage_tombstones"
+STATE = "msc3916_storage_state"
+
+# Paths with no media row that no tombstone explains (an upload whose media row Synapse
+# then failed to insert) are forgotten by ``gc`` only once they are this old: far longer
+# than the moment between a provider returning and Synapse inserting its row.
+UNEXPLAINED_PATH_MIN_AGE_MS = 60 * 60 * 1000
+# Claims left by a process that died mid-upload are released when that process starts
+# again; ``gc`` releases any claim older than this (a CLI crash, a retired worker).
+CLAIM_STALE_MS = 24 * 60 * 60 * 1000
 
 # How long a garbage collection may hold a blob in the "deleting" state before an
 # upload of the same content takes the blob over. It bounds how long an upload can wait;
@@ -45,9 +56,67 @@ class Txn(Protocol):
     def fetchone(self) -> Any: ...
 
 
+def _add_column(txn: Txn, table: str, column: str, definition: str) -> None:
+    if is_postgres(txn):
+        txn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {definition}", ())
+        return
+    txn.execute(f"PRAGMA table_info({table})", ())
+    if column not in {str(r[1]) for r in txn.fetchall()}:
+        txn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}", ())
+
+
+def _step_lifecycle(txn: Txn) -> None:
+    """Version 2: claims, tombstones and the blob columns of the deletion lifecycle.
+
+    ``gen`` changes with every change of a blob's references, so that a deletion can
+    mark a blob only if nothing referenced it since it was chosen: one conditional
+    UPDATE that PostgreSQL re-checks on the locked row (a subquery on another table
+    would be judged on the statement's old snapshot). ``unref_ts`` is when the last
+    reference went, the start of ``delete_after``.
+    """
+    _add_column(txn, BLOBS, "gen", "BIGINT NOT NULL DEFAULT 0")
+    _add_column(txn, BLOBS, "unref_ts", "BIGINT")
+    txn.execute(
+        f"CREATE INDEX IF NOT EXISTS {BLOBS}_unref ON {BLOBS} (unref_ts)"
+        " WHERE unref_ts IS NOT NULL",
+        (),
+    )
+    txn.execute(
+        f"""CREATE TABLE IF NOT EXISTS {CLAIMS} (
+            token TEXT NOT NULL PRIMARY KEY,
+            sha256 TEXT NOT NULL,
+            path TEXT NOT NULL,
+            instance TEXT NOT NULL,
+            created_ts BIGINT NOT NULL
+        )""",
+        (),
+    )
+    txn.execute(f"CREATE INDEX IF NOT EXISTS {CLAIMS}_sha256 ON {CLAIMS} (sha256)", ())
+    serial = "BIGSERIAL PRIMARY KEY" if is_postgres(txn) else "INTEGER PRIMARY KEY AUTOINCREMENT"
+    txn.execute(
+        f"""CREATE TABLE IF NOT EXISTS {TOMBSTONES} (
+            id {serial},
+            media_origin TEXT,
+            file_id TEXT NOT NULL,
+            thumbnail_width INTEGER,
+            thumbnail_height INTEGER,
+            thumbnail_type TEXT,
+            thumbnail_method TEXT,
+            deleted_ts BIGINT NOT NULL
+        )""",
+        (),
+    )
+    txn.execute(
+        f"CREATE TABLE IF NOT EXISTS {STATE} (name TEXT NOT NULL PRIMARY KEY, value BIGINT)", ()
+    )
+    txn.execute(
+        f"CREATE INDEX IF NOT EXISTS {PATHS}_file_id ON {PATHS} (file_id)", ()
+    )
+
+
 # Each step is idempotent (IF NOT EXISTS) so that two processes upgrading at the same
 # moment both succeed; the version row then only records how far the schema has got.
-_STEPS: list[tuple[int, list[str]]] = [
+_STEPS: list[tuple[int, list[Any]]] = [
     (
         1,
         [
@@ -75,6 +144,7 @@ _STEPS: list[tuple[int, list[str]]] = [
             f"CREATE INDEX IF NOT EXISTS {PATHS}_sha256 ON {PATHS} (sha256)",
         ],
     ),
+    (2, [_step_lifecycle]),
 ]
 SCHEMA_VERSION = _STEPS[-1][0]
 
@@ -95,6 +165,12 @@ def is_postgres(txn: Any) -> bool:
     return type(engine).__name__.startswith("Postgres")
 
 
+def schema_lock_txn(txn: Txn) -> None:
+    """Serialise schema (and trigger) changes between processes starting at once."""
+    if is_postgres(txn):
+        txn.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK_KEY,))
+
+
 def ensure_schema_txn(txn: Txn) -> int:
     """Create or upgrade the index tables in place; return the schema version.
 
@@ -104,8 +180,7 @@ def ensure_schema_txn(txn: Txn) -> int:
     concurrent starters (main process and workers) take turns instead. SQLite
     serialises writers by itself.
     """
-    if is_postgres(txn):
-        txn.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK_KEY,))
+    schema_lock_txn(txn)
     txn.execute(
         f"CREATE TABLE IF NOT EXISTS {SCHEMA} ("
         " component TEXT NOT NULL PRIMARY KEY, version INTEGER NOT NULL)",
@@ -126,8 +201,11 @@ def ensure_schema_txn(txn: Txn) -> int:
     for version, statements in _STEPS:
         if version <= current:
             continue
-        for sql in statements:
-            txn.execute(sql, ())
+        for step in statements:
+            if callable(step):
+                step(txn)
+            else:
+                txn.execute(step, ())
         txn.execute(
             f"UPDATE {SCHEMA} SET version = ? WHERE component = ? AND version < ?",
             (version, SCHEMA_COMPONENT, version),
@@ -186,51 +264,165 @@ def parse_media_path(path: str) -> MediaRef | None:
 WRITE, HIT, WAIT = "write", "hit", "wait"
 
 
-def claim_blob_txn(txn: Txn, sha256: str, length: int, now: int) -> tuple[str, bool]:
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Claim:
+    """An upload's reference on a blob, held from its claim until its path is recorded.
+
+    While a claim row exists no deletion can mark the blob, however long the upload
+    takes: the protection of an upload in flight is this row, not a grace period.
+    ``instance`` lets a restarted process release the claims its previous life left.
+    """
+
+    token: str
+    path: str
+    instance: str
+
+
+class LostClaim(RuntimeError):
+    """The blob row an upload claimed is gone: its claim was released behind its back
+    (a stale-claim cleanup), so the object may have been deleted."""
+
+
+def _lock(txn: Txn) -> str:
+    return " FOR UPDATE" if is_postgres(txn) else ""
+
+
+def claim_blob_txn(
+    txn: Txn, sha256: str, length: int, now: int, claim: Claim | None = None
+) -> tuple[str, bool]:
     """Take a reference on a blob before its object is (maybe) written.
 
     Returns (decision, overwrite): ``hit`` when the object is known to be stored and
     sound, ``write`` when this caller must write it (``overwrite`` when the existing
-    object is known corrupt), ``wait`` while a GC is deleting the object. The
-    ``last_ref_ts`` bump is what keeps a concurrent GC away from this blob for the
-    grace period, which covers the gap until the path row is written.
+    object is known corrupt), ``wait`` while a deletion is deleting the object (no
+    reference is taken then). With ``claim``, the reference is a claim row that only
+    :func:`record_path_txn` or :func:`release_claim_txn` removes.
+
+    Race-free by protocol: the row is read under a row lock on PostgreSQL and changed
+    by a compare-and-swap on ``gen``, so a deletion that marked the blob after the read
+    makes this claim start again instead of being overwritten (the bug where an upload
+    became a dedup hit on an object a ``gc`` was deleting).
     """
-    txn.execute(f"SELECT stored, corrupt, deleting_ts FROM {BLOBS} WHERE sha256 = ?", (sha256,))
+    while True:
+        txn.execute(
+            f"SELECT stored, corrupt, deleting_ts, gen FROM {BLOBS} WHERE sha256 = ?{_lock(txn)}",
+            (sha256,),
+        )
+        row = txn.fetchone()
+        if row is None:
+            txn.execute(
+                f"INSERT INTO {BLOBS} (sha256, length, stored, corrupt, created_ts, last_ref_ts)"
+                " VALUES (?, ?, 0, 0, ?, ?) ON CONFLICT (sha256) DO NOTHING",
+                (sha256, length, now, now),
+            )
+            if txn.rowcount == 1:
+                _insert_claim(txn, sha256, claim, now)
+                return WRITE, False
+            continue  # lost a race with another inserter: decide again on its row
+        stored, corrupt, deleting_ts, gen = row
+        if deleting_ts is not None and now - int(deleting_ts) < DELETING_STALE_MS:
+            return WAIT, False
+        txn.execute(
+            f"UPDATE {BLOBS} SET last_ref_ts = ?, deleting_ts = NULL, unref_ts = NULL,"
+            " gen = gen + 1 WHERE sha256 = ? AND gen = ?",
+            (now, sha256, gen),
+        )
+        if txn.rowcount != 1:
+            continue  # changed since the read (a deletion marked or finished): again
+        _insert_claim(txn, sha256, claim, now)
+        if deleting_ts is not None:
+            # A deletion died half-way; its object may or may not be gone.
+            return WRITE, True
+        if stored and not corrupt:
+            return HIT, False
+        return WRITE, bool(corrupt)
+
+
+def _insert_claim(txn: Txn, sha256: str, claim: Claim | None, now: int) -> None:
+    if claim is None:
+        return
+    txn.execute(
+        f"INSERT INTO {CLAIMS} (token, sha256, path, instance, created_ts) VALUES (?, ?, ?, ?, ?)",
+        (claim.token, sha256, claim.path, claim.instance, now),
+    )
+
+
+def _mark_unreferenced_txn(txn: Txn, sha256s: Sequence[str], now: int) -> int:
+    """Start ``delete_after`` for the blobs among ``sha256s`` that nothing references."""
+    marked = 0
+    for sha256 in sorted(set(sha256s)):
+        txn.execute(
+            f"UPDATE {BLOBS} SET unref_ts = ? WHERE sha256 = ? AND unref_ts IS NULL"
+            f" AND NOT EXISTS (SELECT 1 FROM {PATHS} p WHERE p.sha256 = ?)"
+            f" AND NOT EXISTS (SELECT 1 FROM {CLAIMS} c WHERE c.sha256 = ?)",
+            (now, sha256, sha256, sha256),
+        )
+        marked += max(txn.rowcount, 0)
+    return marked
+
+
+def release_claim_txn(txn: Txn, token: str, now: int) -> None:
+    """An upload failed after claiming: drop its reference (the blob may now be garbage)."""
+    txn.execute(f"SELECT sha256 FROM {CLAIMS} WHERE token = ?", (token,))
     row = txn.fetchone()
     if row is None:
+        return
+    txn.execute(f"DELETE FROM {CLAIMS} WHERE token = ?", (token,))
+    _mark_unreferenced_txn(txn, [str(row[0])], now)
+
+
+def release_stale_claims_txn(
+    txn: Txn, now: int, instance: str | None = None, before: int | None = None
+) -> int:
+    """Release claims no upload holds any more.
+
+    With ``instance``: the claims that process made before ``before`` (its start
+    time), i.e. in a previous life, since a process that starts has no upload in
+    flight. Without: claims older than :data:`CLAIM_STALE_MS` (what ``gc`` does).
+    """
+    if instance is not None:
+        assert before is not None
         txn.execute(
-            f"INSERT INTO {BLOBS} (sha256, length, stored, corrupt, created_ts, last_ref_ts)"
-            " VALUES (?, ?, 0, 0, ?, ?) ON CONFLICT (sha256) DO NOTHING",
-            (sha256, length, now, now),
+            f"SELECT token, sha256 FROM {CLAIMS} WHERE instance = ? AND created_ts < ?",
+            (instance, before),
         )
-        if txn.rowcount == 1:
-            return WRITE, False
-        # Lost a race with another inserter: decide again on its row.
-        return claim_blob_txn(txn, sha256, length, now)
-    stored, corrupt, deleting_ts = row
-    if deleting_ts is not None and now - int(deleting_ts) < DELETING_STALE_MS:
-        return WAIT, False
-    txn.execute(
-        f"UPDATE {BLOBS} SET last_ref_ts = ?, deleting_ts = NULL WHERE sha256 = ?",
-        (now, sha256),
-    )
-    if deleting_ts is not None:
-        # A GC died half-way; its object may or may not be gone.
-        return WRITE, True
-    if stored and not corrupt:
-        return HIT, False
-    return WRITE, bool(corrupt)
+    else:
+        txn.execute(
+            f"SELECT token, sha256 FROM {CLAIMS} WHERE created_ts < ?", (now - CLAIM_STALE_MS,)
+        )
+    rows = txn.fetchall()
+    for token, _sha in rows:
+        txn.execute(f"DELETE FROM {CLAIMS} WHERE token = ?", (token,))
+    _mark_unreferenced_txn(txn, [str(r[1]) for r in rows], now)
+    return len(rows)
 
 
 def record_path_txn(
-    txn: Txn, path: str, sha256: str, length: int, ref: MediaRef, now: int, stored: bool
+    txn: Txn,
+    path: str,
+    sha256: str,
+    length: int,
+    ref: MediaRef,
+    now: int,
+    stored: bool,
+    claim: Claim | None = None,
 ) -> None:
-    """Point ``path`` at ``sha256``; ``stored`` also records that the object now exists."""
-    if stored:
-        txn.execute(
-            f"UPDATE {BLOBS} SET stored = 1, corrupt = 0, last_ref_ts = ? WHERE sha256 = ?",
-            (now, sha256),
-        )
+    """Point ``path`` at ``sha256``; ``stored`` also records that the object now exists.
+
+    With ``claim``, the path row replaces the claim in the same transaction, so the
+    blob is referenced without a gap. Raises :class:`LostClaim` if the blob row is gone
+    (the upload must then fail rather than acknowledge bytes that may be deleted).
+    """
+    txn.execute(
+        f"UPDATE {BLOBS} SET "
+        + ("stored = 1, corrupt = 0, " if stored else "")
+        + "last_ref_ts = ?, unref_ts = NULL, gen = gen + 1 WHERE sha256 = ?",
+        (now, sha256),
+    )
+    if txn.rowcount == 0 and claim is not None:
+        raise LostClaim(f"the blob {sha256} was deleted while {path} was being stored")
+    txn.execute(f"SELECT sha256 FROM {PATHS} WHERE path = ?", (path,))
+    previous = txn.fetchone()
     txn.execute(
         f"INSERT INTO {PATHS} (path, sha256, length, media_origin, file_id,"
         " thumbnail_width, thumbnail_height, thumbnail_type, thumbnail_method, created_ts)"
@@ -250,6 +442,11 @@ def record_path_txn(
             now,
         ),
     )
+    if claim is not None:
+        txn.execute(f"DELETE FROM {CLAIMS} WHERE token = ?", (claim.token,))
+    if previous is not None and str(previous[0]) != sha256:
+        # The path was re-stored with other bytes: the old content may be garbage now.
+        _mark_unreferenced_txn(txn, [str(previous[0])], now)
 
 
 def synapse_sha256_txn(txn: Txn, ref: MediaRef) -> tuple[str, int] | None:
@@ -326,76 +523,190 @@ def mark_blob_missing_txn(txn: Txn, sha256: str) -> bool:
     return txn.rowcount == 1
 
 
-# --- garbage collection --------------------------------------------------------
+# --- deletion lifecycle and garbage collection ---------------------------------------
+
+# A path row whose media (or thumbnail) row Synapse no longer has; ``p`` is the path.
+_NO_MEDIA_ROW = (
+    # local originals
+    " ((p.media_origin IS NULL AND p.thumbnail_width IS NULL AND NOT EXISTS ("
+    "   SELECT 1 FROM local_media_repository m WHERE m.media_id = p.file_id))"
+    # remote originals
+    " OR (p.media_origin IS NOT NULL AND p.thumbnail_width IS NULL AND NOT EXISTS ("
+    "   SELECT 1 FROM remote_media_cache m"
+    "   WHERE m.media_origin = p.media_origin AND m.filesystem_id = p.file_id))"
+    # local thumbnails
+    " OR (p.media_origin IS NULL AND p.thumbnail_width IS NOT NULL AND NOT EXISTS ("
+    "   SELECT 1 FROM local_media_repository_thumbnails t"
+    "   WHERE t.media_id = p.file_id AND t.thumbnail_width = p.thumbnail_width"
+    "   AND t.thumbnail_height = p.thumbnail_height"
+    "   AND t.thumbnail_type = p.thumbnail_type"
+    "   AND t.thumbnail_method = p.thumbnail_method))"
+    # remote thumbnails
+    " OR (p.media_origin IS NOT NULL AND p.thumbnail_width IS NOT NULL AND NOT EXISTS ("
+    "   SELECT 1 FROM remote_media_cache_thumbnails t"
+    "   WHERE t.media_origin = p.media_origin AND t.filesystem_id = p.file_id"
+    "   AND t.thumbnail_width = p.thumbnail_width"
+    "   AND t.thumbnail_height = p.thumbnail_height"
+    "   AND t.thumbnail_type = p.thumbnail_type"
+    "   AND t.thumbnail_method = p.thumbnail_method)))"
+)
+
+_UNREFERENCED = (
+    f" NOT EXISTS (SELECT 1 FROM {PATHS} p WHERE p.sha256 = b.sha256)"
+    f" AND NOT EXISTS (SELECT 1 FROM {CLAIMS} c WHERE c.sha256 = b.sha256)"
+)
+
+
+def note_tombstones_since_txn(txn: Txn, now: int) -> int:
+    """Record (once) when the deletion triggers first existed; return that instant.
+
+    Paths indexed before it may have lost their media without a tombstone; paths
+    indexed after it cannot, which is what lets ``gc`` trust tombstones.
+    """
+    txn.execute(
+        f"INSERT INTO {STATE} (name, value) VALUES ('tombstones_since', ?)"
+        " ON CONFLICT (name) DO NOTHING",
+        (now,),
+    )
+    since = tombstones_since_txn(txn)
+    assert since is not None
+    return since
+
+
+def tombstones_since_txn(txn: Txn) -> int | None:
+    txn.execute(f"SELECT value FROM {STATE} WHERE name = 'tombstones_since'", ())
+    row = txn.fetchone()
+    return None if row is None else int(row[0])
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class TombstoneBatch:
+    tombstones: int
+    paths_removed: int
+    blobs_unreferenced: int
+
+
+def apply_tombstones_txn(txn: Txn, now: int, limit: int = 100) -> TombstoneBatch:
+    """Turn up to ``limit`` tombstones into removed paths, oldest first.
+
+    A tombstone of an original stands for the media and its thumbnails (Synapse
+    deletes their files together); one of a thumbnail for that thumbnail. A path is
+    removed only if Synapse has no row for it *now*, so a row deleted and written
+    again (an upsert emulated as delete + insert) never loses its path. Blobs left
+    without any reference start their ``delete_after``.
+    """
+    txn.execute(
+        f"SELECT id, media_origin, file_id, thumbnail_width, thumbnail_height, thumbnail_type,"
+        f" thumbnail_method FROM {TOMBSTONES} ORDER BY id LIMIT ?",
+        (limit,),
+    )
+    rows = txn.fetchall()
+    removed = 0
+    shas: list[str] = []
+    for tid, origin, file_id, width, height, ttype, tmethod in rows:
+        where = "p.file_id = ? AND " + ("p.media_origin IS NULL" if origin is None else "p.media_origin = ?")
+        args: list[Any] = [file_id] if origin is None else [file_id, origin]
+        if width is not None:
+            where += (
+                " AND p.thumbnail_width = ? AND p.thumbnail_height = ?"
+                " AND p.thumbnail_type = ? AND p.thumbnail_method = ?"
+            )
+            args += [width, height, ttype, tmethod]
+        txn.execute(f"SELECT p.path, p.sha256 FROM {PATHS} p WHERE {where} AND {_NO_MEDIA_ROW}", args)
+        for path, sha256 in txn.fetchall():
+            txn.execute(f"DELETE FROM {PATHS} WHERE path = ? AND sha256 = ?", (path, sha256))
+            if txn.rowcount == 1:
+                removed += 1
+                shas.append(str(sha256))
+        txn.execute(f"DELETE FROM {TOMBSTONES} WHERE id = ?", (tid,))
+    unreferenced = _mark_unreferenced_txn(txn, shas, now)
+    return TombstoneBatch(len(rows), removed, unreferenced)
 
 
 def orphan_paths_txn(txn: Txn, cutoff: int, limit: int = 1000) -> list[str]:
-    """Index rows whose media Synapse no longer has, written before ``cutoff``.
+    """Paths with no media row that no tombstone explains, old enough to be given up.
 
-    The cutoff matters: Synapse inserts its media and thumbnail rows only after the
-    providers have stored the file, so a fresh path row has no media row yet.
+    Tombstones are the exact signal (see :func:`apply_tombstones_txn`, which ``gc``
+    runs first). Without them, a path with no media row may be an upload in flight:
+    Synapse inserts its media and thumbnail rows only after the providers have
+    stored the file. So only paths indexed before the triggers existed are judged by
+    ``cutoff`` (the grace) alone; later ones must also be older than
+    :data:`UNEXPLAINED_PATH_MIN_AGE_MS`, whatever the grace.
     """
+    since = tombstones_since_txn(txn)
+    if since is None:
+        since = 1 << 62
+    unexplained = min(cutoff, now_ms() - UNEXPLAINED_PATH_MIN_AGE_MS)
     txn.execute(
-        f"SELECT p.path FROM {PATHS} p WHERE p.created_ts < ? AND ("
-        # local originals
-        " (p.media_origin IS NULL AND p.thumbnail_width IS NULL AND NOT EXISTS ("
-        "   SELECT 1 FROM local_media_repository m WHERE m.media_id = p.file_id))"
-        # remote originals
-        " OR (p.media_origin IS NOT NULL AND p.thumbnail_width IS NULL AND NOT EXISTS ("
-        "   SELECT 1 FROM remote_media_cache m"
-        "   WHERE m.media_origin = p.media_origin AND m.filesystem_id = p.file_id))"
-        # local thumbnails
-        " OR (p.media_origin IS NULL AND p.thumbnail_width IS NOT NULL AND NOT EXISTS ("
-        "   SELECT 1 FROM local_media_repository_thumbnails t"
-        "   WHERE t.media_id = p.file_id AND t.thumbnail_width = p.thumbnail_width"
-        "   AND t.thumbnail_height = p.thumbnail_height"
-        "   AND t.thumbnail_type = p.thumbnail_type"
-        "   AND t.thumbnail_method = p.thumbnail_method))"
-        # remote thumbnails
-        " OR (p.media_origin IS NOT NULL AND p.thumbnail_width IS NOT NULL AND NOT EXISTS ("
-        "   SELECT 1 FROM remote_media_cache_thumbnails t"
-        "   WHERE t.media_origin = p.media_origin AND t.filesystem_id = p.file_id"
-        "   AND t.thumbnail_width = p.thumbnail_width"
-        "   AND t.thumbnail_height = p.thumbnail_height"
-        "   AND t.thumbnail_type = p.thumbnail_type"
-        "   AND t.thumbnail_method = p.thumbnail_method))"
-        ") ORDER BY p.path LIMIT ?",
-        (cutoff, limit),
+        f"SELECT p.path FROM {PATHS} p WHERE"
+        " ((p.created_ts < ? AND p.created_ts < ?) OR p.created_ts < ?)"
+        f" AND {_NO_MEDIA_ROW} ORDER BY p.path LIMIT ?",
+        (since, cutoff, unexplained, limit),
     )
     return [str(r[0]) for r in txn.fetchall()]
 
 
 def delete_path_txn(txn: Txn, path: str, cutoff: int) -> bool:
-    txn.execute(f"DELETE FROM {PATHS} WHERE path = ? AND created_ts < ?", (path, cutoff))
-    return txn.rowcount == 1
+    txn.execute(f"SELECT sha256 FROM {PATHS} WHERE path = ? AND created_ts < ?", (path, cutoff))
+    row = txn.fetchone()
+    if row is None:
+        return False
+    txn.execute(
+        f"DELETE FROM {PATHS} WHERE path = ? AND sha256 = ? AND created_ts < ?",
+        (path, row[0], cutoff),
+    )
+    if txn.rowcount != 1:
+        return False
+    _mark_unreferenced_txn(txn, [str(row[0])], now_ms())
+    return True
+
+
+def due_blobs_txn(txn: Txn, cutoff: int, limit: int = 50) -> list[tuple[str, int, int]]:
+    """(sha256, length, gen) of blobs unreferenced since before ``cutoff``, oldest first."""
+    txn.execute(
+        f"SELECT b.sha256, b.length, b.gen FROM {BLOBS} b WHERE b.unref_ts IS NOT NULL"
+        f" AND b.unref_ts <= ? AND b.deleting_ts IS NULL AND {_UNREFERENCED}"
+        " ORDER BY b.unref_ts, b.sha256 LIMIT ?",
+        (cutoff, limit),
+    )
+    return [(str(r[0]), int(r[1]), int(r[2])) for r in txn.fetchall()]
 
 
 def unreferenced_blobs_txn(
     txn: Txn, cutoff: int, limit: int = 1000, after: str = ""
-) -> list[tuple[str, int]]:
-    """Blobs no path references, in hash order after ``after`` (keyset pagination)."""
-    txn.execute(
-        f"SELECT b.sha256, b.length FROM {BLOBS} b WHERE b.sha256 > ? AND b.last_ref_ts < ?"
-        f" AND (b.deleting_ts IS NULL OR b.deleting_ts < ?)"
-        f" AND NOT EXISTS (SELECT 1 FROM {PATHS} p WHERE p.sha256 = b.sha256)"
-        " ORDER BY b.sha256 LIMIT ?",
-        (after, cutoff, now_ms() - DELETING_STALE_MS, limit),
-    )
-    return [(str(r[0]), int(r[1])) for r in txn.fetchall()]
+) -> list[tuple[str, int, int]]:
+    """(sha256, length, gen) of blobs nothing references, unreferenced before ``cutoff``,
+    in hash order after ``after`` (keyset pagination): what ``gc`` deletes.
 
-
-def mark_deleting_txn(txn: Txn, sha256: str, cutoff: int, now: int) -> bool:
-    """Start deleting a blob's object; False if it was referenced again meanwhile.
-
-    The row is updated, not deleted, so that an upload of the same content arriving
-    now sees a deletion in progress and waits, instead of trusting an object that is
-    about to vanish.
+    No grace is needed for safety: an upload in flight holds a claim row, so its
+    blob is never in this list. The cutoff is only the operator's "keep recent
+    garbage a while" (``unref_ts``, or ``last_ref_ts`` for blobs from before it).
     """
     txn.execute(
-        f"UPDATE {BLOBS} SET deleting_ts = ? WHERE sha256 = ? AND last_ref_ts < ?"
+        f"SELECT b.sha256, b.length, b.gen FROM {BLOBS} b WHERE b.sha256 > ?"
+        " AND COALESCE(b.unref_ts, b.last_ref_ts) <= ?"
+        " AND (b.deleting_ts IS NULL OR b.deleting_ts < ?)"
+        f" AND {_UNREFERENCED} ORDER BY b.sha256 LIMIT ?",
+        (after, cutoff, now_ms() - DELETING_STALE_MS, limit),
+    )
+    return [(str(r[0]), int(r[1]), int(r[2])) for r in txn.fetchall()]
+
+
+def mark_deleting_txn(txn: Txn, sha256: str, gen: int, now: int) -> bool:
+    """Start deleting a blob's object; False if anything changed since it was chosen.
+
+    One conditional statement: ``gen`` unchanged (no claim, path or other deletion
+    touched the row since the scan, checked again by PostgreSQL on the locked row if a
+    claim holds it), and no path or claim references it. The row is updated, not
+    deleted, so that an upload of the same content arriving now waits instead of
+    trusting an object that is about to vanish.
+    """
+    txn.execute(
+        f"UPDATE {BLOBS} SET deleting_ts = ?, gen = gen + 1 WHERE sha256 = ? AND gen = ?"
         " AND (deleting_ts IS NULL OR deleting_ts < ?)"
-        f" AND NOT EXISTS (SELECT 1 FROM {PATHS} p WHERE p.sha256 = ?)",
-        (now, sha256, cutoff, now - DELETING_STALE_MS, sha256),
+        f" AND NOT EXISTS (SELECT 1 FROM {PATHS} p WHERE p.sha256 = ?)"
+        f" AND NOT EXISTS (SELECT 1 FROM {CLAIMS} c WHERE c.sha256 = ?)",
+        (now, sha256, gen, now - DELETING_STALE_MS, sha256, sha256),
     )
     return txn.rowcount == 1
 
@@ -410,8 +721,29 @@ def mark_orphan_object_deleting_txn(txn: Txn, sha256: str, length: int, now: int
     return txn.rowcount == 1
 
 
-def finish_deleting_txn(txn: Txn, sha256: str, deleting_ts: int) -> None:
+def finish_deleting_txn(txn: Txn, sha256: str, deleting_ts: int) -> bool:
+    """The object is deleted: drop the blob row if the deletion still holds its mark.
+
+    If an upload took the mark over meanwhile (a mark older than
+    ``DELETING_STALE_MS``), the row must not go on claiming an object this deletion
+    may just have removed: it is set back to "not stored", so the next store of the
+    content writes it again. Returns whether the mark was still held.
+    """
     txn.execute(f"DELETE FROM {BLOBS} WHERE sha256 = ? AND deleting_ts = ?", (sha256, deleting_ts))
+    if txn.rowcount == 1:
+        return True
+    txn.execute(f"UPDATE {BLOBS} SET stored = 0, gen = gen + 1 WHERE sha256 = ?", (sha256,))
+    return False
+
+
+def abort_deleting_txn(txn: Txn, sha256: str, deleting_ts: int) -> None:
+    """A deletion failed half-way: release the mark, and since the object may or may not
+    exist any more, record it as not stored (the next store writes it again)."""
+    txn.execute(
+        f"UPDATE {BLOBS} SET deleting_ts = NULL, stored = 0, gen = gen + 1"
+        " WHERE sha256 = ? AND deleting_ts = ?",
+        (sha256, deleting_ts),
+    )
 
 
 def known_blobs_page_txn(txn: Txn, after: str, limit: int) -> list[str]:

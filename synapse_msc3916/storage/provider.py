@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import time
+import uuid
 from typing import Any, cast
 
 from twisted.python.threadpool import ThreadPool
@@ -34,6 +35,7 @@ from synapse_msc3916.metrics import (
 )
 from synapse_msc3916.storage import index
 from synapse_msc3916.storage.blobstore import S3BlobStore, StorageUnavailable, make_blobstore
+from synapse_msc3916.storage.lifecycle import DeletionJob, gc_storage_config, tick_interval_ms
 from synapse_msc3916.storage.redirect import Redirector
 from synapse_msc3916.storage.responder import CHUNK_SIZE, BlobResponder
 
@@ -127,6 +129,26 @@ class DedupStorageProvider:
         )
         if config.redirect.enabled:
             self._install_redirects()
+        # Claims this process made in a previous life are released at start-up: they are
+        # the ones made before this instant by this instance name.
+        self._instance = sa.instance_name(hs)
+        self._started_ms = index.now_ms()
+        self._deletion_job: DeletionJob | None = None
+        if config.delete_after_ms is not None and sa.runs_media_background_jobs(hs):
+            # Deletions use short S3 timeouts, like gc's, so that none can still land
+            # after an upload took a stale mark over (see lifecycle.GC_DELETE_TIMEOUTS).
+            self._deletion_job = DeletionJob(
+                self._db,
+                self._in_thread,
+                make_blobstore(gc_storage_config(config)),
+                config.delete_after_ms,
+            )
+            sa.media_deletions_looping_call(
+                self._api,
+                self._deletion_tick,
+                tick_interval_ms(config.delete_after_ms),
+                "msc3916_storage_deletions",
+            )
         logger.info("synapse_msc3916: dedup storage provider on %s", self._store.describe())
 
     def __str__(self) -> str:
@@ -189,11 +211,50 @@ class DedupStorageProvider:
                     "msc3916_storage_schema", cast(Any, index.ensure_schema_txn)
                 )
                 self._schema_ready = True
-                return
+                break
             except Exception:
                 if attempt == 4:
                     raise
                 await self._api.sleep(0.2 * (attempt + 1))
+        await self._ensure_deletion_triggers()
+
+    async def _ensure_deletion_triggers(self) -> None:
+        """Check and (re)create the tombstone triggers; release our stale claims.
+
+        A problem here does not stop uploads: deletions are then not followed (an
+        ERROR says why) and ``gc`` remains the way to free space.
+        """
+        for attempt in range(5):
+            try:
+                created = await self._api.run_db_interaction(
+                    "msc3916_storage_triggers", self._startup_txn
+                )
+                if created:
+                    logger.info("synapse_msc3916: created deletion triggers %s", ", ".join(created))
+                return
+            except RuntimeError as e:
+                logger.error("synapse_msc3916: %s; run `synapse-msc3916 gc` to free space", e)
+                self._deletion_job = None  # its timer then does nothing
+                return
+            except Exception:
+                if attempt == 4:
+                    logger.exception("synapse_msc3916: could not create the deletion triggers")
+                    return
+                await self._api.sleep(0.2 * (attempt + 1))
+
+    async def _deletion_tick(self) -> None:
+        job = self._deletion_job
+        if job is not None:
+            await job.tick()
+
+    def _startup_txn(self, txn: Any) -> list[str]:
+        index.schema_lock_txn(txn)
+        created = sa.ensure_deletion_triggers_txn(txn)
+        index.note_tombstones_since_txn(txn, index.now_ms())
+        index.release_stale_claims_txn(
+            txn, index.now_ms(), instance=self._instance, before=self._started_ms
+        )
+        return created
 
     def _unavailable(self, operation: str, e: Exception) -> Exception:
         STORAGE_ERRORS.labels(operation=operation).inc()
@@ -248,10 +309,13 @@ class DedupStorageProvider:
         else:
             sha256, length = await self._in_thread(hash_file, source)
 
+        # The claim is this upload's reference on the content until its path is
+        # recorded: no deletion can take the object meanwhile, however long this takes.
+        claim = index.Claim(uuid.uuid4().hex, path, self._instance)
         deadline = time.monotonic() + _WAIT_FOR_GC_SECONDS
         while True:
             decision, overwrite = await self._db(
-                "claim", index.claim_blob_txn, sha256, length, index.now_ms()
+                "claim", index.claim_blob_txn, sha256, length, index.now_ms(), claim
             )
             if decision != index.WAIT:
                 break
@@ -259,43 +323,58 @@ class DedupStorageProvider:
                 raise self._unavailable("store", TimeoutError("blob is being deleted by gc"))
             await self._api.sleep(0.25)
 
-        healing = False
-        if decision == index.HIT:
-            # A dedup hit trusts an object nobody has looked at since it was written: one
-            # HEAD makes sure it is still there (a lifecycle rule, an operator, a lost
-            # race may have removed it) and rewrites it if not, before the user gets 200.
-            # When the store cannot answer, the index is trusted as before: a dedup hit
-            # keeps working through an S3 outage (``scrub`` catches up later).
-            try:
-                size = await self._in_thread(self._store.stat, sha256)
-            except StorageUnavailable as e:
-                STORAGE_ERRORS.labels(operation="verify").inc()
-                logger.warning(
-                    "synapse_msc3916: could not check object %s of a dedup hit (%s);"
-                    " trusting the index",
-                    sha256,
-                    e,
-                )
-                size = length
-            if size != length:
-                problem = "missing" if size is None else "wrong_size"
-                STORAGE_DAMAGED.labels(where="store", problem=problem).inc()
-                logger.warning(
-                    "synapse_msc3916: object %s is %s, rewriting it from this upload",
-                    sha256,
-                    "missing" if size is None else f"{size} bytes instead of {length}",
-                )
-                await self._db("mark_missing", index.mark_blob_missing_txn, sha256)
-                decision, overwrite, healing = index.WRITE, size is not None, True
+        healing = written = False
+        try:
+            if decision == index.HIT:
+                # A dedup hit trusts an object nobody has looked at since it was written: one
+                # HEAD makes sure it is still there (a lifecycle rule, an operator, a lost
+                # race may have removed it) and rewrites it if not, before the user gets 200.
+                # When the store cannot answer, the index is trusted as before: a dedup hit
+                # keeps working through an S3 outage (``scrub`` catches up later).
+                try:
+                    size = await self._in_thread(self._store.stat, sha256)
+                except StorageUnavailable as e:
+                    STORAGE_ERRORS.labels(operation="verify").inc()
+                    logger.warning(
+                        "synapse_msc3916: could not check object %s of a dedup hit (%s);"
+                        " trusting the index",
+                        sha256,
+                        e,
+                    )
+                    size = length
+                if size != length:
+                    problem = "missing" if size is None else "wrong_size"
+                    STORAGE_DAMAGED.labels(where="store", problem=problem).inc()
+                    logger.warning(
+                        "synapse_msc3916: object %s is %s, rewriting it from this upload",
+                        sha256,
+                        "missing" if size is None else f"{size} bytes instead of {length}",
+                    )
+                    await self._db("mark_missing", index.mark_blob_missing_txn, sha256)
+                    decision, overwrite, healing = index.WRITE, size is not None, True
 
-        written = False
-        if decision == index.WRITE:
-            try:
-                written = await self._in_thread(
-                    self._store.put_file, sha256, source, length, overwrite
-                )
-            except StorageUnavailable as e:
-                raise self._unavailable("store", e) from e
+            written = False
+            if decision == index.WRITE:
+                try:
+                    written = await self._in_thread(
+                        self._store.put_file, sha256, source, length, overwrite
+                    )
+                except StorageUnavailable as e:
+                    raise self._unavailable("store", e) from e
+            await self._db(
+                "record_path",
+                index.record_path_txn,
+                path,
+                sha256,
+                length,
+                ref,
+                index.now_ms(),
+                True,
+                claim,
+            )
+        except BaseException:
+            await self._release_claim(claim)
+            raise
         if written:
             STORAGE_BYTES_WRITTEN.inc(length)
             if overwrite or healing:
@@ -304,12 +383,16 @@ class DedupStorageProvider:
         else:
             STORAGE_DEDUP_HITS.inc()
             STORAGE_BYTES_SAVED.inc(length)
-        await self._db(
-            "record_path", index.record_path_txn, path, sha256, length, ref, index.now_ms(), True
-        )
         logger.debug(
             "synapse_msc3916: stored %s as %s (%s)", path, sha256, "new" if written else "dedup"
         )
+
+    async def _release_claim(self, claim: index.Claim) -> None:
+        try:
+            await self._db("release_claim", index.release_claim_txn, claim.token, index.now_ms())
+        except Exception:
+            # Released at this process's next start, or by gc after CLAIM_STALE_MS.
+            logger.exception("synapse_msc3916: could not release the claim of %s", claim.path)
 
     # --- fetch ---
 

@@ -13,13 +13,13 @@ import argparse
 import json
 import os
 import re
+import socket
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
-
-import attr
 
 from synapse_msc3916 import homeserver_config as hc
 from synapse_msc3916.config import StorageConfig
@@ -30,6 +30,7 @@ from synapse_msc3916.storage.blobstore import (
     hash_blob,
     make_blobstore,
 )
+from synapse_msc3916.storage.lifecycle import GC_DELETE_TIMEOUTS, gc_storage_config  # noqa: F401 (re-exported)
 from synapse_msc3916.storage.progress import Progress
 from synapse_msc3916.storage.provider import hash_file
 
@@ -147,33 +148,39 @@ def _store_one(
                 file=sys.stderr,
             )
             return MISMATCH
+        claim = index.Claim(uuid.uuid4().hex, path, f"cli:{socket.gethostname()}:{os.getpid()}")
         for _ in range(240):
             decision, overwrite = index.run_tool_txn(
-                db, index.claim_blob_txn, sha256, length, index.now_ms()
+                db, index.claim_blob_txn, sha256, length, index.now_ms(), claim
             )
             if decision != index.WAIT:
                 break
             time.sleep(0.25)
         else:
             raise hc.ToolError(f"{sha256} stayed locked by another gc for a minute")
-        if decision == index.HIT and store.stat(sha256) != length:
-            # The index says stored, the store disagrees: heal it from this source.
-            index.run_tool_txn(db, index.mark_blob_missing_txn, sha256)
-            decision, overwrite = index.WRITE, True
-        written = False
-        if decision == index.WRITE:
-            written = store.put_file(sha256, local_file, length, overwrite)
-        if legacy_key is not None and not _verify_copy(store, sha256, length):
-            index.run_tool_txn(db, index.mark_blob_missing_txn, sha256)
-            Progress.write(
-                f"migrate: {path}: the copy {sha256} does not read back with its hash;"
-                " not indexed, source kept",
-                file=sys.stderr,
+        try:
+            if decision == index.HIT and store.stat(sha256) != length:
+                # The index says stored, the store disagrees: heal it from this source.
+                index.run_tool_txn(db, index.mark_blob_missing_txn, sha256)
+                decision, overwrite = index.WRITE, True
+            written = False
+            if decision == index.WRITE:
+                written = store.put_file(sha256, local_file, length, overwrite)
+            if legacy_key is not None and not _verify_copy(store, sha256, length):
+                index.run_tool_txn(db, index.mark_blob_missing_txn, sha256)
+                Progress.write(
+                    f"migrate: {path}: the copy {sha256} does not read back with its hash;"
+                    " not indexed, source kept",
+                    file=sys.stderr,
+                )
+                index.run_tool_txn(db, index.release_claim_txn, claim.token, index.now_ms())
+                return UNVERIFIED
+            index.run_tool_txn(
+                db, index.record_path_txn, path, sha256, length, ref, index.now_ms(), True, claim
             )
-            return UNVERIFIED
-        index.run_tool_txn(
-            db, index.record_path_txn, path, sha256, length, ref, index.now_ms(), True
-        )
+        except BaseException:
+            index.run_tool_txn(db, index.release_claim_txn, claim.token, index.now_ms())
+            raise
         return WRITTEN if written else DEDUPLICATED
     finally:
         if tmp is not None:
@@ -318,24 +325,7 @@ def _migrate_one(
 
 
 _PAGE = 10_000
-# S3 timeouts (connect, read) for gc's deletions. A blob stays marked "deleting" while
-# its object is deleted; an upload of the same content takes a mark over once it is
-# older than ``index.DELETING_STALE_MS`` (a gc that died). The takeover is only safe if
-# the deletion cannot still land afterwards, so it must take less than that: at most
-# 2 attempts x (5 + 10) s = 30 s < 45 s.
-GC_DELETE_TIMEOUTS = (5, 10)
-
-
-def gc_storage_config(storage: StorageConfig) -> StorageConfig:
-    connect, read = GC_DELETE_TIMEOUTS
-    return attr.evolve(
-        storage,
-        connect_timeout=min(storage.connect_timeout, connect),
-        read_timeout=min(storage.read_timeout, read),
-    )
-
-
-def _unreferenced(page: Any, cutoff: int) -> Iterator[tuple[str, int]]:
+def _unreferenced(page: Any, cutoff: int) -> Iterator[tuple[str, int, int]]:
     """All unreferenced blobs, fetched a page at a time in hash order (bounded memory)."""
     after = ""
     while True:
@@ -378,9 +368,13 @@ def _objects_without_row(db: Any, store: Any) -> Iterator[tuple[str, Any]]:
 def cmd_gc(args: argparse.Namespace) -> int:
     """Forget paths whose media Synapse deleted, then delete objects nothing references.
 
-    Nothing younger than ``--grace`` is touched: Synapse writes its media rows after
-    the providers have stored the file, so a new path legitimately has no media row
-    for a moment, and a blob claimed by an upload in progress has no path yet.
+    Safe at any ``--grace``: deleted media are known exactly from the tombstones the
+    deletion triggers wrote, and an upload in flight holds a claim on its blob until
+    its path is recorded. The grace only keeps recent garbage a while, and decides
+    about paths the tombstones cannot explain (indexed before the triggers existed),
+    which are also never younger than ``UNEXPLAINED_PATH_MIN_AGE_MS``. With the
+    provider's ``delete_after`` the deletion job does all this by itself; ``gc`` is
+    the safety net (objects nothing indexes, ``delete_after: null``).
     """
     ctx = Context(args.config)
     ctx.store = make_blobstore(gc_storage_config(ctx.storage))
@@ -402,9 +396,19 @@ def cmd_gc(args: argparse.Namespace) -> int:
             # counts exactly what --apply would remove.
             txn = index.ToolTxn(db)
             try:
+                index.release_stale_claims_txn(txn, now)
+                while True:
+                    batch = index.apply_tombstones_txn(txn, now, 1000)
+                    stats["paths_removed"] += batch.paths_removed
+                    if batch.tombstones < 1000:
+                        break
                 for path in index.orphan_paths_txn(txn, cutoff, 1_000_000):
                     stats["paths_removed"] += int(index.delete_path_txn(txn, path, cutoff))
-                for sha256, length in _unreferenced(lambda *a: index.unreferenced_blobs_txn(txn, *a), cutoff):
+                # Measured after the paths went, so that --grace 0h takes what they left.
+                blob_cutoff = index.now_ms() - int(args.grace * 1000)
+                for sha256, length, _gen in _unreferenced(
+                    lambda *a: index.unreferenced_blobs_txn(txn, *a), blob_cutoff
+                ):
                     stats["objects_deleted"] += 1
                     stats["bytes_freed"] += length
                     deleted.append(sha256)
@@ -415,6 +419,12 @@ def cmd_gc(args: argparse.Namespace) -> int:
                     stats["orphan_objects_deleted"] += 1
                     stats["bytes_freed"] += info.size
         else:
+            index.run_tool_txn(db, index.release_stale_claims_txn, now)
+            while True:
+                batch = index.run_tool_txn(db, index.apply_tombstones_txn, index.now_ms(), 1000)
+                stats["paths_removed"] += batch.paths_removed
+                if batch.tombstones < 1000:
+                    break
             while True:
                 paths = index.run_tool_txn(db, index.orphan_paths_txn, cutoff, 1000)
                 removed = 0
@@ -425,16 +435,19 @@ def cmd_gc(args: argparse.Namespace) -> int:
                     break
             progress = Progress("gc", 0)
             candidates = _unreferenced(
-                lambda *a: index.run_tool_txn(db, index.unreferenced_blobs_txn, *a), cutoff
+                lambda *a: index.run_tool_txn(db, index.unreferenced_blobs_txn, *a),
+                index.now_ms() - int(args.grace * 1000),
             )
-            for sha256, length in candidates:
+            for sha256, length, gen in candidates:
                 progress.step()
                 mark = index.now_ms()
-                if not index.run_tool_txn(db, index.mark_deleting_txn, sha256, cutoff, mark):
+                if not index.run_tool_txn(db, index.mark_deleting_txn, sha256, gen, mark):
                     continue  # referenced again since the scan
                 try:
                     ctx.store.delete(sha256)
                 except StorageUnavailable as e:
+                    # Never leave the row claiming an object that may be gone.
+                    index.run_tool_txn(db, index.abort_deleting_txn, sha256, mark)
                     raise hc.ToolError(str(e)) from None
                 index.run_tool_txn(db, index.finish_deleting_txn, sha256, mark)
                 stats["objects_deleted"] += 1

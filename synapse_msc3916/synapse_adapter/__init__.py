@@ -27,7 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 from synapse_msc3916.synapse_adapter.probes import check_synapse
 
-SEAMS = ("server", "listeners", "versions", "federation", "media_gate", "multipart", "storage", "redirect")
+SEAMS = (
+    "server", "listeners", "versions", "federation", "media_gate", "multipart", "storage", "redirect",
+    "media_deletions",
+)
 
 _EXPORTS = {
     "server": (
@@ -46,6 +49,10 @@ _EXPORTS = {
         "defer_to_threadpool", "media_tables_have_sha256",
     ),
     "redirect": ("install_fetch_hook", "RedirectingResponder"),
+    "media_deletions": (
+        "ensure_deletion_triggers_txn", "deletion_triggers_present_txn",
+        "runs_media_background_jobs", "instance_name", "media_deletions_looping_call",
+    ),
 }
 _SEAM_OF = {name: seam for seam, names in _EXPORTS.items() for name in names}
 
@@ -61,6 +68,8 @@ __all__ = [
     "storage_config_error", "storage_not_spam", "run_as_background_process",
     "defer_to_threadpool", "media_tables_have_sha256",
     "install_fetch_hook", "RedirectingResponder",
+    "ensure_deletion_triggers_txn", "deletion_triggers_present_txn",
+    "runs_media_background_jobs", "instance_name", "media_deletions_looping_call",
 ]
 
 if TYPE_CHECKING:
@@ -70,6 +79,13 @@ if TYPE_CHECKING:
         encoded_like,
         install_routers,
         resolve_resource,
+    )
+    from synapse_msc3916.synapse_adapter.media_deletions import (
+        deletion_triggers_present_txn,
+        ensure_deletion_triggers_txn,
+        instance_name,
+        media_deletions_looping_call,
+        runs_media_background_jobs,
     )
     from synapse_msc3916.synapse_adapter.media_gate import install_media_gate
     from synapse_msc3916.synapse_adapter.multipart import fix_zero_byte_multipart

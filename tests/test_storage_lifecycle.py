@@ -1,0 +1,220 @@
+"""Synapse's media deletions followed into the bucket (real Synapse, real SeaweedFS).
+
+The provider runs with ``delete_after: 0s``: an object goes at the deletion job's next
+tick (5 s) once nothing references it, without any ``gc``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from synapse_msc3916.storage.blobstore import blob_name
+from tests.harness import TOPOLOGY, SeaweedFS, Synapse, request, wait_for
+from tests.storage_helpers import download, png, provider_entry, s3_config, thumbnail, wipe_local_media
+from tests.test_storage_s3 import index_rows, sha
+
+DEADLINE = 60.0  # delete_after (0 s) + 60 s, as promised
+
+
+def _admin(hs: Synapse, method: str, path: str, token: str, body: bytes | None = None) -> Any:
+    headers = {"Authorization": f"Bearer {token}"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    resp = request(method, hs.base_url, path, headers, body)
+    assert resp.status == 200, resp
+    return resp.json()
+
+
+def _delete_media(hs: Synapse, token: str, media_id: str) -> None:
+    _admin(hs, "DELETE", f"/_synapse/admin/v1/media/{hs.server_name}/{media_id}", token)
+
+
+def _wait_gone(seaweedfs: SeaweedFS, bucket: str, shas: set[str]) -> None:
+    names = {blob_name(s) for s in shas}
+    wait_for(lambda: not names & set(seaweedfs.list_keys(bucket)), DEADLINE, f"objects {sorted(shas)} deleted")
+
+
+@pytest.mark.compat
+def test_admin_deletions_are_followed_into_the_bucket(
+    synapse_factory: Callable[..., Synapse], seaweedfs: SeaweedFS
+) -> None:
+    bucket = "lifecycle-admin"
+    seaweedfs.create_bucket(bucket)
+    hs = synapse_factory(
+        storage_providers=[provider_entry(s3_config(seaweedfs, bucket, delete_after="0s"))]
+    ).start()
+    admin = hs.register("admin", admin=True)
+    bob = hs.register("bob")
+    shared, unique, bobs, older = (os.urandom(n) for n in (40_000, 50_000, 60_000, 70_000))
+    s1, s2 = hs.upload(admin, shared), hs.upload(admin, shared)
+    u = hs.upload(admin, unique)
+    img = hs.upload(admin, png(300, 200, (9, 8, 7)), "image/png", "p.png")
+    assert thumbnail(hs, admin, img).status == 200
+    img_shas = {r[1] for r in index_rows(hs, "file_id = ?", (img,))}
+    assert len(img_shas) >= 2  # the original and at least one thumbnail
+    b1 = hs.upload(bob, bobs)
+    o1 = hs.upload(admin, older)
+    deleted_before = hs.metric_value("synapse_msc3916_storage_objects_deleted_total")
+
+    # One of two media sharing a content: the object stays, the other still downloads.
+    _delete_media(hs, admin, s1)
+    _delete_media(hs, admin, u)
+    _wait_gone(seaweedfs, bucket, {sha(unique)})
+    assert blob_name(sha(shared)) in seaweedfs.list_keys(bucket)
+    wipe_local_media(hs)
+    assert download(hs, admin, s2).body == shared
+    assert download(hs, admin, u).status == 404
+
+    # The last media of a content, and an image with its thumbnails.
+    _delete_media(hs, admin, s2)
+    _delete_media(hs, admin, img)
+    _wait_gone(seaweedfs, bucket, {sha(shared), *img_shas})
+
+    # A user's media, and media older than a date.
+    _admin(hs, "DELETE", f"/_synapse/admin/v1/users/@bob:{hs.server_name}/media", admin)
+    _wait_gone(seaweedfs, bucket, {sha(bobs)})
+    assert download(hs, bob, b1).status == 404
+    cut = int(time.time() * 1000) + 1000
+    assert o1 in _admin(
+        hs, "POST", f"/_synapse/admin/v1/media/delete?before_ts={cut}", admin, b"{}"
+    )["deleted_media"]
+    _wait_gone(seaweedfs, bucket, {sha(older)})
+    assert seaweedfs.list_keys(bucket) == []
+    assert index_rows(hs) == []
+    assert hs.sql("SELECT COUNT(*) FROM msc3916_storage_blobs") == [(0,)]
+    assert hs.sql("SELECT COUNT(*) FROM msc3916_storage_tombstones") == [(0,)]
+    gone = 4 + len(img_shas)
+    assert hs.metric_value("synapse_msc3916_storage_objects_deleted_total") - deleted_before == gone
+    assert hs.metric_value("synapse_msc3916_storage_bytes_deleted_total") >= 220_000
+
+    if TOPOLOGY == "workers":
+        # The job ran in exactly one process: the media background-jobs instance.
+        per_process = {name: _deleted_on(text) for name, text in _process_metrics(hs).items()}
+        runner = hs.config["media_instance_running_background_jobs"]
+        assert per_process.pop(runner) == gone and set(per_process.values()) == {0.0}, per_process
+
+    # Deleted content uploaded again is stored and served.
+    again = hs.upload(bob, unique)
+    wipe_local_media(hs)
+    assert download(hs, bob, again).body == unique
+    assert seaweedfs.list_keys(bucket) == [blob_name(sha(unique))]
+
+    # The job's state is in the database: a deletion the process had no time to act
+    # on before a restart is carried out after it.
+    doomed = os.urandom(20_000)
+    _delete_media(hs, admin, hs.upload(admin, doomed))
+    hs.restart()
+    _wait_gone(seaweedfs, bucket, {sha(doomed)})
+    assert seaweedfs.list_keys(bucket) == [blob_name(sha(unique))]
+
+
+def _process_metrics(hs: Any) -> dict[str, str]:
+    texts = {"main": request("GET", f"http://127.0.0.1:{hs.metrics_port}", "/_synapse/metrics").body.decode()}
+    for worker in hs.workers:
+        port = worker.config["worker_listeners"][-1]["port"]
+        texts[worker.name] = request("GET", f"http://127.0.0.1:{port}", "/_synapse/metrics").body.decode()
+    return texts
+
+
+def _deleted_on(text: str) -> float:
+    for line in text.splitlines():
+        if line.startswith("synapse_msc3916_storage_objects_deleted_total "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_reuploads_before_during_and_after_deletion_are_kept(
+    synapse_factory: Callable[..., Synapse], seaweedfs: SeaweedFS
+) -> None:
+    """Each round: upload a content, delete it, upload it again after a random pause
+    (before, while or after the job deletes its object). The second upload is
+    acknowledged, so it must stay readable from the bucket."""
+    bucket = "lifecycle-reupload"
+    seaweedfs.create_bucket(bucket)
+    hs = synapse_factory(
+        storage_providers=[provider_entry(s3_config(seaweedfs, bucket, delete_after="0s"))]
+    ).start()
+    admin = hs.register("admin", admin=True)
+    rng = random.Random(3916)
+    kept: list[tuple[str, bytes]] = []
+    present_seen = absent_seen = 0
+    for delay in (0.0, *(rng.uniform(0.0, 7.0) for _ in range(6)), 12.0):
+        content = os.urandom(80_000)
+        _delete_media(hs, admin, hs.upload(admin, content))
+        time.sleep(delay)
+        if blob_name(sha(content)) in seaweedfs.list_keys(bucket):
+            present_seen += 1  # uploaded again before the object went (or while)
+        else:
+            absent_seen += 1  # uploaded again after the deletion
+        kept.append((hs.upload(admin, content), content))
+    # Both sides of the deletion were really exercised.
+    assert present_seen >= 1 and absent_seen >= 1, (present_seen, absent_seen)
+    time.sleep(7)  # another tick: nothing acknowledged may go
+    wipe_local_media(hs)
+    for media_id, content in kept:
+        resp = download(hs, admin, media_id)
+        assert resp.status == 200 and resp.body == content, media_id
+    assert sorted(seaweedfs.list_keys(bucket)) == sorted(blob_name(sha(c)) for _, c in kept)
+
+
+@pytest.mark.compat
+@pytest.mark.skipif(TOPOLOGY == "workers", reason="media retention runs on the media workers' own app")
+def test_media_retention_is_followed_into_the_bucket(
+    synapse_factory: Callable[..., Synapse], seaweedfs: SeaweedFS
+) -> None:
+    bucket = "lifecycle-retention"
+    seaweedfs.create_bucket(bucket)
+    hs = synapse_factory(
+        storage_providers=[provider_entry(s3_config(seaweedfs, bucket, delete_after="0s"))],
+        extra_config={"media_retention": {"local_media_lifetime": "8s"}},
+    )
+    hs.start(app="tests.retention_homeserver")
+    alice = hs.register("alice")
+    old = os.urandom(30_000)
+    old_id = hs.upload(alice, old)
+    # Retention purges it 8 s after its last access, then the job deletes the object.
+    _wait_gone(seaweedfs, bucket, {sha(old)})
+    assert download(hs, alice, old_id).status == 404
+    assert hs.sql("SELECT COUNT(*) FROM msc3916_storage_paths") == [(0,)]
+
+
+@pytest.mark.compat
+def test_purge_media_cache_is_followed_into_the_bucket(
+    synapse_factory: Callable[..., Synapse], seaweedfs: SeaweedFS
+) -> None:
+    bucket = "lifecycle-remote"
+    seaweedfs.create_bucket(bucket)
+    a = synapse_factory(name="origin", tls=True).start()
+    b = synapse_factory(
+        name="cache",
+        tls=True,
+        storage_providers=[provider_entry(s3_config(seaweedfs, bucket, delete_after="0s"))],
+    ).start()
+    alice, bob = a.register("alice"), b.register("bob")
+    admin = b.register("admin", admin=True)
+    both, remote_only = os.urandom(45_000), os.urandom(55_000)
+    r1, r2 = a.upload(alice, both), a.upload(alice, remote_only)
+    for media_id, data in ((r1, both), (r2, remote_only)):
+        resp = b.get(f"/_matrix/client/v1/media/download/{a.server_name}/{media_id}", bob)
+        assert resp.status == 200 and resp.body == data
+    local = b.upload(bob, both)  # the same bytes as a local media on B
+    assert sorted(seaweedfs.list_keys(bucket)) == sorted(blob_name(sha(d)) for d in (both, remote_only))
+
+    cut = int(time.time() * 1000) + 1000
+    purged = _admin(b, "POST", f"/_synapse/admin/v1/purge_media_cache?before_ts={cut}", admin, b"{}")
+    assert purged["deleted"] == 2
+    _wait_gone(seaweedfs, bucket, {sha(remote_only)})
+    assert seaweedfs.list_keys(bucket) == [blob_name(sha(both))]
+    assert index_rows(b, "media_origin IS NOT NULL") == []
+    wipe_local_media(b)
+    assert download(b, bob, local).body == both
+    # Fetched again from the origin, the remote media is stored again.
+    again = b.get(f"/_matrix/client/v1/media/download/{a.server_name}/{r2}", bob)
+    assert again.status == 200 and again.body == remote_only
+    wait_for(lambda: blob_name(sha(remote_only)) in seaweedfs.list_keys(bucket), 10, "re-stored")

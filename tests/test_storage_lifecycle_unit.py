@@ -1,0 +1,122 @@
+"""The deletion lifecycle on SQLite, without Synapse: triggers, tombstones, delete_after."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from synapse_msc3916.config import StorageConfig
+from synapse_msc3916.storage import index
+from synapse_msc3916.synapse_adapter import media_deletions
+from tests.test_storage_unit import SqliteTxn
+
+SHA_A, SHA_B = "aa" * 32, "bb" * 32
+
+
+@pytest.fixture
+def txn() -> SqliteTxn:
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.executescript(
+        """
+        CREATE TABLE local_media_repository (media_id TEXT, media_length INT, sha256 TEXT);
+        CREATE TABLE remote_media_cache (media_origin TEXT, media_id TEXT, filesystem_id TEXT,
+            media_length INT, sha256 TEXT);
+        CREATE TABLE local_media_repository_thumbnails (media_id TEXT, thumbnail_width INT,
+            thumbnail_height INT, thumbnail_type TEXT, thumbnail_method TEXT);
+        CREATE TABLE remote_media_cache_thumbnails (media_origin TEXT, media_id TEXT,
+            filesystem_id TEXT, thumbnail_width INT, thumbnail_height INT, thumbnail_type TEXT,
+            thumbnail_method TEXT);
+        """
+    )
+    t = SqliteTxn(conn)
+    index.ensure_schema_txn(t)
+    assert len(media_deletions.ensure_deletion_triggers_txn(t)) == 4
+    assert media_deletions.ensure_deletion_triggers_txn(t) == []  # idempotent
+    index.note_tombstones_since_txn(t, 0)
+    return t
+
+
+def _store(txn: SqliteTxn, path: str, sha: str, ref: index.MediaRef, now: int = 1000) -> None:
+    claim = index.Claim(path, path, "master")
+    index.claim_blob_txn(txn, sha, 1, now, claim)
+    index.record_path_txn(txn, path, sha, 1, ref, now, True, claim)
+
+
+def test_delete_after_parsing() -> None:
+    base = {"backend": "file", "directory": "/tmp/x"}
+    assert StorageConfig.parse(base).delete_after_ms == 24 * 3600 * 1000
+    assert StorageConfig.parse({**base, "delete_after": "0s"}).delete_after_ms == 0
+    assert StorageConfig.parse({**base, "delete_after": "90m"}).delete_after_ms == 90 * 60_000
+    assert StorageConfig.parse({**base, "delete_after": 30}).delete_after_ms == 30_000
+    assert StorageConfig.parse({**base, "delete_after": None}).delete_after_ms is None
+    s3 = {"backend": "s3", "bucket": "media", "delete_after": "7d"}
+    assert StorageConfig.parse(s3).delete_after_ms == 7 * 86_400_000
+    for bad in ("soon", "-1s", -5, True, "1x", [1]):
+        with pytest.raises(Exception, match="^synapse_msc3916: delete_after: "):
+            StorageConfig.parse({**base, "delete_after": bad})
+
+
+def test_a_deleted_media_and_its_thumbnails_unreference_their_content(txn: SqliteTxn) -> None:
+    txn.execute("INSERT INTO local_media_repository VALUES ('m1', 1, NULL), ('m2', 1, NULL)", ())
+    txn.execute(
+        "INSERT INTO local_media_repository_thumbnails VALUES ('m1', 32, 32, 'image/png', 'crop')", ()
+    )
+    _store(txn, "local_content/m1", SHA_A, index.MediaRef(None, "m1"))
+    _store(txn, "local_content/m2", SHA_A, index.MediaRef(None, "m2"))
+    _store(txn, "local_thumbnails/m1/32-32-image-png-crop", SHA_B,
+           index.MediaRef(None, "m1", 32, 32, "image/png", "crop"))
+    # What Synapse's admin delete does, in its own transaction.
+    txn.execute("DELETE FROM local_media_repository WHERE media_id = 'm1'", ())
+    txn.execute("DELETE FROM local_media_repository_thumbnails WHERE media_id = 'm1'", ())
+    batch = index.apply_tombstones_txn(txn, 5000)
+    assert (batch.tombstones, batch.paths_removed, batch.blobs_unreferenced) == (2, 2, 1)
+    # The thumbnail's content is garbage; the shared original's is still used by m2.
+    assert [d[:2] for d in index.due_blobs_txn(txn, 5000)] == [(SHA_B, 1)]
+    assert index.due_blobs_txn(txn, 4999) == []  # delete_after not over yet
+    txn.execute(f"SELECT COUNT(*) FROM {index.TOMBSTONES}", ())
+    assert txn.fetchone() == (0,)
+    # The shared one goes when its last media goes.
+    txn.execute("DELETE FROM local_media_repository WHERE media_id = 'm2'", ())
+    index.apply_tombstones_txn(txn, 6000)
+    assert [d[0] for d in index.due_blobs_txn(txn, 6000)] == [SHA_B, SHA_A]
+
+
+def test_a_reupload_before_the_job_keeps_the_content(txn: SqliteTxn) -> None:
+    txn.execute("INSERT INTO remote_media_cache VALUES ('hs', 'r1', 'f1', 1, NULL)", ())
+    _store(txn, "remote_content/hs/f1", SHA_A, index.MediaRef("hs", "f1"))
+    txn.execute("DELETE FROM remote_media_cache", ())  # purge_media_cache
+    index.apply_tombstones_txn(txn, 5000)
+    [(sha, _, gen)] = index.due_blobs_txn(txn, 5000)
+    # The same content arrives again before the job marks it: the mark must fail.
+    _store(txn, "local_content/new", SHA_A, index.MediaRef(None, "new"), now=5001)
+    assert not index.mark_deleting_txn(txn, sha, gen, 5002)
+    assert index.due_blobs_txn(txn, 10**12) == []
+
+
+def test_a_row_deleted_and_written_again_keeps_its_path(txn: SqliteTxn) -> None:
+    txn.execute("INSERT INTO local_media_repository VALUES ('m1', 1, NULL)", ())
+    _store(txn, "local_content/m1", SHA_A, index.MediaRef(None, "m1"))
+    txn.execute("DELETE FROM local_media_repository", ())
+    txn.execute("INSERT INTO local_media_repository VALUES ('m1', 1, NULL)", ())
+    assert index.apply_tombstones_txn(txn, 5000).paths_removed == 0
+    assert index.due_blobs_txn(txn, 10**12) == []
+
+
+def test_gc_trusts_tombstones_for_paths_indexed_after_them(txn: SqliteTxn) -> None:
+    """A fresh path with no media row is an upload in flight, whatever the grace."""
+    now = index.now_ms()
+    txn.execute(f"UPDATE {index.STATE} SET value = ?", (now - 10_000,))
+    _store(txn, "local_content/old", SHA_A, index.MediaRef(None, "old"), now=now - 20_000)
+    _store(txn, "local_content/new", SHA_B, index.MediaRef(None, "new"), now=now - 5_000)
+    assert index.orphan_paths_txn(txn, now) == ["local_content/old"]
+    stale = now - index.UNEXPLAINED_PATH_MIN_AGE_MS - 1
+    txn.execute(f"UPDATE {index.PATHS} SET created_ts = ? WHERE path = 'local_content/new'", (stale,))
+    assert index.orphan_paths_txn(txn, now) == ["local_content/new", "local_content/old"]
+
+
+def test_claims_of_a_previous_life_are_released(txn: SqliteTxn) -> None:
+    index.claim_blob_txn(txn, SHA_A, 1, 1000, index.Claim("t1", "p1", "media1"))
+    index.claim_blob_txn(txn, SHA_B, 1, 1000, index.Claim("t2", "p2", "media2"))
+    assert index.release_stale_claims_txn(txn, 2000, instance="media1", before=1500) == 1
+    assert [d[0] for d in index.due_blobs_txn(txn, 2000)] == [SHA_A]
