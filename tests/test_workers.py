@@ -18,7 +18,13 @@ pytestmark = pytest.mark.skipif(TOPOLOGY != "workers", reason="run with MSC3916_
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    d = Deployment(tmp_path_factory.mktemp("workers"), media_workers=2).start()
+    # Synapse's own per-media flag off, as in test_freeze.py: the freeze test below checks
+    # the dated decision, which Synapse's flag would otherwise pre-empt (the freeze is never
+    # weaker than Synapse).
+    d = Deployment(
+        tmp_path_factory.mktemp("workers"), media_workers=2,
+        extra_config={"enable_authenticated_media": False},
+    ).start()
     yield d
     d.stop()
 

@@ -13,6 +13,7 @@ it. Those are internal APIs, so each seam declares the internals it uses (``NEED
     multipart.py   the zero-byte multipart/mixed fix
     storage.py     database pool, media config and Responder for the storage provider
     redirect.py    where Synapse starts sending a media file: presigned redirects
+    media_deletions.py  tombstone triggers on Synapse's media tables; the background-jobs process
     probes.py      the start-up checks and the tested release range
 
 The names below are imported from their seam on first use, so that importing the
