@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import shutil
+import subprocess
+import sys
 from typing import Any
 
 from tests.harness import SeaweedFS, Synapse
@@ -111,3 +114,18 @@ class SignedSeaweedFS(SeaweedFS):
             stop_process(self.proc, term_timeout=3)
             self.proc = None
             self.log.close()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def run_tool(hs: Synapse, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run a ``synapse-msc3916`` command against ``hs``'s homeserver.yaml."""
+    return subprocess.run(
+        [sys.executable, "-m", "synapse_msc3916", *args, "-c", str(hs.config_path)],
+        env=hs.env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

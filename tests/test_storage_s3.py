@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -18,25 +17,13 @@ from tests.storage_helpers import (
     download,
     png,
     provider_entry,
+    run_tool,
     s3_config,
     s3_legacy_entry,
+    sha,
     thumbnail,
     wipe_local_media,
 )
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def run_tool(hs: Synapse, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "synapse_msc3916", *args, "-c", str(hs.config_path)],
-        env=hs.env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def index_rows(hs: Synapse, where: str = "1=1", args: tuple = ()) -> list[tuple]:

@@ -4,11 +4,8 @@ broken bucket is an error, not an absence. Real Synapse, real SeaweedFS."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,24 +18,12 @@ from tests.harness import SeaweedFS, Synapse, request
 from tests.storage_helpers import (
     download,
     provider_entry,
+    run_tool,
     s3_config,
     s3_legacy_entry,
+    sha,
     wipe_local_media,
 )
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def run_tool(hs: Synapse, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "synapse_msc3916", *args, "-c", str(hs.config_path)],
-        env=hs.env(),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
 
 
 def local_path(media_id: str) -> str:
