@@ -20,7 +20,7 @@ import pytest
 
 from synapse_msc3916.config import RedirectConfig, StorageConfig
 from synapse_msc3916.storage.redirect import Served, SignedUrls, decide, request_kind
-from tests.harness import TOPOLOGY, SeaweedFS, Synapse, make_synapse, request
+from tests.harness import TOPOLOGY, SeaweedFS, Synapse, make_synapse, request, wait_for
 from tests.storage_helpers import SignedSeaweedFS, provider_entry, s3_config, wipe_local_media
 
 # Every release of the supported range: the seam and both sides of federation.
@@ -202,9 +202,18 @@ def test_federation_peer_follows_the_location_part(
     b = make_synapse(tmp_path / "b", tls=True, name="b").start()
     try:
         # The raw answer: multipart/mixed whose second part is only a Location header.
-        raw = hs.federation_get(
-            f"/_matrix/federation/v1/media/download/{media_id}", b.server_name, b.signing_key()
-        )
+        # A checks B's signature with B's key, which it fetches from B; a deployment of B
+        # that has only just started may not answer that yet (401 "Failed to find any key").
+        answers = []
+
+        def a_answers_b() -> bool:
+            answers.append(hs.federation_get(
+                f"/_matrix/federation/v1/media/download/{media_id}", b.server_name, b.signing_key()
+            ))
+            return answers[-1].status != 401
+
+        wait_for(a_answers_b, 60, "A fetching B's signing key")
+        raw = answers[-1]
         assert raw.status == 200, raw
         boundary = (raw.header("Content-Type") or "").split("boundary=")[1].encode()
         parts = raw.body.split(b"--" + boundary)
