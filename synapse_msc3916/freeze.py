@@ -9,8 +9,9 @@ unless Synapse's own per-media flag already protects them: the freeze only ever 
 Only the time of local media with content is kept in memory: it never changes, so hot
 local media cost no database round trip. A remote media's time belongs to this server's
 current copy, which a purge (``purge_media_cache``, ``media_retention``) removes and the
-next fetch replaces with a new one; it is read afresh each time (one row by Synapse's
-unique index, next to the rows Synapse reads for the same request anyway).
+next fetch replaces with a new one: a time before the date is read afresh each time (one
+row by Synapse's unique index, next to the rows Synapse reads for the same request), one
+at or after it is kept, since every later copy is frozen too.
 """
 
 from __future__ import annotations
@@ -125,7 +126,9 @@ class FreezePolicy:
             # Reserved but still empty: Synapse may wait for the upload and serve it, so
             # judge it as the content that can only arrive from now on.
             return self._now_ms()
-        if found.final and self._cache_size:
+        # A remote copy fetched at or after the date is frozen, and so is any later copy
+        # (fetched later still): only a remote time before the date must be read again.
+        if (found.final or self.is_frozen_at(found.arrived_ms)) and self._cache_size:
             self._cache[key] = found.arrived_ms
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)

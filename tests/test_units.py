@@ -155,7 +155,9 @@ def test_freeze_judges_current_remote_copy_and_pending_uploads() -> None:
     times.times[(None, "pending")] = 950  # its content came before the date
     now[0] = 2000
     assert decide(policy, None, "pending") is Decision.SERVE
-    assert policy._cache == {(None, "pending"): 950}
+    # Kept: local media with content, and a frozen remote copy (any later copy is later
+    # still); the remote copy from before the date was not.
+    assert dict(policy._cache) == {("r.org", "x"): 1500, (None, "pending"): 950}
 
 
 def test_freeze_report_mode() -> None:
