@@ -6,7 +6,7 @@ older media stay reachable on the legacy ones so that URLs in the wild keep work
 unless Synapse's own per-media flag already protects them: the freeze only ever refuses
 *more* than Synapse (``module.py`` combines the two).
 
-Only the time of local media with content is kept in memory: it never changes, so hot
+The time of local media with content never changes, so it is kept in memory and hot
 local media cost no database round trip. A remote media's time belongs to this server's
 current copy, which a purge (``purge_media_cache``, ``media_retention``) removes and the
 next fetch replaces with a new one: a time before the date is read afresh each time (one
@@ -29,7 +29,6 @@ from synapse_msc3916.metrics import FREEZE_DECISIONS
 logger = logging.getLogger(__name__)
 
 REPORT_LOG_INTERVAL_MS = 3600 * 1000
-
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
