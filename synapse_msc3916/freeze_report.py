@@ -23,13 +23,33 @@ from synapse_msc3916.homeserver_config import (
     module_config,
     open_database,
 )
+from synapse_msc3916.media_times import UPLOADS
 
 # The `authenticated` column exists in both tables since Synapse's schema 86, older than
-# 1.120, the oldest release the module supports.
+# 1.120, the oldest release the module supports. Ids reserved with /create count once
+# their content has come, by when it came (as the freeze judges them, see media_times.py).
 TABLES = {
-    "local": "local_media_repository WHERE url_cache IS NULL",
+    "local": "local_media_repository WHERE url_cache IS NULL AND media_length IS NOT NULL",
     "remote": "remote_media_cache WHERE 1 = 1",
 }
+LOCAL_WITH_UPLOADS = (
+    "(SELECT l.media_length, l.authenticated, CASE WHEN u.uploaded_ts > l.created_ts"
+    " THEN u.uploaded_ts ELSE l.created_ts END AS created_ts FROM local_media_repository l"
+    f" LEFT JOIN {UPLOADS} u ON u.media_id = l.media_id"
+    " WHERE l.url_cache IS NULL AND l.media_length IS NOT NULL) local_media WHERE 1 = 1"
+)
+
+
+def _source(db: Database, table: str) -> str:
+    """What ``table`` stands for in the queries: the local side joins the upload times
+    the module noted, once the module has created their table."""
+    if table != "local":
+        return TABLES[table]
+    if db.engine == "postgres":
+        present = db.query("SELECT to_regclass(?) IS NOT NULL", (UPLOADS,))[0][0]
+    else:
+        present = bool(db.query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (UPLOADS,)))
+    return LOCAL_WITH_UPLOADS if present else TABLES[table]
 
 BAR_WIDTH = 50
 
@@ -62,7 +82,7 @@ def _count(
     db: Database, table: str, low: int | None, high: int | None, flagged: bool | None = None
 ) -> tuple[int, int]:
     """Media and bytes of ``table`` with low <= created_ts < high (and that flag, if given)."""
-    sql = f"SELECT COUNT(*), COALESCE(SUM(media_length), 0) FROM {TABLES[table]}"
+    sql = f"SELECT COUNT(*), COALESCE(SUM(media_length), 0) FROM {_source(db, table)}"
     args: list[Any] = []
     if low is not None:
         sql += " AND created_ts >= ?"
@@ -144,7 +164,7 @@ def build_histogram(db: Database, marks: dict[str, int]) -> list[dict[str, Any]]
     """Local and remote media per calendar month (UTC), oldest first."""
     lows, highs = [], []
     for table in TABLES:
-        low, high = db.query(f"SELECT MIN(created_ts), MAX(created_ts) FROM {TABLES[table]}")[0]
+        low, high = db.query(f"SELECT MIN(created_ts), MAX(created_ts) FROM {_source(db, table)}")[0]
         if low is not None:
             lows.append(int(low))
             highs.append(int(high))

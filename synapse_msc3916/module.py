@@ -41,12 +41,13 @@ class AuthenticatedMediaModule:
         self.hs = sa.homeserver(api)
         self.versions_resource = sa.VersionsResource(self.hs, self._unstable_features())
         self.freeze: FreezePolicy | None = None
+        now_ms = sa.current_time_msec(api)
+        times = MediaTimes(api, now_ms)
         if config.freeze is not None:
-            times = MediaTimes(api)
             self.freeze = FreezePolicy(
                 config.freeze,
-                times.created_ts,
-                sa.current_time_msec(api),
+                times.content_time,
+                now_ms,
                 auto_exempt=sa.sso_icon_media(self.hs),
                 local_server_name=api.server_name,
                 cache_size=config.freeze_cache_size,
@@ -56,6 +57,9 @@ class AuthenticatedMediaModule:
         # advertises what those workers serve.
         self.serves_media = sa.can_load_media_repo(self.hs)
         if self.serves_media:
+            # Noted with or without a freeze block, so that a freeze configured later
+            # judges media reserved with /create by when their content came.
+            times.record_uploads()
             self._authenticator = sa.federation_authenticator(self.hs)
             self._ratelimiter = sa.federation_ratelimiter(self.hs)
             sa.fix_zero_byte_multipart()

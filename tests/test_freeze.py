@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import start_federation_pair
-from tests.harness import Synapse, make_synapse, request
+from tests.harness import Response, Synapse, make_synapse, request
 from tests.test_endpoints import png
 
 # Synapse's enable_authenticated_media off: no media carries its `authenticated` flag.
@@ -44,6 +44,21 @@ def legacy_paths(sn: str, mid: str) -> list[str]:
     return paths
 
 
+def reserve(hs: Synapse, token: str) -> str:
+    """Reserve a media id with ``POST /_matrix/media/v1/create`` (MSC2246 async upload)."""
+    r = request("POST", hs.base_url, "/_matrix/media/v1/create", {"Authorization": f"Bearer {token}"})
+    assert r.status == 200, r
+    return str(r.json()["content_uri"].rsplit("/", 1)[1])
+
+
+def upload_to(hs: Synapse, token: str, media_id: str, data: bytes, content_type: str) -> Response:
+    """Upload the content of a reserved media id."""
+    return request(
+        "PUT", hs.base_url, f"/_matrix/media/v3/upload/{hs.server_name}/{media_id}",
+        {"Authorization": f"Bearer {token}", "Content-Type": content_type}, data,
+    )
+
+
 def authenticated_paths(sn: str, mid: str) -> list[str]:
     return [
         f"/_matrix/client/v1/media/download/{sn}/{mid}",
@@ -66,10 +81,15 @@ def frozen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Synapse]:
     hs.start()
     hs.token = hs.register("alice")  # type: ignore[attr-defined]
     hs.old = hs.upload(hs.token, png(), "image/png", "old.png")  # type: ignore[attr-defined]
+    # Reserved before the date; one gets its content after it, one never does.
+    hs.uploaded_late = reserve(hs, hs.token)  # type: ignore[attr-defined]
+    hs.pending = reserve(hs, hs.token)  # type: ignore[attr-defined]
     time.sleep(0.05)
     hs.cutoff = int(time.time() * 1000)  # type: ignore[attr-defined]
     time.sleep(0.05)
     hs.new = hs.upload(hs.token, png(40, 40), "image/png", "new.png")  # type: ignore[attr-defined]
+    r = upload_to(hs, hs.token, hs.uploaded_late, png(36, 36), "image/png")  # type: ignore[attr-defined]
+    assert r.status == 200, r
     hs.config["modules"][0]["config"] = {"freeze": {"after": iso(hs.cutoff), "mode": "enforce"}}  # type: ignore[attr-defined]
     hs.restart()
     yield hs
@@ -181,6 +201,28 @@ def test_exempt_media_stay_public(frozen: Synapse) -> None:
         frozen.restart()
 
 
+@pytest.mark.compat
+def test_reserved_media_judged_by_upload_time(frozen: Synapse) -> None:
+    """Issue 18 item 3: an id reserved with /create before the date whose content came after.
+
+    Before the fix every legacy path served it (200: judged by the reservation time,
+    local_media_repository.created_ts), and a legacy read of a reservation without content
+    waited for the upload (504 M_NOT_YET_UPLOADED once timeout_ms ran out).
+    """
+    sn, tok = frozen.server_name, frozen.token  # type: ignore[attr-defined]
+    late = frozen.uploaded_late  # type: ignore[attr-defined]
+    rows = frozen.sql("SELECT created_ts FROM local_media_repository WHERE media_id = ?", (late,))
+    assert rows[0][0] < frozen.cutoff  # type: ignore[attr-defined]
+    for path in legacy_paths(sn, late):
+        assert_frozen(frozen.get(path), path)
+    for path in authenticated_paths(sn, late):
+        assert frozen.get(path, tok).status == 200, path
+    # Content not there yet: it can only arrive now, after the date, so a legacy read is
+    # refused at once rather than waiting for the upload and serving it.
+    pending = frozen.pending  # type: ignore[attr-defined]
+    assert_frozen(frozen.get(f"/_matrix/media/v3/download/{sn}/{pending}?timeout_ms=1000"), "pending")
+
+
 def test_freeze_report_cli(frozen: Synapse) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "synapse_msc3916", "freeze-report", "-c", str(frozen.config_path), "--json"],
@@ -189,9 +231,12 @@ def test_freeze_report_cli(frozen: Synapse) -> None:
     import json
 
     report = json.loads(out.stdout)
+    # Media reserved before the date count by when their content arrived (one of them
+    # after the date), and a reservation still without content is no media yet. Before
+    # issue 18 item 3 the report counted both reservations as before the date (3 and 1).
     assert report["local"]["before"]["media"] == 1
-    assert report["local"]["frozen"]["media"] == 1
-    assert report["local"]["frozen"]["bytes"] == len(png(40, 40))
+    assert report["local"]["frozen"]["media"] == 2
+    assert report["local"]["frozen"]["bytes"] == len(png(40, 40)) + len(png(36, 36))
     moved = subprocess.run(
         [sys.executable, "-m", "synapse_msc3916", "freeze-report", "-c", str(frozen.config_path),
          "--after", "2000-01-01T00:00:00Z"],
@@ -218,7 +263,8 @@ def test_remote_media_frozen_by_first_cache_time(tmp_path_factory: pytest.TempPa
         r = b.get(f"/_matrix/client/v1/media/download/{a.server_name}/{cached_early}", b_tok)
         assert r.status == 200
         time.sleep(0.05)
-        b.config["modules"][0]["config"] = {"freeze": {"after": iso(int(time.time() * 1000))}}
+        after_ms = int(time.time() * 1000)
+        b.config["modules"][0]["config"] = {"freeze": {"after": iso(after_ms)}}
         b.restart()
 
         # Cached before the date: still public on B's legacy endpoints.
@@ -234,6 +280,25 @@ def test_remote_media_frozen_by_first_cache_time(tmp_path_factory: pytest.TempPa
         assert r.status == 200 and r.body == png(30, 30)
         assert a.log_file.read_text().count(never_cached) > seen_before
         assert_frozen(b.get(f"/_matrix/media/v3/download/{a.server_name}/{never_cached}"), "cached after")
+
+        # Issue 18 item 2: B purges its copy of the early media and fetches it again after
+        # the date: the new copy is judged by the new fetch, like Synapse's own flag is.
+        # Before the fix B kept the first copy's time in memory and served it (200).
+        admin = b.register("admin", admin=True)
+        purge = request(
+            "POST", b.base_url,
+            f"/_synapse/admin/v1/purge_media_cache?before_ts={int(time.time() * 1000) + 60_000}",
+            {"Authorization": f"Bearer {admin}"},
+        )
+        assert purge.status == 200 and purge.json()["deleted"] >= 1, purge
+        where = "FROM remote_media_cache WHERE media_origin = ? AND media_id = ?"
+        assert b.sql(f"SELECT 1 {where}", (a.server_name, cached_early)) == []
+        r = b.get(f"/_matrix/client/v1/media/download/{a.server_name}/{cached_early}", b_tok)
+        assert r.status == 200 and r.body == png()
+        refetched = b.sql(f"SELECT created_ts {where}", (a.server_name, cached_early))[0][0]
+        assert refetched >= after_ms
+        for path in legacy_paths(a.server_name, cached_early):
+            assert_frozen(b.get(path), path)
     finally:
         a.stop()
         b.stop()

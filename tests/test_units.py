@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from synapse.module_api.errors import ConfigError
 
 from synapse_msc3916.config import FreezeConfig, ModuleConfig, StorageConfig, parse_instant
-from synapse_msc3916.freeze import Decision, FreezePolicy
+from synapse_msc3916.freeze import ContentTime, Decision, FreezePolicy
 from synapse_msc3916.routes import Action, Family, find_route
 
 
@@ -107,9 +107,14 @@ class Times:
         self.times = times
         self.calls = 0
 
-    async def __call__(self, server: str | None, media_id: str) -> int | None:
+    async def __call__(self, server: str | None, media_id: str) -> ContentTime | None:
+        """Local times with content are final; remote ones and pending (None) are not."""
         self.calls += 1
-        return self.times.get((server, media_id))
+        key = (server, media_id)
+        if key not in self.times:
+            return None
+        arrived = self.times[key]
+        return ContentTime(arrived, final=server is None and arrived is not None)
 
 
 def decide(policy: FreezePolicy, server: str | None, media_id: str) -> Decision:
@@ -134,6 +139,25 @@ def test_freeze_policy() -> None:
     calls = times.calls
     assert decide(policy, None, "new") is Decision.REFUSE
     assert times.calls == calls
+
+
+def test_freeze_judges_current_remote_copy_and_pending_uploads() -> None:
+    """Issue 18 items 2 and 3: remote times are not kept; empty reservations are judged now."""
+    times = Times({("r.org", "x"): 500, (None, "pending"): None})
+    now = [2000]
+    policy = FreezePolicy(FreezeConfig(after_ms=1000, enforce=True), times, lambda: now[0], frozenset(), "me")
+    assert decide(policy, "r.org", "x") is Decision.SERVE
+    times.times[("r.org", "x")] = 1500  # purged, then fetched again after the date
+    assert decide(policy, "r.org", "x") is Decision.REFUSE
+    assert decide(policy, None, "pending") is Decision.REFUSE  # content can only come now
+    now[0] = 900
+    assert decide(policy, None, "pending") is Decision.SERVE
+    times.times[(None, "pending")] = 950  # its content came before the date
+    now[0] = 2000
+    assert decide(policy, None, "pending") is Decision.SERVE
+    # Kept: local media with content, and a frozen remote copy (any later copy is later
+    # still); the remote copy from before the date was not.
+    assert dict(policy._cache) == {("r.org", "x"): 1500, (None, "pending"): 950}
 
 
 def test_freeze_report_mode() -> None:

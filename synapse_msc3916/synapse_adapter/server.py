@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import attrs
 from synapse.api.errors import Codes, NotFoundError, SynapseError
 from synapse.module_api import ModuleApi
 from synapse.util.stringutils import parse_and_validate_server_name
@@ -26,6 +27,17 @@ NEEDS = [
     Need("synapse.module_api.ModuleApi.server_name", "local media vs remote in the freeze"),
     method("synapse.module_api.ModuleApi.run_db_interaction", "creation times of media for the freeze",
            params=("desc", "func")),
+    # media_times.py: when the content of an id reserved with /create arrives.
+    method("synapse.module_api.ModuleApi.register_spam_checker_callbacks",
+           "upload times of reserved media for the freeze", params=("check_media_file_for_spam",)),
+    Need("synapse.module_api.NOT_SPAM", "upload times of reserved media for the freeze"),
+    method("synapse.module_api.ModuleApi.sleep", "retries of the upload-times table", params=("seconds",)),
+    Need("synapse.media.media_storage.MediaStorage.store_into_file",
+         "upload times of reserved media for the freeze (every stored file is spam-checked)",
+         check=lambda store_into_file: source_mentions(store_into_file, "check_media_file_for_spam")),
+    Need("synapse.media._base.FileInfo", "upload times of reserved media for the freeze (which file)",
+         check=lambda file_info: {"server_name", "file_id", "url_cache", "thumbnail"}
+         <= {f.name for f in attrs.fields(file_info)}),
 ]
 
 # Optional: ModuleApi.get_current_time_msec arrived in Synapse 1.125.
