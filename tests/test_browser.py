@@ -1,0 +1,303 @@
+"""Redirected media in a real browser (issue 19): headless Chromium, a web client on its
+own origin with Element Web's service worker, Synapse + the provider + SeaweedFS.
+
+curl-style tests follow a 307 with whatever headers they like; a browser does not. The
+web client (tests/webclient/) renders legacy ``/_matrix/media/v3`` URLs and its service
+worker re-issues them to ``/_matrix/client/v1/media`` with ``Authorization``, as Element
+Web does; Synapse answers large media with a 307 to a presigned S3 URL on a third origin.
+That redirect is *tainted* (cross-origin request, cross-origin redirect to another
+origin): Chromium drops ``Authorization`` and sends ``Origin: null`` to S3, which must
+answer ``Access-Control-Allow-Origin`` for it or the browser throws the bytes away.
+
+S3 here is SeaweedFS behind a recording pass-through (tests/web_client.py), so the tests
+see what reached S3, and SeaweedFS runs so that a bucket without CORS rules refuses
+cross-origin reads as AWS S3 does (``AwsCorsSeaweedFS``). Playwright drives Debian's
+``chromium`` (``.ci/run`` installs it); it never downloads a browser.
+
+Runs once, in the single topology: what is tested is the browser against the redirect,
+which the workers topology does not change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import TOPOLOGY, SeaweedFS, Synapse
+from tests.storage_helpers import AwsCorsSeaweedFS, provider_entry, s3_config
+from tests.web_client import RecordingProxy, StaticSite, cors_problem
+
+pytestmark = pytest.mark.skipif(
+    TOPOLOGY == "workers", reason="browser suite runs once, in the single topology"
+)
+
+BUCKET = "web"
+MIN_SIZE = 100_000  # a 32x32 thumbnail and a 10 kB file stream; the rest redirects
+CHROMIUM = os.environ.get("MSC3916_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+
+# The rule `synapse-msc3916 s3 cors --apply` adds (synapse_msc3916/storage/cors.py).
+WORKING_RULE = {"AllowedOrigins": ["*"], "AllowedMethods": ["GET", "HEAD"], "AllowedHeaders": ["*"]}
+
+
+def old_docs_rule(client_origin: str) -> dict[str, Any]:
+    """What docs/storage.md told admins before: GET from the web client's origin only."""
+    return {"AllowedOrigins": [client_origin], "AllowedMethods": ["GET"]}
+
+
+def set_cors(s3: SeaweedFS, *rules: dict[str, Any]) -> None:
+    client = s3.client()
+    if rules:
+        client.put_bucket_cors(Bucket=BUCKET, CORSConfiguration={"CORSRules": list(rules)})
+    else:
+        client.delete_bucket_cors(Bucket=BUCKET)
+
+
+def noise_png(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.frombytes("RGB", (width, height), os.urandom(width * height * 3)).save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    server = AwsCorsSeaweedFS(tmp_path_factory.mktemp("browser-s3")).start()
+    try:
+        server.create_bucket(BUCKET)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_proxy(s3: SeaweedFS) -> Iterator[RecordingProxy]:
+    proxy = RecordingProxy(s3.endpoint_url).start()
+    yield proxy
+    proxy.stop()
+
+
+def start_hs(directory: Path, s3: SeaweedFS, endpoint_url: str, **redirect: Any) -> Synapse:
+    config = s3_config(s3, BUCKET, endpoint_url=endpoint_url, prefix="m/",
+                       redirect={"enabled": True, "min_size": MIN_SIZE, **redirect})
+    return Synapse(directory, name="web", storage_providers=[provider_entry(config)]).start()
+
+
+@pytest.fixture(scope="module")
+def hs(tmp_path_factory: pytest.TempPathFactory, s3: SeaweedFS,
+       s3_proxy: RecordingProxy) -> Iterator[Synapse]:
+    """S3 reached through the recording proxy: it is the endpoint the 307s point to."""
+    server = start_hs(tmp_path_factory.mktemp("browser-hs"), s3, s3_proxy.url)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[StaticSite]:
+    server = StaticSite().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    assert os.path.exists(CHROMIUM), f"no Chromium at {CHROMIUM}: apt-get install chromium"
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+class WebClient:
+    """One browser tab of the web client, its service worker in control."""
+
+    def __init__(self, page: Any, hs: Synapse):
+        self.page = page
+        self.hs = hs
+
+    def login(self, user: str) -> None:
+        token = self.hs.register(user)
+        self.page.evaluate(
+            "([hs, user, token]) => login(hs, user, 'WEBDEVICE', token)",
+            [self.hs.base_url, f"@{user}:{self.hs.server_name}", token],
+        )
+        self.token = token
+
+    def url(self, kind: str, media_id: str, query: str = "") -> str:
+        return f"{self.hs.base_url}/_matrix/media/v3/{kind}/{self.hs.server_name}/{media_id}{query}"
+
+    def show_image(self, url: str) -> dict[str, Any]:
+        return dict(self.page.evaluate("(url) => showImage(url)", url))
+
+    def fetch_sha256(self, url: str) -> dict[str, Any]:
+        return dict(self.page.evaluate("(url) => fetchSha256(url)", url))
+
+
+def open_client(browser: Any, site: StaticSite, hs: Synapse) -> Iterator[WebClient]:
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"{site.origin}/index.html")
+        assert page.evaluate("clientReady") is True
+        yield WebClient(page, hs)
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def client(browser: Any, site: StaticSite, hs: Synapse) -> Iterator[WebClient]:
+    yield from open_client(browser, site, hs)
+
+
+def test_bucket_cors_in_seaweedfs_behaves_as_in_aws(hs: Synapse, s3: SeaweedFS,
+                                                    s3_proxy: RecordingProxy) -> None:
+    """Without this, every browser test below would pass against any bucket rule."""
+    token = hs.register("probe")
+    media_id = hs.upload(token, os.urandom(MIN_SIZE), "application/octet-stream")
+    location = hs.get(f"/_matrix/client/v1/media/download/{hs.server_name}/{media_id}",
+                      token).header("Location")
+    assert location and location.startswith(s3_proxy.url)
+
+    def allow_origin(origin: str) -> str | None:
+        request = urllib.request.Request(location or "", headers={"Origin": origin})
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return resp.headers.get("Access-Control-Allow-Origin")
+
+    set_cors(s3)
+    assert allow_origin("null") is None and allow_origin("http://localhost:1") is None
+    set_cors(s3, old_docs_rule("http://localhost:1"))
+    assert allow_origin("http://localhost:1") == "http://localhost:1"
+    assert allow_origin("null") is None
+    set_cors(s3, WORKING_RULE)
+    assert allow_origin("null") in ("*", "null")
+
+
+def test_web_client_displays_redirected_and_streamed_media(
+    client: WebClient, hs: Synapse, s3: SeaweedFS, s3_proxy: RecordingProxy, site: StaticSite
+) -> None:
+    """With the bucket rule the old docs gave instead of WORKING_RULE, this failed with:
+    image not shown {'loaded': False, ...}: CORS: after the homeserver's cross-origin
+    redirect the browser sent Origin: null to S3 (tainted origin; ...) and S3 answered 200
+    with Access-Control-Allow-Origin: None, so the browser refused the answer."""
+    set_cors(s3, WORKING_RULE)
+    client.login("alice")
+    image = noise_png(1024, 700)
+    assert len(image) >= 2 * 1024 * 1024
+    data = os.urandom(2 * 1024 * 1024 + 17)
+    small = os.urandom(10_000)
+    image_id = hs.upload(client.token, image, "image/png", "noise.png")
+    file_id = hs.upload(client.token, data, "application/octet-stream", "data.bin")
+    small_id = hs.upload(client.token, small, "application/octet-stream", "small.bin")
+
+    def followed(mark: int, expected: int) -> None:
+        seen = s3_proxy.presigned_since(mark)
+        assert len(seen) == expected, (expected, seen)
+        for s in seen:  # the tainted request, as the Fetch standard has it
+            assert (s.method, s.origin, s.authorization, s.status) == ("GET", "null", None, 200), s
+
+    # A redirected >= 2 MiB image in an <img>.
+    mark = len(s3_proxy.seen())
+    shown = client.show_image(client.url("download", image_id))
+    assert shown["loaded"] and shown["naturalWidth"] == 1024, (
+        f"image not shown {shown}: {cors_problem(s3_proxy.seen()[mark:], site.origin)}")
+    followed(mark, 1)
+
+    # A redirected file, fetched by the page and checked there (crypto.subtle).
+    mark = len(s3_proxy.seen())
+    got = client.fetch_sha256(client.url("download", file_id))
+    assert got.get("sha256") == hashlib.sha256(data).hexdigest(), (
+        f"file not fetched {got}: {cors_problem(s3_proxy.seen()[mark:], site.origin)}")
+    assert got["length"] == len(data) and got["redirected"] is True
+    followed(mark, 1)
+
+    # A redirected thumbnail (320x240 of noise: far above min_size) ...
+    mark = len(s3_proxy.seen())
+    thumb = client.show_image(client.url("thumbnail", image_id, "?width=320&height=240&method=scale"))
+    assert thumb["loaded"] and thumb["naturalWidth"] == 320, (
+        f"thumbnail not shown {thumb}: {cors_problem(s3_proxy.seen()[mark:], site.origin)}")
+    followed(mark, 1)
+
+    # ... and a streamed one (32x32, a few kB): Synapse sends it, S3 sees no browser.
+    mark = len(s3_proxy.seen())
+    thumb = client.show_image(client.url("thumbnail", image_id, "?width=32&height=32&method=crop"))
+    assert thumb["loaded"] and thumb["naturalWidth"] == 32, thumb
+    followed(mark, 0)
+
+    # Small media below min_size: streamed.
+    mark = len(s3_proxy.seen())
+    got = client.fetch_sha256(client.url("download", small_id))
+    assert got.get("sha256") == hashlib.sha256(small).hexdigest() and got["redirected"] is False, got
+    followed(mark, 0)
+
+
+def test_logged_out_client_gets_no_bytes(
+    client: WebClient, hs: Synapse, s3: SeaweedFS, s3_proxy: RecordingProxy
+) -> None:
+    set_cors(s3, WORKING_RULE)
+    token = hs.register("bob")
+    image_id = hs.upload(token, noise_png(600, 400), "image/png", "private.png")
+    mark = len(s3_proxy.seen())
+    shown = client.show_image(client.url("download", image_id))
+    assert not shown["loaded"] and shown["naturalWidth"] == 0, shown
+    got = client.fetch_sha256(client.url("download", image_id))
+    assert got.get("status") == 404 and got.get("sha256") is None, got  # the freeze's legacy 404
+    assert s3_proxy.presigned_since(mark) == []
+
+
+def test_old_docs_rule_refuses_the_browser(
+    client: WebClient, hs: Synapse, s3: SeaweedFS, s3_proxy: RecordingProxy, site: StaticSite
+) -> None:
+    """The rule docs/storage.md gave (GET from the client's origin): the image is lost.
+
+    Chromium reports net::ERR_FAILED; curl-style tests stay green with this rule, because
+    they send no Origin at all.
+    """
+    set_cors(s3, old_docs_rule(site.origin))
+    client.login("carol")
+    image_id = hs.upload(client.token, noise_png(1024, 700), "image/png", "lost.png")
+    mark = len(s3_proxy.seen())
+    shown = client.show_image(client.url("download", image_id))
+    assert not shown["loaded"], shown
+    got = client.fetch_sha256(client.url("download", image_id))
+    assert "Failed to fetch" in got.get("error", ""), got
+    problem = cors_problem(s3_proxy.seen()[mark:], site.origin)
+    assert "Origin: null" in problem and "tainted origin" in problem, problem
+    # S3 served the bytes (200): it is the browser that refused them.
+    assert {s.status for s in s3_proxy.presigned_since(mark)} == {200}
+
+
+def test_cdn_form_displays_redirected_media(
+    tmp_path: Path, browser: Any, site: StaticSite, s3: SeaweedFS
+) -> None:
+    """public_endpoint_url: the 307 points at a pass-through "CDN" in front of SeaweedFS."""
+    set_cors(s3, WORKING_RULE)
+    cdn = RecordingProxy(s3.endpoint_url).start()
+    hs = start_hs(tmp_path / "cdn-hs", s3, s3.endpoint_url, public_endpoint_url=cdn.url)
+    try:
+        for client in open_client(browser, site, hs):
+            client.login("dave")
+            image_id = hs.upload(client.token, noise_png(1024, 700), "image/png", "cdn.png")
+            shown = client.show_image(client.url("download", image_id))
+            assert shown["loaded"] and shown["naturalWidth"] == 1024, (
+                f"image not shown {shown}: {cors_problem(cdn.seen(), site.origin)}")
+            seen = cdn.presigned_since(0)
+            assert [(s.origin, s.authorization, s.status) for s in seen] == [("null", None, 200)]
+            assert not [s for s in cdn.seen() if not s.presigned]  # the CDN only serves clients
+    finally:
+        hs.stop()
+        cdn.stop()
