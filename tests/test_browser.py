@@ -21,6 +21,7 @@ which the workers topology does not change.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import urllib.request
@@ -30,8 +31,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness import TOPOLOGY, SeaweedFS, Synapse
-from tests.storage_helpers import AwsCorsSeaweedFS, provider_entry, s3_config
+from tests.harness import TOPOLOGY, SeaweedFS, Synapse, wait_for
+from tests.storage_helpers import AwsCorsSeaweedFS, provider_entry, run_tool, s3_config
 from tests.web_client import RecordingProxy, StaticSite, cors_problem
 
 pytestmark = pytest.mark.skipif(
@@ -301,3 +302,129 @@ def test_cdn_form_displays_redirected_media(
     finally:
         hs.stop()
         cdn.stop()
+
+
+# --- `synapse-msc3916 s3 cors` and the start-up check, on the same servers -------------
+
+UNRELATED_RULE = {"AllowedOrigins": ["https://uploads.example"], "AllowedMethods": ["PUT"],
+                  "AllowedHeaders": ["Content-Type"]}
+
+
+def cors_command(hs: Synapse, *args: str) -> tuple[int, Any, str]:
+    result = run_tool(hs, "s3", "cors", *args)
+    assert "Traceback" not in result.stderr, result.stderr
+    report = json.loads(result.stdout) if "--json" in args else None
+    return result.returncode, report, result.stdout + result.stderr
+
+
+def test_startup_warns_once_when_the_bucket_refuses_browsers(hs: Synapse) -> None:
+    """The module's Synapse started on a bucket without CORS rules (before the fix: no
+    warning at all, the first sign was a user's missing image)."""
+    def warnings() -> list[str]:
+        return [line for line in hs.log_file.read_text().splitlines()
+                if "WARNING" in line and "synapse-msc3916 s3 cors" in line]
+
+    wait_for(lambda: warnings(), 30, "the start-up CORS warning")
+    assert len(warnings()) == 1
+    assert "Origin: null" in warnings()[0] and "tainted origin" in warnings()[0]
+
+
+def test_cors_command_reports_refusal(hs: Synapse, s3: SeaweedFS, site: StaticSite) -> None:
+    """Before the command existed: `s3` was an invalid choice (exit 2)."""
+    token = hs.register("erin")
+    hs.upload(token, os.urandom(MIN_SIZE), "application/octet-stream")  # something to probe
+    set_cors(s3)
+    code, report, _ = cors_command(hs, "--json")
+    assert code == 1, report
+    assert report["rules"] == [] and report["browsers_served"] is False
+    assert report["probe"]["allow_origin"] is None and report["probe"]["status"] in (200, 206)
+    assert report["rule_to_add"]["AllowedOrigins"] == ["*"]
+
+    # The rule the old docs gave: the web client's origin only. Refused, and said why.
+    set_cors(s3, old_docs_rule(site.origin))
+    code, _, text = cors_command(hs)
+    assert code == 1, text
+    assert site.origin in text and "DO NOT allow a GET with Origin: null" in text
+    assert "tainted origin" in text and "will be REFUSED" in text
+    assert '"AllowedOrigins": ["*"]' in text
+
+
+def test_cors_command_apply_keeps_other_rules_and_the_browser_displays(
+    hs: Synapse, s3: SeaweedFS, s3_proxy: RecordingProxy, site: StaticSite, browser: Any
+) -> None:
+    set_cors(s3, UNRELATED_RULE)
+    code, report, _ = cors_command(hs, "--apply", "--json")
+    assert code == 0 and report["applied"] is True and report["browsers_served"] is True, report
+    rules = s3.client().get_bucket_cors(Bucket=BUCKET)["CORSRules"]
+    assert [r["AllowedOrigins"] for r in rules] == [["https://uploads.example"], ["*"]]
+    assert rules[0]["AllowedMethods"] == ["PUT"] and sorted(rules[1]["AllowedMethods"]) == ["GET", "HEAD"]
+
+    code, _, text = cors_command(hs)  # idempotent, and now says so
+    assert code == 0 and "will be served" in text and "rule to add" not in text, text
+    code, report, _ = cors_command(hs, "--apply", "--json")
+    assert code == 0 and report["applied"] is False
+    assert len(s3.client().get_bucket_cors(Bucket=BUCKET)["CORSRules"]) == 2
+
+    for client in open_client(browser, site, hs):
+        client.login("frank")
+        image_id = hs.upload(client.token, noise_png(1024, 700), "image/png", "fixed.png")
+        mark = len(s3_proxy.seen())
+        shown = client.show_image(client.url("download", image_id))
+        assert shown["loaded"] and shown["naturalWidth"] == 1024, (
+            f"image not shown {shown}: {cors_problem(s3_proxy.seen()[mark:], site.origin)}")
+        assert [s.origin for s in s3_proxy.presigned_since(mark)] == ["null"]
+
+
+def test_cors_command_in_the_cdn_form_names_the_cdn(tmp_path: Path, s3: SeaweedFS) -> None:
+    """public_endpoint_url: the probe goes through the CDN, and the report says CORS is its job."""
+    cdn = RecordingProxy(s3.endpoint_url).start()
+    try:
+        config = s3_config(s3, BUCKET, prefix="m/", redirect={"enabled": True, "public_endpoint_url": cdn.url})
+        hs = Synapse(tmp_path / "cdn-conf", storage_providers=[provider_entry(config)])  # not started
+        set_cors(s3, old_docs_rule("https://app.example"))
+        code, _, text = cors_command(hs)
+        assert code == 1 and f"redirects point at {cdn.url}: CORS is that CDN's job" in text, text
+        assert [s.origin for s in cdn.presigned_since(0)] == ["null"]  # the probe took the CDN
+    finally:
+        cdn.stop()
+
+
+# --- pure logic ---
+
+
+def test_cors_rule_evaluation() -> None:
+    from synapse_msc3916.storage import cors
+
+    assert cors.origin_matches("*", "null")
+    assert cors.origin_matches("https://*.example", "https://app.example")
+    assert not cors.origin_matches("https://*.example", "null")
+    assert not cors.origin_matches("https://app.example", "null")
+    assert cors.origin_matches("null", "null")
+    assert not cors.serves_redirected_browsers([])
+    assert not cors.serves_redirected_browsers([old_docs_rule("https://app.example")])
+    assert not cors.serves_redirected_browsers([{"AllowedOrigins": ["*"], "AllowedMethods": ["PUT"]}])
+    assert cors.serves_redirected_browsers([{"AllowedOrigins": ["*"], "AllowedMethods": ["get"]}])
+    kept = [UNRELATED_RULE]
+    assert cors.merged(kept) == [UNRELATED_RULE, cors.RULE]
+    assert cors.merged([cors.RULE]) == [cors.RULE]
+
+
+def test_startup_check_reports_an_unreadable_cors_without_failing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An S3 that refuses GetBucketCors (here: a client that raises AccessDenied)."""
+    from botocore.exceptions import ClientError
+
+    from synapse_msc3916.storage import cors
+
+    class Refusing:
+        def get_bucket_cors(self, Bucket: str) -> Any:
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "GetBucketCors")
+
+    class Store:
+        bucket = "media"
+        client = Refusing()
+
+    with caplog.at_level("WARNING", logger="synapse_msc3916.storage.cors"):
+        cors.startup_check(Store())
+    assert len(caplog.records) == 1 and "AccessDenied" in caplog.records[0].getMessage()
