@@ -299,6 +299,8 @@ def test_cdn_form_displays_redirected_media(
             seen = cdn.presigned_since(0)
             assert [(s.origin, s.authorization, s.status) for s in seen] == [("null", None, 200)]
             assert not [s for s in cdn.seen() if not s.presigned]  # the CDN only serves clients
+        # CORS at a CDN is the CDN's business: no start-up check of the bucket's rules.
+        assert "s3 cors" not in hs.log_file.read_text()
     finally:
         hs.stop()
         cdn.stop()
@@ -310,11 +312,25 @@ UNRELATED_RULE = {"AllowedOrigins": ["https://uploads.example"], "AllowedMethods
                   "AllowedHeaders": ["Content-Type"]}
 
 
-def cors_command(hs: Synapse, *args: str) -> tuple[int, Any, str]:
-    result = run_tool(hs, "s3", "cors", *args)
-    assert "Traceback" not in result.stderr, result.stderr
-    report = json.loads(result.stdout) if "--json" in args else None
-    return result.returncode, report, result.stdout + result.stderr
+def cors_command(hs: Synapse, *args: str, subprocess: bool = False) -> tuple[int, Any, str]:
+    """``synapse-msc3916 s3 cors -c <hs's homeserver.yaml>``: in a process of its own when
+    asked, else in this one (the same code, without a Python start-up per call)."""
+    if subprocess:
+        result = run_tool(hs, "s3", "cors", *args)
+        assert "Traceback" not in result.stderr, result.stderr
+        code, out, err = result.returncode, result.stdout, result.stderr
+    else:
+        import contextlib
+        import io
+
+        from synapse_msc3916.cli import main
+
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = main(["s3", "cors", *args, "-c", str(hs.config_path)])
+        out, err = stdout.getvalue(), stderr.getvalue()
+    report = json.loads(out) if "--json" in args else None
+    return code, report, out + err
 
 
 def test_startup_warns_once_when_the_bucket_refuses_browsers(hs: Synapse) -> None:
@@ -334,7 +350,7 @@ def test_cors_command_reports_refusal(hs: Synapse, s3: SeaweedFS, site: StaticSi
     token = hs.register("erin")
     hs.upload(token, os.urandom(MIN_SIZE), "application/octet-stream")  # something to probe
     set_cors(s3)
-    code, report, _ = cors_command(hs, "--json")
+    code, report, _ = cors_command(hs, "--json", subprocess=True)
     assert code == 1, report
     assert report["rules"] == [] and report["browsers_served"] is False
     assert report["probe"]["allow_origin"] is None and report["probe"]["status"] in (200, 206)
@@ -387,6 +403,23 @@ def test_cors_command_in_the_cdn_form_names_the_cdn(tmp_path: Path, s3: SeaweedF
         assert [s.origin for s in cdn.presigned_since(0)] == ["null"]  # the probe took the CDN
     finally:
         cdn.stop()
+
+
+def test_startup_check_on_real_s3(s3: SeaweedFS, caplog: pytest.LogCaptureFixture) -> None:
+    """The check the provider runs at start-up, on the module's bucket: a WARNING for no
+    rule and for the old docs' rule, nothing once the rule browsers need is there."""
+    from synapse_msc3916.config import StorageConfig
+    from synapse_msc3916.storage import cors
+    from synapse_msc3916.storage.blobstore import S3BlobStore
+
+    store = S3BlobStore(StorageConfig.parse(s3_config(s3, BUCKET, prefix="m/")))
+    for rules, warned in (([], True), ([old_docs_rule("https://app.example")], True),
+                          ([UNRELATED_RULE, cors.RULE], False)):
+        set_cors(s3, *rules)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="synapse_msc3916.storage.cors"):
+            cors.startup_check(store)
+        assert len(caplog.records) == (1 if warned else 0), (rules, caplog.records)
 
 
 # --- pure logic ---
