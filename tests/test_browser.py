@@ -405,6 +405,21 @@ def test_cors_command_in_the_cdn_form_names_the_cdn(tmp_path: Path, s3: SeaweedF
         cdn.stop()
 
 
+def test_cors_command_goes_by_what_answers(tmp_path: Path, seaweedfs: SeaweedFS) -> None:
+    """The harness's usual SeaweedFS answers every origin by its global default: the rules
+    say no, the probe says yes, and the probe is what browsers meet."""
+    seaweedfs.create_bucket("plain-cors")
+    sha = hashlib.sha256(b"probe").hexdigest()
+    seaweedfs.client().put_object(Bucket="plain-cors", Key=f"m/{sha[:2]}/{sha[2:4]}/{sha}", Body=b"probe")
+    config = s3_config(seaweedfs, "plain-cors", prefix="m/", redirect={"enabled": True})
+    hs = Synapse(tmp_path / "plain-conf", storage_providers=[provider_entry(config)])  # not started
+    code, report, _ = cors_command(hs, "--json")
+    assert code == 0 and report["rules"] == [] and report["rules_serve_redirected_browsers"] is False
+    assert report["probe"]["allow_origin"] in ("*", "null") and report["browsers_served"] is True
+    code, _, text = cors_command(hs)
+    assert code == 0 and "served although the rules do not allow it" in text, text
+
+
 def test_startup_check_on_real_s3(s3: SeaweedFS, caplog: pytest.LogCaptureFixture) -> None:
     """The check the provider runs at start-up, on the module's bucket: a WARNING for no
     rule and for the old docs' rule, nothing once the rule browsers need is there."""

@@ -224,9 +224,15 @@ def _print_report(report: dict[str, Any], tried: Probe | None) -> None:
     print(f"these rules {verdict} a GET with Origin: null, which browsers send to S3 after the "
           "homeserver's cross-origin redirect (tainted origin)", file=out)
     if tried is not None:
-        answer = (f"{tried.status}, Access-Control-Allow-Origin: {tried.allow_origin}"
+        answer = (f"{tried.status}, Access-Control-Allow-Origin: {tried.allow_origin or '(none)'}"
                   if tried.error is None else f"no answer ({tried.error})")
         print(f"probe: a presigned GET on {tried.host} with Origin: null got {answer}", file=out)
+        if tried.served and not report["rules_serve_redirected_browsers"]:
+            print("  (served although the rules do not allow it: a default of the S3 server, such "
+                  "as SeaweedFS's -s3.allowedOrigins, or a proxy answers CORS; AWS S3 would refuse)",
+                  file=out)
+    else:
+        print("probe: no stored object to try; the verdict is the rules'", file=out)
     if report["public_endpoint_url"]:
         print(f"redirects point at {report['public_endpoint_url']}: CORS is that CDN's job. It "
               "must answer a GET with Origin: null (and any web client's origin) with "
