@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "synapse_msc3916.freeze_report",
     "synapse_msc3916.storage.tools",
     "synapse_msc3916.storage.scrub",
+    "synapse_msc3916.storage.cors",
     "synapse_msc3916.keys_cli",
 )
 

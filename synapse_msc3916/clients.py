@@ -116,7 +116,7 @@ RULES: tuple[Rule, ...] = (
     ),
     # krille-chan/fluffychat lib/utils/custom_http_client_native.dart: on Android the
     # Cronet engine's default User-Agent, which starts with the package name
-    # chat.fluffy.fluffychat; on iOS and desktop Dart's own "Dart/x (dart:io)" (see "cli").
+    # chat.fluffy.fluffychat; on iOS and desktop Dart's own "Dart/x (dart:io)" (see "dart").
     _rule(
         "fluffychat",
         r"fluffychat",
@@ -184,6 +184,16 @@ RULES: tuple[Rule, ...] = (
         "girlbossceo/conduwuit, continuwuity/continuwuity, matrix-construct/tuwunel"
         " src/core/info/version.rs (init_user_agent)",
     ),
+    # dart-lang/sdk sdk/lib/_http/http_impl.dart (_getHttpVersion): Dart's HttpClient
+    # default "Dart/<major>.<minor> (dart:io)", which FluffyChat sends on iOS and desktop, as
+    # do other matrix-dart-sdk clients and bots. Its own family, not "cli": these are the
+    # users a freeze date breaks.
+    _rule(
+        "dart",
+        r"^dart/",
+        "Dart/3.5 (dart:io)",
+        "dart-lang/sdk sdk/lib/_http/http_impl.dart (_getHttpVersion); FluffyChat on iOS/desktop",
+    ),
     # Any other browser-like User-Agent (Element Web, Cinny, a pasted media URL...).
     _rule(
         "browser",
@@ -196,10 +206,10 @@ RULES: tuple[Rule, ...] = (
     _rule(
         "cli",
         r"^(?:curl|wget|python-requests|python-urllib|python-httpx|python/[\d.]+ aiohttp|aiohttp"
-        r"|go-http-client|okhttp|dart|axios|node-fetch|node|undici|java|apache-httpclient"
+        r"|go-http-client|okhttp|axios|node-fetch|node|undici|java|apache-httpclient"
         r"|libwww-perl|httpie|powershell|ruby|faraday|guzzlehttp|reqwest)[/ ]",
         "curl/8.5.0",
-        "each tool's default (curl, Wget, python-requests, aiohttp, Go-http-client, okhttp, Dart...)",
+        "each tool's default (curl, Wget, python-requests, aiohttp, Go-http-client, okhttp, Java...)",
     ),
 )
 

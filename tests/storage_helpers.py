@@ -94,6 +94,8 @@ class SignedSeaweedFS(SeaweedFS):
     presigned URL's signature and expiry would go unchecked there.
     """
 
+    more_args: list[str] = []  # further ``weed server`` flags (subclasses)
+
     def start(self, timeout: float = 60.0) -> SeaweedFS:
         import json
 
@@ -103,7 +105,7 @@ class SignedSeaweedFS(SeaweedFS):
             "credentials": [{"accessKey": self.ACCESS_KEY, "secretKey": self.SECRET_KEY}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }]}))
-        self.extra_args = [f"-s3.config={config}"]
+        self.extra_args = [f"-s3.config={config}", *self.more_args]
         return super().start(timeout)
 
     def stop(self) -> None:
@@ -129,3 +131,18 @@ def run_tool(hs: Synapse, *args: str, timeout: float = 180) -> subprocess.Comple
         text=True,
         timeout=timeout,
     )
+
+
+
+class AwsCorsSeaweedFS(SignedSeaweedFS):
+    """SignedSeaweedFS whose buckets answer CORS only by their own rules, as AWS S3 does.
+
+    SeaweedFS answers a bucket without CORS rules by its global ``-s3.allowedOrigins``,
+    default ``*``: every origin, ``null`` included, so a browser test against it could
+    never see a bucket refuse. Set to an origin no browser has, a bucket without rules
+    answers no ``Access-Control-Allow-Origin`` (checked by test_browser.py), and a bucket
+    with rules answers by them (PutBucketCors is applied).
+    """
+
+    NO_ORIGIN = "https://no-bucket-cors-rule.invalid"
+    more_args = [f"-s3.allowedOrigins={NO_ORIGIN}"]

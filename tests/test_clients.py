@@ -40,7 +40,13 @@ REAL = [
     ("Go-http-client/1.1", "cli"),
     ("Go-http-client/2.0", "cli"),
     ("okhttp/4.12.0", "cli"),
-    ("Dart/3.5 (dart:io)", "cli"),
+    # Dart's own HttpClient default (FluffyChat on iOS and desktop, matrix-dart-sdk bots): was
+    # counted as "cli" with curl before issue 19 (failed: assert 'cli' == 'dart').
+    ("Dart/3.5 (dart:io)", "dart"),
+    ("Dart/2.19 (dart:io)", "dart"),
+    ("curl/7.88.1", "cli"),
+    ("Python/3.11 aiohttp/3.14.0", "cli"),
+    ("Java/17.0.2", "cli"),
     ("SchildiChat/1.11.30-sc.2 (Google Pixel 7; Android 14; UQ1A; Flavour Fdroid; MatrixAndroidSdk2 1.6.10)",
      "schildichat"),
 ]
@@ -58,7 +64,7 @@ def test_table_is_small_and_closed() -> None:
     assert all(rule.source and rule.example for rule in RULES)
     for family in ("element-desktop", "element-android", "element-ios", "element-x-android",
                    "element-x-ios", "fluffychat", "nheko", "schildichat", "matrix-rust-sdk",
-                   "mautrix-go", "mautrix-python", "synapse", "dendrite", "conduit", "browser", "cli"):
+                   "mautrix-go", "mautrix-python", "synapse", "dendrite", "conduit", "browser", "dart", "cli"):
         assert family in FAMILIES
 
 

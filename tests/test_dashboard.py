@@ -3,7 +3,7 @@
 ``contrib/grafana/synapse-msc3916.json`` must import as it is (datasource and instance
 variables) and every PromQL expression in it must name metrics that appear on
 ``/_synapse/metrics`` once there has been traffic on every endpoint family, an upload, a
-dedup hit, a storage fetch and a storage error.
+dedup hit, a storage fetch, a storage error, a missing object found and a redirect.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from synapse_msc3916.storage.blobstore import blob_name
-from tests.harness import Synapse
-from tests.storage_helpers import provider_entry, wipe_local_media
+from tests.harness import SeaweedFS, Synapse
+from tests.storage_helpers import provider_entry, s3_config, wipe_local_media
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "contrib" / "grafana" / "synapse-msc3916.json"
 METRIC_NAME = re.compile(r"\bsynapse_msc3916_[a-z0-9_]+\b")
@@ -46,7 +46,8 @@ def test_dashboard_is_importable_as_is() -> None:
     assert "__inputs" not in dashboard  # nothing to fill in on import
     titles = " / ".join(p["title"].lower() for p in dashboard["panels"])
     for wanted in ("legacy", "client family", "freeze decisions", "dedup", "bytes saved",
-                   "fetch latency", "storage errors"):
+                   "fetch latency", "storage errors", "deletion job", "damaged objects", "heals",
+                   "redirects"):
         assert wanted in titles, wanted
     for panel in dashboard["panels"]:
         if panel["type"] == "row":
@@ -58,8 +59,16 @@ def test_dashboard_is_importable_as_is() -> None:
     assert len(ids) == len(set(ids))
 
 
+def _exposed(hs: Synapse) -> set[str]:
+    names = set()
+    for line in hs.metrics().splitlines():
+        if line and not line.startswith("#"):
+            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return names
+
+
 def test_every_dashboard_metric_is_exported(
-    synapse_factory: Callable[..., Synapse], tmp_path: Path
+    synapse_factory: Callable[..., Synapse], tmp_path: Path, seaweedfs: SeaweedFS
 ) -> None:
     store = tmp_path / "blobs"
     hs = synapse_factory(
@@ -70,10 +79,11 @@ def test_every_dashboard_metric_is_exported(
     hs.start()
     token = hs.register("alice")
     sn = hs.server_name
-    data, broken = os.urandom(50_000), os.urandom(20_000)
+    data, broken, lost = os.urandom(50_000), os.urandom(20_000), os.urandom(10_000)
     first = hs.upload(token, data, "application/octet-stream")
     hs.upload(token, data, "application/octet-stream")  # a dedup hit
     unreadable = hs.upload(token, broken, "application/octet-stream")
+    missing = hs.upload(token, lost, "application/octet-stream")
 
     auth = {"Authorization": f"Bearer {token}"}
     for path, headers in [
@@ -94,11 +104,21 @@ def test_every_dashboard_metric_is_exported(
         assert hs.get(f"/_matrix/client/v1/media/download/{sn}/{unreadable}", token).status >= 500
     finally:
         shutil.rmtree(blob)
+    # An indexed object that is gone: a damaged object found at fetch time.
+    (store / blob_name(hashlib.sha256(lost).hexdigest())).unlink()
+    assert hs.get(f"/_matrix/client/v1/media/download/{sn}/{missing}", token).status == 404
+    exposed = _exposed(hs)
 
-    exposed = set()
-    for line in hs.metrics().splitlines():
-        if line and not line.startswith("#"):
-            exposed.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    # Redirects need S3: a second server on the session's SeaweedFS, one redirected read.
+    bucket = "dashboard"
+    seaweedfs.create_bucket(bucket)
+    s3 = synapse_factory(storage_providers=[provider_entry(
+        s3_config(seaweedfs, bucket, redirect={"enabled": True, "min_size": 1000}))])
+    s3.start()
+    token = s3.register("bob")
+    media_id = s3.upload(token, os.urandom(5000), "application/octet-stream")
+    assert s3.get(f"/_matrix/client/v1/media/download/{s3.server_name}/{media_id}", token).status == 307
+    exposed |= _exposed(s3)
     dashboard = json.loads(DASHBOARD.read_text())
     names = {name for expr in _exprs(dashboard) for name in METRIC_NAME.findall(expr)}
     assert len(names) >= 10, names

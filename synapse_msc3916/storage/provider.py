@@ -33,7 +33,7 @@ from synapse_msc3916.metrics import (
     STORAGE_HEALS,
     STORAGE_STORES,
 )
-from synapse_msc3916.storage import index
+from synapse_msc3916.storage import cors, index
 from synapse_msc3916.storage.blobstore import S3BlobStore, StorageUnavailable, make_blobstore
 from synapse_msc3916.storage.lifecycle import DeletionJob, gc_storage_config, tick_interval_ms
 from synapse_msc3916.storage.redirect import Redirector
@@ -129,6 +129,11 @@ class DedupStorageProvider:
         )
         if config.redirect.enabled:
             self._install_redirects()
+            if not config.redirect.public_endpoint_url:
+                # Browsers reach the bucket itself: say so if its CORS refuses them.
+                self._reactor.callWhenRunning(
+                    sa.run_as_background_process, hs, "msc3916_storage_cors_check", self._check_cors
+                )
         # Claims this process made in a previous life are released at start-up: they are
         # the ones made before this instant by this instance name.
         self._instance = sa.instance_name(hs)
@@ -187,6 +192,10 @@ class DedupStorageProvider:
         sign("0" * 64, None, None)  # build the signing client now, not on the first read
         redirector = Redirector(self._config.redirect, sign, locate, sa.RedirectingResponder)
         sa.install_fetch_hook(redirector.hook)
+
+    async def _check_cors(self) -> None:
+        """Read the bucket's CORS rules once, off the reactor; only ever logs."""
+        await self._in_thread(cors.startup_check, self._store)
 
     # --- plumbing ---
 
