@@ -53,7 +53,7 @@ def gate_installed() -> Iterator[list[Any]]:
 
     async def gate(request: Any, server_name: str | None, media_id: str) -> tuple[bool, Any]:
         calls.append((server_name, media_id))
-        return False, None  # leave the decision to Synapse, no outcome callback
+        return media_gate.Access.SYNAPSE, None  # leave the decision to Synapse, no outcome callback
 
     previous = media_gate._gate
     media_gate._gate = gate
