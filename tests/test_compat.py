@@ -19,7 +19,7 @@ import synapse
 
 from synapse_msc3916 import __version__
 from synapse_msc3916.synapse_adapter import media_gate, probes
-from tests.harness import Synapse
+from tests.harness import Synapse, request
 
 SYNAPSE_VERSION = probes._version_tuple(synapse.__version__)
 
@@ -41,6 +41,25 @@ def test_missing_internal_stops_synapse_with_one_line(synapse_factory: Callable[
     assert f"synapse_msc3916 {__version__} cannot run on Synapse {synapse.__version__.split()[0]}" in line
     assert "MediaRepository.get_local_media lacks parameter(s) allow_authenticated" in line
     assert "Traceback" not in output
+
+
+@pytest.mark.compat
+@pytest.mark.single_process
+def test_legacy_servlet_that_bypasses_the_gate_stops_synapse(synapse_factory: Callable[..., Synapse]) -> None:
+    """Issue 18: a release whose legacy download reads media through another method.
+
+    Before the call-path probe, Synapse started (every wrapped method still had its
+    parameters) and served legacy downloads without the gate: no line was printed.
+    """
+    hs = synapse_factory()
+    hs.config["modules"].insert(0, {"module": "tests.synapse_servlet_breaker.ServletBypassBreaker", "config": {}})
+    hs.write_config()
+    code, output = hs.start_expecting_failure()
+    assert code != 0
+    lines = [line for line in output.splitlines() if "cannot run on Synapse" in line]
+    assert len(lines) == 1, output
+    assert "synapse.rest.media.download_resource.DownloadResource.on_GET does not have the expected shape" in lines[0]
+    assert "get_local_media" in lines[0] and "Traceback" not in output
 
 
 # --- the gate at run time -------------------------------------------------------------------
@@ -115,6 +134,38 @@ def test_gate_refuses_reads_synapse_calls_in_an_unknown_way(synapse_factory: Cal
     assert r.status == 404 and r.json()["errcode"] == "M_NOT_FOUND", r
     log = hs.log_file.read_text(errors="replace")
     assert "ERROR" in log and "refusing a media read" in log and "get_local_media" in log
+
+
+@pytest.mark.compat
+@pytest.mark.single_process
+def test_legacy_response_the_gate_did_not_decide_is_refused(synapse_factory: Callable[..., Synapse]) -> None:
+    """Issue 18: a legacy read that reaches Synapse's responder without the gate.
+
+    Before the run-time check, the bypassing servlet served the bytes (200, the file's
+    content) although the gate never saw the read.
+    """
+    hs = synapse_factory(extra_config={"enable_authenticated_media": False})
+    hs.config["modules"].append({"module": "tests.synapse_servlet_breaker.ResponderBypassBreaker", "config": {}})
+    hs.write_config()
+    hs.start()
+    token = hs.register("alice")
+    content = b"public, but the gate never saw this read"
+    media_id = hs.upload(token, content, "text/plain", "a.txt")
+    for method in ("GET", "HEAD"):
+        r = request(method, hs.base_url, f"/_matrix/media/v3/download/{hs.server_name}/{media_id}")
+        assert r.status == 404, (method, r)
+        assert content not in r.body and r.header("content-disposition") is None
+        if method == "GET":
+            assert r.json()["errcode"] == "M_NOT_FOUND"
+    # The same read through the MSC1902 client path (rewritten to the legacy servlet).
+    r = hs.get(f"/_matrix/client/r0/media/download/{hs.server_name}/{media_id}")
+    assert r.status == 404 and content not in r.body, r
+    # The authenticated endpoint does not use the legacy servlet: still served.
+    assert hs.get(f"/_matrix/client/v1/media/download/{hs.server_name}/{media_id}", token).body == content
+    log = hs.log_file.read_text(errors="replace")
+    errors = [line for line in log.splitlines() if " - ERROR - " in line and "did not decide" in line]
+    assert len(errors) == 3, errors
+    assert f"/_matrix/media/v3/download/{hs.server_name}/{media_id}" in errors[0]
 
 
 # --- the tested range -----------------------------------------------------------------------

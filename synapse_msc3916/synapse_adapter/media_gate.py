@@ -119,7 +119,7 @@ NEEDS = [
         for cls, name, remote, flag in _GATED_METHODS
     ),
     *(
-        Need(handler, why, check=lambda obj, uses=uses: _reaches_only_gated(obj, uses))
+        Need(handler, why, check=functools.partial(_reaches_only_gated, uses=uses))
         for handler, why, uses in _SERVLETS
     ),
     Need(
