@@ -120,6 +120,77 @@ def test_gate_refuses_when_a_parameter_it_reads_is_gone(gate_installed: list[Any
     assert served == [] and gate_installed == []
 
 
+@pytest.mark.parametrize(
+    ("access", "allow_authenticated", "signed"),
+    [("SYNAPSE", False, False), ("REOPENED", True, False), ("AUTHENTICATED", True, True)],
+)
+def test_only_reads_the_module_authenticated_use_signed_federation(
+    access: str, allow_authenticated: bool, signed: bool
+) -> None:
+    """Issue 18: re-opening (or letting Synapse decide) never turns on signed federation."""
+    calls: list[tuple[bool, bool]] = []
+
+    async def get_remote_media(
+        self: Any, request: Any, server_name: str, media_id: str, name: str | None,
+        max_timeout_ms: int, ip_address: str, use_federation_endpoint: bool,
+        allow_authenticated: bool = True,
+    ) -> None:
+        calls.append((use_federation_endpoint, allow_authenticated))
+
+    async def gate(request: Any, server_name: str | None, media_id: str) -> tuple[Any, Any]:
+        return media_gate.Access[access], None
+
+    previous, media_gate._gate = media_gate._gate, gate
+    try:
+        wrapper = media_gate.gated(get_remote_media, remote=True, flag="use_federation_endpoint")
+        asyncio.run(wrapper(None, None, "a.example", "id", None, 1000, "127.0.0.1", False, allow_authenticated=False))
+    finally:
+        media_gate._gate = previous
+    assert calls == [(signed, allow_authenticated)]
+
+
+class _Request:
+    def __init__(self, code: int):
+        self.code = code
+
+
+@pytest.mark.parametrize(
+    ("code", "raises", "expected"),
+    [(200, None, "SERVED"), (304, None, "SERVED"), (404, None, "NOT_SERVED"), (400, None, "NOT_SERVED"),
+     (200, "not_found", "REFUSED"), (200, "bad_gateway", "NOT_SERVED")],
+)
+def test_outcome_counts_only_reads_that_served(code: int, raises: str | None, expected: str) -> None:
+    """Issue 18: Synapse's own 404 (respond_404, returning normally) is not a served read."""
+    from synapse.api.errors import NotFoundError, SynapseError
+
+    ended: list[Any] = []
+
+    async def get_local_media(
+        self: Any, request: Any, media_id: str, name: str | None, max_timeout_ms: int,
+        allow_authenticated: bool = True,
+    ) -> None:
+        if raises == "not_found":
+            raise NotFoundError()
+        if raises == "bad_gateway":
+            raise SynapseError(502, "Failed to fetch remote media")
+
+    async def gate(request: Any, server_name: str | None, media_id: str) -> tuple[Any, Any]:
+        return media_gate.Access.SYNAPSE, ended.append
+
+    request = _Request(code)
+    previous, media_gate._gate = media_gate._gate, gate
+    try:
+        wrapper = media_gate.gated(get_local_media, remote=False, flag=None)
+        try:
+            asyncio.run(wrapper(None, request, "abc", None, 1000, allow_authenticated=False))
+        except SynapseError:
+            assert raises is not None
+    finally:
+        media_gate._gate = previous
+    assert ended == [media_gate.Read[expected]]
+    assert media_gate.gate_decided(request)
+
+
 @pytest.mark.compat
 @pytest.mark.single_process
 def test_gate_refuses_reads_synapse_calls_in_an_unknown_way(synapse_factory: Callable[..., Synapse]) -> None:
