@@ -22,6 +22,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+# The same answer as the gate's own fail-closed refusal (``synapse_adapter/media_gate.py``).
 REFUSED_ERROR = "This media is not available on this endpoint"
 
 # Headers of a media answer that must not survive on the 404 that replaces it.

@@ -23,6 +23,7 @@ from synapse.api.errors import NotFoundError
 from synapse.media.media_repository import MediaRepository
 from synapse.media.thumbnailer import ThumbnailProvider
 
+from synapse_msc3916.read_guard import REFUSED_ERROR
 from synapse_msc3916.synapse_adapter.probes import Need, attributes_used, method, source_mentions
 
 logger = logging.getLogger(__name__)
@@ -147,8 +148,6 @@ def _mark_decided(request: Any) -> None:
 
 
 _gate: Gate | None = None
-
-REFUSED_ERROR = "This media is not available on this endpoint"
 
 
 def install_media_gate(gate: Gate) -> None:
