@@ -73,7 +73,9 @@ STORAGE_DAMAGED = Counter(
 # --- Who still uses the unauthenticated media endpoints (issue 13) ---
 # `client` is one of clients.FAMILIES (a fixed set, whatever the User-Agent holds);
 # `decision` is served, refused, would_refuse (report mode: served, enforce would
-# refuse) or exempt (the freeze's exempt list, or an X-Matrix-signed federation read).
+# refuse), exempt (the freeze's exempt list, or an X-Matrix-signed federation read) or
+# not_served (Synapse answered without the media: unknown media, a failed fetch); the
+# first, third and fourth count only reads answered with the media (or 304).
 UNAUTHENTICATED_REQUESTS = Counter(
     "synapse_msc3916_unauthenticated_requests",
     "Media reads on unauthenticated endpoints (legacy and MSC1902 download/thumbnail),"

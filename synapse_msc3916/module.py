@@ -102,20 +102,21 @@ class AuthenticatedMediaModule:
 
     async def _gate(
         self, request: Any, server_name: str | None, media_id: str
-    ) -> tuple[bool, Callable[[bool], None] | None]:
+    ) -> tuple[sa.Access, Callable[[sa.Read], None] | None]:
         """Decide an unauthenticated media read (see ``synapse_adapter.install_media_gate``).
 
-        Returns whether the read may ignore Synapse's per-media ``authenticated`` flag, and
-        a callback told whether Synapse refused it, which counts the request.
+        Returns what the read may do beyond Synapse's own choice (``sa.Access``: only a
+        read the module authenticated may use signed federation; ``reopen_flagged_media``
+        only lifts Synapse's flag), and a callback told how the read ended, which counts it.
         """
         client = clients.classify(_user_agent(request))
         if request is not None and getattr(request, SIGNED_ORIGIN_ATTR, None):
             # A federation read the module authenticated with X-Matrix: served like
             # Synapse's stable federation endpoints, whatever the flag or the date.
-            return True, functools.partial(self._settle, client, Decision.EXEMPT, None, "")
+            return sa.Access.AUTHENTICATED, functools.partial(self._settle, client, Decision.EXEMPT, None, "")
         if self.freeze is None:
             # No freeze block: Synapse's own per-media flag decides.
-            return False, functools.partial(self._settle, client, None, server_name, media_id)
+            return sa.Access.SYNAPSE, functools.partial(self._settle, client, None, server_name, media_id)
         decision = await self.freeze.decide(server_name, media_id)
         if decision is Decision.REFUSE:
             UNAUTHENTICATED_REQUESTS.labels(client, "refused").inc()
@@ -129,7 +130,8 @@ class AuthenticatedMediaModule:
             and config.enforce
             and decision in (Decision.SERVE, Decision.EXEMPT)
         )
-        return reopen, functools.partial(self._settle, client, decision, server_name, media_id)
+        access = sa.Access.REOPENED if reopen else sa.Access.SYNAPSE
+        return access, functools.partial(self._settle, client, decision, server_name, media_id)
 
     def _settle(
         self,
@@ -137,11 +139,17 @@ class AuthenticatedMediaModule:
         decision: Decision | None,
         server_name: str | None,
         media_id: str,
-        refused_by_synapse: bool,
+        read: sa.Read,
     ) -> None:
-        """Count one unauthenticated read once Synapse has answered it."""
-        if refused_by_synapse:
+        """Count one unauthenticated read once Synapse has answered it.
+
+        Only a read that really served the media counts as served, exempt or
+        would_refuse: Synapse's own 404 for unknown media is ``not_served``.
+        """
+        if read is sa.Read.REFUSED:
             label = "refused"
+        elif read is not sa.Read.SERVED:
+            label = "not_served"
         elif decision is Decision.WOULD_REFUSE:
             label = "would_refuse"
             assert self.freeze is not None

@@ -15,7 +15,7 @@ from typing import Any
 import attr
 from twisted.web.resource import Resource
 
-from synapse_msc3916 import media_ids
+from synapse_msc3916 import media_ids, read_guard
 from synapse_msc3916 import synapse_adapter as sa
 from synapse_msc3916.metrics import MEDIA_REQUESTS
 from synapse_msc3916.routes import Action, Family, Listener, Route, find_route
@@ -71,6 +71,8 @@ class ListenerRouter(Resource):
             if self._serves(route):
                 kind = route.kind or match.groupdict().get("kind") or "other"
                 MEDIA_REQUESTS.labels(route.family.value, kind).inc()
+                if _reaches_legacy_read(route, kind):
+                    read_guard.guard_unauthenticated_read(request, sa.gate_decided)
                 if route.action is not Action.OBSERVE:
                     return self._dispatch(route, match, request)
                 refusal = _synapse_would_crash(route, match)
@@ -143,6 +145,15 @@ class ListenerRouter(Resource):
             return self._rewrite_to(f"{route.target}{kind}/{rest}", request)
 
         return self._context.signed_resource(then)
+
+
+def _reaches_legacy_read(route: Route, kind: str) -> bool:
+    """Whether the request ends in Synapse's legacy download/thumbnail servlet (gated)."""
+    if kind not in ("download", "thumbnail"):
+        return False
+    if route.family is Family.LEGACY:
+        return True
+    return route.family is Family.MSC1902 and route.action in (Action.REWRITE, Action.SIGNED_LEGACY)
 
 
 def _synapse_would_crash(route: Route, match: Any) -> Resource | None:

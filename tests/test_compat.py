@@ -19,7 +19,7 @@ import synapse
 
 from synapse_msc3916 import __version__
 from synapse_msc3916.synapse_adapter import media_gate, probes
-from tests.harness import Synapse
+from tests.harness import Synapse, request
 
 SYNAPSE_VERSION = probes._version_tuple(synapse.__version__)
 
@@ -43,6 +43,25 @@ def test_missing_internal_stops_synapse_with_one_line(synapse_factory: Callable[
     assert "Traceback" not in output
 
 
+@pytest.mark.compat
+@pytest.mark.single_process
+def test_legacy_servlet_that_bypasses_the_gate_stops_synapse(synapse_factory: Callable[..., Synapse]) -> None:
+    """Issue 18: a release whose legacy download reads media through another method.
+
+    Before the call-path probe, Synapse started (every wrapped method still had its
+    parameters) and served legacy downloads without the gate: no line was printed.
+    """
+    hs = synapse_factory()
+    hs.config["modules"].insert(0, {"module": "tests.synapse_servlet_breaker.ServletBypassBreaker", "config": {}})
+    hs.write_config()
+    code, output = hs.start_expecting_failure()
+    assert code != 0
+    lines = [line for line in output.splitlines() if "cannot run on Synapse" in line]
+    assert len(lines) == 1, output
+    assert "synapse.rest.media.download_resource.DownloadResource.on_GET does not have the expected shape" in lines[0]
+    assert "get_local_media" in lines[0] and "Traceback" not in output
+
+
 # --- the gate at run time -------------------------------------------------------------------
 
 
@@ -53,7 +72,7 @@ def gate_installed() -> Iterator[list[Any]]:
 
     async def gate(request: Any, server_name: str | None, media_id: str) -> tuple[bool, Any]:
         calls.append((server_name, media_id))
-        return False, None  # leave the decision to Synapse, no outcome callback
+        return media_gate.Access.SYNAPSE, None  # leave the decision to Synapse, no outcome callback
 
     previous = media_gate._gate
     media_gate._gate = gate
@@ -101,6 +120,77 @@ def test_gate_refuses_when_a_parameter_it_reads_is_gone(gate_installed: list[Any
     assert served == [] and gate_installed == []
 
 
+@pytest.mark.parametrize(
+    ("access", "allow_authenticated", "signed"),
+    [("SYNAPSE", False, False), ("REOPENED", True, False), ("AUTHENTICATED", True, True)],
+)
+def test_only_reads_the_module_authenticated_use_signed_federation(
+    access: str, allow_authenticated: bool, signed: bool
+) -> None:
+    """Issue 18: re-opening (or letting Synapse decide) never turns on signed federation."""
+    calls: list[tuple[bool, bool]] = []
+
+    async def get_remote_media(
+        self: Any, request: Any, server_name: str, media_id: str, name: str | None,
+        max_timeout_ms: int, ip_address: str, use_federation_endpoint: bool,
+        allow_authenticated: bool = True,
+    ) -> None:
+        calls.append((use_federation_endpoint, allow_authenticated))
+
+    async def gate(request: Any, server_name: str | None, media_id: str) -> tuple[Any, Any]:
+        return media_gate.Access[access], None
+
+    previous, media_gate._gate = media_gate._gate, gate
+    try:
+        wrapper = media_gate.gated(get_remote_media, remote=True, flag="use_federation_endpoint")
+        asyncio.run(wrapper(None, None, "a.example", "id", None, 1000, "127.0.0.1", False, allow_authenticated=False))
+    finally:
+        media_gate._gate = previous
+    assert calls == [(signed, allow_authenticated)]
+
+
+class _Request:
+    def __init__(self, code: int):
+        self.code = code
+
+
+@pytest.mark.parametrize(
+    ("code", "raises", "expected"),
+    [(200, None, "SERVED"), (304, None, "SERVED"), (404, None, "NOT_SERVED"), (400, None, "NOT_SERVED"),
+     (200, "not_found", "REFUSED"), (200, "bad_gateway", "NOT_SERVED")],
+)
+def test_outcome_counts_only_reads_that_served(code: int, raises: str | None, expected: str) -> None:
+    """Issue 18: Synapse's own 404 (respond_404, returning normally) is not a served read."""
+    from synapse.api.errors import NotFoundError, SynapseError
+
+    ended: list[Any] = []
+
+    async def get_local_media(
+        self: Any, request: Any, media_id: str, name: str | None, max_timeout_ms: int,
+        allow_authenticated: bool = True,
+    ) -> None:
+        if raises == "not_found":
+            raise NotFoundError()
+        if raises == "bad_gateway":
+            raise SynapseError(502, "Failed to fetch remote media")
+
+    async def gate(request: Any, server_name: str | None, media_id: str) -> tuple[Any, Any]:
+        return media_gate.Access.SYNAPSE, ended.append
+
+    request = _Request(code)
+    previous, media_gate._gate = media_gate._gate, gate
+    try:
+        wrapper = media_gate.gated(get_local_media, remote=False, flag=None)
+        try:
+            asyncio.run(wrapper(None, request, "abc", None, 1000, allow_authenticated=False))
+        except SynapseError:
+            assert raises is not None
+    finally:
+        media_gate._gate = previous
+    assert ended == [media_gate.Read[expected]]
+    assert media_gate.gate_decided(request)
+
+
 @pytest.mark.compat
 @pytest.mark.single_process
 def test_gate_refuses_reads_synapse_calls_in_an_unknown_way(synapse_factory: Callable[..., Synapse]) -> None:
@@ -115,6 +205,38 @@ def test_gate_refuses_reads_synapse_calls_in_an_unknown_way(synapse_factory: Cal
     assert r.status == 404 and r.json()["errcode"] == "M_NOT_FOUND", r
     log = hs.log_file.read_text(errors="replace")
     assert "ERROR" in log and "refusing a media read" in log and "get_local_media" in log
+
+
+@pytest.mark.compat
+@pytest.mark.single_process
+def test_legacy_response_the_gate_did_not_decide_is_refused(synapse_factory: Callable[..., Synapse]) -> None:
+    """Issue 18: a legacy read that reaches Synapse's responder without the gate.
+
+    Before the run-time check, the bypassing servlet served the bytes (200, the file's
+    content) although the gate never saw the read.
+    """
+    hs = synapse_factory(extra_config={"enable_authenticated_media": False})
+    hs.config["modules"].append({"module": "tests.synapse_servlet_breaker.ResponderBypassBreaker", "config": {}})
+    hs.write_config()
+    hs.start()
+    token = hs.register("alice")
+    content = b"public, but the gate never saw this read"
+    media_id = hs.upload(token, content, "text/plain", "a.txt")
+    for method in ("GET", "HEAD"):
+        r = request(method, hs.base_url, f"/_matrix/media/v3/download/{hs.server_name}/{media_id}")
+        assert r.status == 404, (method, r)
+        assert content not in r.body and r.header("content-disposition") is None
+        if method == "GET":
+            assert r.json()["errcode"] == "M_NOT_FOUND"
+    # The same read through the MSC1902 client path (rewritten to the legacy servlet).
+    r = hs.get(f"/_matrix/client/r0/media/download/{hs.server_name}/{media_id}")
+    assert r.status == 404 and content not in r.body, r
+    # The authenticated endpoint does not use the legacy servlet: still served.
+    assert hs.get(f"/_matrix/client/v1/media/download/{hs.server_name}/{media_id}", token).body == content
+    log = hs.log_file.read_text(errors="replace")
+    errors = [line for line in log.splitlines() if " - ERROR - " in line and "did not decide" in line]
+    assert len(errors) == 3, errors
+    assert f"/_matrix/media/v3/download/{hs.server_name}/{media_id}" in errors[0]
 
 
 # --- the tested range -----------------------------------------------------------------------

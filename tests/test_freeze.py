@@ -184,6 +184,23 @@ def test_report_mode_serves_and_counts(frozen: Synapse) -> None:
         log = frozen.log_file.read_text()
         processes = len(getattr(frozen, "workers", [])) or 1
         assert 1 <= log.count(f"would refuse mxc://{sn}/{frozen.new}") <= processes  # type: ignore[attr-defined]
+
+        # Only reads that really served the media count as served/would_refuse (issue 18):
+        # Synapse's own 404 for unknown media and its 400 for a thumbnail of a text file
+        # return normally from the gated methods. Before the fix the first was counted as
+        # `served` and the second as `would_refuse` (both metrics), not_served stayed 0.
+        text = frozen.upload(frozen.token, b"no thumbnail\n", "text/plain", "t.txt")  # type: ignore[attr-defined]
+        metric = "synapse_msc3916_unauthenticated_requests_total"
+        counts = {d: frozen.metric_value(metric, decision=d) for d in ("served", "would_refuse", "not_served")}
+        would = frozen.metric_value("synapse_msc3916_freeze_decisions_total", decision="would_refuse")
+        assert frozen.get(f"/_matrix/media/v3/download/{sn}/NoSuchMedia").status == 404
+        assert frozen.get(f"/_matrix/media/v3/thumbnail/{sn}/{text}?width=32&height=32").status == 400
+        assert frozen.metric_value(metric, decision="served") == counts["served"]
+        assert frozen.metric_value(metric, decision="would_refuse") == counts["would_refuse"]
+        assert frozen.metric_value(metric, decision="not_served") == counts["not_served"] + 2
+        assert frozen.metric_value("synapse_msc3916_freeze_decisions_total", decision="would_refuse") == would
+        # The other tests count this fixture's media.
+        frozen.sql("DELETE FROM local_media_repository WHERE media_id = ?", (text,))
     finally:
         frozen.config["modules"][0]["config"]["freeze"]["mode"] = "enforce"
         frozen.restart()

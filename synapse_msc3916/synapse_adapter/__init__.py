@@ -41,7 +41,7 @@ _EXPORTS = {
     "listeners": ("install_routers", "resolve_resource", "encoded_like", "ErrorResource"),
     "versions": ("VersionsResource",),
     "federation": ("federation_authenticator", "federation_ratelimiter"),
-    "media_gate": ("install_media_gate",),
+    "media_gate": ("install_media_gate", "Access", "Read", "gate_decided"),
     "multipart": ("fix_zero_byte_multipart",),
     "storage": (
         "Responder", "storage_module_api", "run_db_read_committed", "storage_reactor",
@@ -63,7 +63,7 @@ __all__ = [
     "is_mine_server_name", "validate_server_name", "sso_icon_media", "current_time_msec",
     "install_routers", "resolve_resource", "encoded_like", "ErrorResource",
     "VersionsResource", "federation_authenticator", "federation_ratelimiter",
-    "install_media_gate", "fix_zero_byte_multipart",
+    "install_media_gate", "Access", "Read", "gate_decided", "fix_zero_byte_multipart",
     "Responder", "storage_module_api", "run_db_read_committed", "storage_reactor",
     "media_store_path", "local_media_storage_enabled", "provider_store_synchronous",
     "storage_config_error", "storage_not_spam", "run_as_background_process",
@@ -88,7 +88,7 @@ if TYPE_CHECKING:
         media_deletions_looping_call,
         runs_media_background_jobs,
     )
-    from synapse_msc3916.synapse_adapter.media_gate import install_media_gate
+    from synapse_msc3916.synapse_adapter.media_gate import Access, Read, gate_decided, install_media_gate
     from synapse_msc3916.synapse_adapter.multipart import fix_zero_byte_multipart
     from synapse_msc3916.synapse_adapter.redirect import RedirectingResponder, install_fetch_hook
     from synapse_msc3916.synapse_adapter.server import (

@@ -4,11 +4,15 @@ Synapse's legacy servlets ask the media repository with ``allow_authenticated=Fa
 that flag, not the request path, is what marks a read as unauthenticated, so deciding
 here cannot be sidestepped by another spelling of the path. The wrappers read the
 arguments by name, so each wrapped method's parameters are probed at start-up, and a call
-whose arguments do not bind as expected at run time is refused (fail closed).
+whose arguments do not bind as expected at run time is refused (fail closed). That the
+legacy servlets still call these methods is probed too (``_SERVLETS``), and each read the
+gate decided is marked on its request, so that the router can refuse a legacy response
+that reached Synapse's responder some other way (``gate_decided``).
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import inspect
 import logging
@@ -19,21 +23,46 @@ from synapse.api.errors import NotFoundError
 from synapse.media.media_repository import MediaRepository
 from synapse.media.thumbnailer import ThumbnailProvider
 
-from synapse_msc3916.synapse_adapter.probes import method
+from synapse_msc3916.read_guard import REFUSED_ERROR
+from synapse_msc3916.synapse_adapter.probes import Need, attributes_used, method, source_mentions
 
 logger = logging.getLogger(__name__)
 
-# Told once the wrapped read is over whether Synapse itself refused it (NotFoundError:
-# its per-media `authenticated` flag, or remote media it will not fetch for this read),
-# so that the module can count what was really served.
-Outcome = Callable[[bool], None]
 
-# gate(request or None, server_name or None, media_id) -> (open, outcome):
-# open True: serve regardless of Synapse's per-media `authenticated` flag (a read the module
-# authenticated itself, or media the admin explicitly re-opened); False: Synapse's flag
-# still refuses what it refuses. Or raise (e.g. NotFoundError) to refuse before anything is
-# read or fetched.
-Gate = Callable[[Any, str | None, str], Awaitable[tuple[bool, Outcome | None]]]
+class Access(enum.Enum):
+    """What the gate lets one unauthenticated read do beyond what Synapse alone would."""
+
+    # Nothing: Synapse's per-media `authenticated` flag refuses what it refuses, and remote
+    # media is fetched the way Synapse chose for this endpoint (its legacy one).
+    SYNAPSE = "synapse"
+    # Served whatever Synapse's flag says (the admin's explicit reopen_flagged_media), but
+    # fetched exactly as Synapse chose: re-opening is not an authentication, so it never
+    # makes this server fetch with its own signature what the origin protects.
+    REOPENED = "reopened"
+    # The module authenticated the request itself (a verified X-Matrix signature): served
+    # and fetched like Synapse's authenticated endpoints, over signed federation.
+    AUTHENTICATED = "authenticated"
+
+
+class Read(enum.Enum):
+    """How a gated read ended, for the counters."""
+
+    # A response below 400 (the media, or 304 Not Modified) was sent.
+    SERVED = "served"
+    # Synapse refused it (NotFoundError: its per-media flag, quarantine, remote media it
+    # will not fetch for this read).
+    REFUSED = "refused"
+    # Synapse answered without the media: its own 404 for unknown media, a failed fetch.
+    NOT_SERVED = "not_served"
+
+
+# Told once the wrapped read is over how it ended, so that the module counts only what
+# was really served.
+Outcome = Callable[[Read], None]
+
+# gate(request or None, server_name or None, media_id) -> (access, outcome), or raise
+# (e.g. NotFoundError) to refuse before anything is read or fetched.
+Gate = Callable[[Any, str | None, str], Awaitable[tuple[Access, Outcome | None]]]
 
 _LOCAL = ("request", "media_id", "allow_authenticated")
 _REMOTE = ("request", "server_name", "media_id", "allow_authenticated")
@@ -48,18 +77,77 @@ _GATED_METHODS: tuple[tuple[type, str, bool, str | None], ...] = (
     (ThumbnailProvider, "select_or_generate_remote_thumbnail", True, "use_federation"),
 )
 
+# The legacy servlets' handlers, and what each reads on which of its attributes: every
+# gated method it needs, and nothing else but the harmless extras. A release whose
+# servlet reads media some other way would otherwise leave the gate (and the freeze)
+# silently off for it.
+_SERVLETS: tuple[tuple[str, str, dict[str, tuple[frozenset[str], frozenset[str]]]], ...] = (
+    (
+        "synapse.rest.media.download_resource.DownloadResource.on_GET",
+        "legacy downloads must read media only through the gated get_local_media/get_remote_media",
+        {"media_repo": (frozenset({"get_local_media", "get_remote_media"}), frozenset())},
+    ),
+    (
+        "synapse.rest.media.thumbnail_resource.ThumbnailResource.on_GET",
+        "legacy thumbnails must read media only through the gated ThumbnailProvider methods",
+        {
+            "thumbnail_provider": (
+                frozenset({name for cls, name, _, _ in _GATED_METHODS if cls is ThumbnailProvider}),
+                frozenset(),
+            ),
+            "media_repo": (frozenset(), frozenset({"mark_recently_accessed"})),
+            "media_storage": (frozenset(), frozenset()),
+        },
+    ),
+)
+
+
+def _reaches_only_gated(handler: Any, uses: dict[str, tuple[frozenset[str], frozenset[str]]]) -> bool:
+    for owner, (required, extras) in uses.items():
+        used = attributes_used(handler, owner)
+        if used is None or not required <= used or not used <= required | extras:
+            return False
+    return True
+
+
 NEEDS = [
-    method(
-        f"{cls.__module__}.{cls.__qualname__}.{name}",
-        "the unauthenticated-read gate (freeze, signed federation)",
-        params=(_REMOTE if remote else _LOCAL) + ((flag,) if flag else ()),
-    )
-    for cls, name, remote, flag in _GATED_METHODS
+    *(
+        method(
+            f"{cls.__module__}.{cls.__qualname__}.{name}",
+            "the unauthenticated-read gate (freeze, signed federation)",
+            params=(_REMOTE if remote else _LOCAL) + ((flag,) if flag else ()),
+        )
+        for cls, name, remote, flag in _GATED_METHODS
+    ),
+    *(
+        Need(handler, why, check=functools.partial(_reaches_only_gated, uses=uses))
+        for handler, why, uses in _SERVLETS
+    ),
+    Need(
+        "synapse.rest.media.media_repository_resource.MediaRepositoryResource.register_servlets",
+        "the legacy download and thumbnail are served by the probed servlets",
+        check=lambda register: source_mentions(register, "DownloadResource(")
+        and source_mentions(register, "ThumbnailResource("),
+    ),
 ]
 
-_gate: Gate | None = None
+# Set on a request once the gate has decided its read (see ``gate_decided``).
+_DECIDED_ATTR = "_msc3916_gate_decided"
 
-REFUSED_ERROR = "This media is not available on this endpoint"
+
+def gate_decided(request: Any) -> bool:
+    """Whether the gate decided a media read of this request (the router's run-time check)."""
+    return bool(getattr(request, _DECIDED_ATTR, False))
+
+
+def _mark_decided(request: Any) -> None:
+    try:
+        setattr(request, _DECIDED_ATTR, True)
+    except AttributeError:  # not a request object: nothing will check it
+        pass
+
+
+_gate: Gate | None = None
 
 
 def install_media_gate(gate: Gate) -> None:
@@ -100,25 +188,29 @@ def gated(method: Callable[..., Awaitable[None]], remote: bool, flag: str | None
             raise NotFoundError(REFUSED_ERROR) from None
         if allow_authenticated:
             return await method(*args, **kwargs)
-        allow, outcome = await gate(request, server_name, media_id)
-        if allow:
+        access, outcome = await gate(request, server_name, media_id)
+        if access is not Access.SYNAPSE:
             bound.arguments["allow_authenticated"] = True
-        # Remote media is fetched the way the authenticated endpoints fetch it: signed
-        # federation first, Synapse's own fallback to the legacy endpoint after.
-        if flag is not None:
+        # Signed federation only for a read the module authenticated: an unauthenticated
+        # read fetches remote media the way Synapse chose for it (the origin's legacy
+        # endpoint), so this server never lends its signature to an anonymous client.
+        if flag is not None and access is Access.AUTHENTICATED:
             bound.arguments[flag] = True
+        _mark_decided(request)
         try:
             await method(*bound.args, **bound.kwargs)
         except NotFoundError:
             if outcome is not None:
-                outcome(True)
+                outcome(Read.REFUSED)
             raise
         except Exception:
             if outcome is not None:
-                outcome(False)
+                outcome(Read.NOT_SERVED)
             raise
         if outcome is not None:
-            outcome(False)
+            # Synapse answers unknown media with its own 404 and returns normally.
+            code = getattr(request, "code", 200)
+            outcome(Read.SERVED if isinstance(code, int) and code < 400 else Read.NOT_SERVED)
 
     wrapper._msc3916_gated = True  # type: ignore[attr-defined]
     return wrapper

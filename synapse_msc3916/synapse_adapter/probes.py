@@ -13,10 +13,12 @@ probe report says which fallback is in use.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import logging
 import re
+import textwrap
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -83,7 +85,7 @@ def problem(need: Need) -> str | None:
         if missing:
             return f"{need.internal} lacks parameter(s) {', '.join(missing)}"
     if need.check is not None and not need.check(obj):
-        return f"{need.internal} does not have the expected shape"
+        return f"{need.internal} does not have the expected shape ({need.why})"
     return None
 
 
@@ -93,6 +95,27 @@ def source_mentions(obj: Any, text: str) -> bool:
         return text in inspect.getsource(obj)
     except (OSError, TypeError):
         return False
+
+
+def attributes_used(obj: Any, owner: str) -> set[str] | None:
+    """Attribute names read on ``self.<owner>`` in ``obj``'s code (None without source).
+
+    Parsed, not searched as text, so that comments, strings and a method merely
+    mentioned do not count, and a callable taken first (``f = self.x.m; f(...)``) does.
+    """
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(obj)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    return {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Attribute)
+        and node.value.attr == owner
+        and isinstance(node.value.value, ast.Name)
+        and node.value.value.id == "self"
+    }
 
 
 def has(internal: str) -> bool:
