@@ -51,5 +51,7 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
                     **{"req/s": f"{rate:.0f}", "p50 ms": f"{p50:.2f}", "p99 ms": f"{p99:.2f}",
                        "errors": str(errors[name])},
                 )
+                if errors[name]:
+                    report.fail("B1", f"download {size_name}, {name}: {errors[name]} unexpected answers")
     finally:
         hs.stop()
