@@ -14,7 +14,7 @@ from tests.harness import Synapse
 
 
 def run(report: Report, workdir: Path, quick: bool = False) -> None:
-    rounds, seconds, concurrency = (3, 1.0, 8) if quick else (7, 3.0, 16)
+    rounds, seconds, concurrency = (2, 0.5, 8) if quick else (7, 3.0, 16)
     hs = Synapse(workdir / "hs", extra_config={"enable_authenticated_media": False}).start()
     try:
         token = hs.register("bench")
