@@ -52,13 +52,15 @@ class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
     connections = 0
+    lock = threading.Lock()
 
 
 class _Handler(socketserver.StreamRequestHandler):
     server: _Server
 
     def handle(self) -> None:
-        self.server.connections += 1
+        with self.server.lock:
+            self.server.connections += 1
         try:
             while True:
                 request_line = self.rfile.readline()
@@ -77,8 +79,9 @@ class _Handler(socketserver.StreamRequestHandler):
             return
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def server() -> Iterator[_Server]:
+    # One per test, so a connection accepted late in one test is not counted in the next.
     srv = _Server(("127.0.0.1", 0), _Handler)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
@@ -91,7 +94,6 @@ def server() -> Iterator[_Server]:
 
 
 def _round(srv: _Server, paths: list[str], expect: int = 200, concurrency: int = 2):  # type: ignore[no-untyped-def]
-    srv.connections = 0
     return run_round("127.0.0.1", srv.server_address[1], paths, {}, concurrency, 0.3, expect=expect)
 
 
