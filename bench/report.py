@@ -22,6 +22,9 @@ class Report:
     quick: bool = False
     rows: list[Row] = attr.Factory(list)
     notes: dict[str, list[str]] = attr.Factory(dict)
+    # What went wrong, per benchmark: a crash, or answers the benchmark did not expect.
+    # Its figures are not to be trusted; `python -m bench` exits non-zero when any is set.
+    failures: dict[str, list[str]] = attr.Factory(dict)
     elapsed: float = 0.0
     date: str = ""
 
@@ -35,11 +38,17 @@ class Report:
     def note(self, bench: str, text: str) -> None:
         self.notes.setdefault(bench, []).append(text)
 
+    def fail(self, bench: str, text: str) -> None:
+        self.failures.setdefault(bench, []).append(text)
+        print(f"   {bench} FAILED: {text}", flush=True)
+
     def table(self) -> str:
         lines = []
         for r in self.rows:
             figs = ", ".join(f"{k} {v}" for k, v in r.figures.items())
             lines.append(f"{r.bench:<3} {r.case:<28} {r.contender:<34} {figs:<60} {r.ratio:<10} {r.met}")
+        for bench, texts in sorted(self.failures.items()):
+            lines += [f"{bench} FAILED: {text}" for text in texts]
         return "\n".join(lines)
 
     def markdown(self) -> str:
@@ -55,10 +64,13 @@ class Report:
             "named in the goal. These machines are shared and noisy: read ratios, not absolutes.",
             "",
         ]
-        for bench in sorted({r.bench for r in self.rows} | set(self.notes)):
+        for bench in sorted({r.bench for r in self.rows} | set(self.notes) | set(self.failures)):
             rows = [r for r in self.rows if r.bench == bench]
             out.append(f"## {bench}")
             out.append("")
+            for text in self.failures.get(bench, []):
+                out.append(f"**Failed**: {text}")
+                out.append("")
             if rows:
                 keys: list[str] = []
                 for r in rows:
