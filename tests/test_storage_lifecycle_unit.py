@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from typing import Any
 
 import pytest
 
@@ -120,3 +121,42 @@ def test_claims_of_a_previous_life_are_released(txn: SqliteTxn) -> None:
     index.claim_blob_txn(txn, SHA_B, 1, 1000, index.Claim("t2", "p2", "media2"))
     assert index.release_stale_claims_txn(txn, 2000, instance="media1", before=1500) == 1
     assert [d[0] for d in index.due_blobs_txn(txn, 2000)] == [SHA_A]
+
+
+def test_gc_dry_run_counts_what_apply_does_without_writing(txn: SqliteTxn) -> None:
+    """The read-only dry run predicts the index work of ``gc --grace 0 --apply``:
+    tombstoned paths, the contents they and stale claims leave unreferenced, contents
+    already unreferenced; a content another path still uses stays."""
+    from synapse_msc3916.homeserver_config import Database
+    from synapse_msc3916.storage import tools
+
+    sha_c, sha_d = "cc" * 32, "dd" * 32
+    now = index.now_ms()
+    txn.execute("INSERT INTO local_media_repository VALUES ('m1', 1, NULL), ('m2', 1, NULL),"
+                " ('m3', 1, NULL)", ())
+    _store(txn, "local_content/m1", SHA_A, index.MediaRef(None, "m1"), now)
+    _store(txn, "local_content/m2", SHA_B, index.MediaRef(None, "m2"), now)
+    _store(txn, "local_content/m3", SHA_B, index.MediaRef(None, "m3"), now)
+    index.claim_blob_txn(txn, sha_c, 1, now - index.CLAIM_STALE_MS - 1, index.Claim("t", "p", "i"))
+    index.claim_blob_txn(txn, sha_d, 1, now - 10, None)
+    index._mark_unreferenced_txn(txn, [sha_d], now - 10)
+    txn.execute("DELETE FROM local_media_repository WHERE media_id IN ('m1', 'm2')", ())
+
+    def snapshot() -> list[Any]:
+        out = []
+        for table in (index.PATHS, index.BLOBS, index.CLAIMS, index.TOMBSTONES):
+            txn.execute(f"SELECT * FROM {table} ORDER BY 1", ())
+            out.append(txn.fetchall())
+        return out
+
+    before = snapshot()
+    stats: dict[str, Any] = {"paths_removed": 0, "objects_deleted": 0, "bytes_freed": 0}
+    deleted: list[str] = []
+    tools._gc_dry_run(Database(txn.conn, "sqlite"), now, now, 0, stats, deleted)
+    assert snapshot() == before
+    assert stats["paths_removed"] == 2 and sorted(deleted) == [SHA_A, sha_c, sha_d]
+
+    # What --apply then does.
+    index.release_stale_claims_txn(txn, now)
+    assert index.apply_tombstones_txn(txn, now).paths_removed == 2
+    assert [b[0] for b in index.unreferenced_blobs_txn(txn, index.now_ms())] == sorted(deleted)

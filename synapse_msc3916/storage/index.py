@@ -595,32 +595,89 @@ def apply_tombstones_txn(txn: Txn, now: int, limit: int = 100) -> TombstoneBatch
     again (an upsert emulated as delete + insert) never loses its path. Blobs left
     without any reference start their ``delete_after``.
     """
-    txn.execute(
-        f"SELECT id, media_origin, file_id, thumbnail_width, thumbnail_height, thumbnail_type,"
-        f" thumbnail_method FROM {TOMBSTONES} ORDER BY id LIMIT ?",
-        (limit,),
-    )
-    rows = txn.fetchall()
+    rows = _tombstones(txn, 0, limit)
     removed = 0
     shas: list[str] = []
-    for tid, origin, file_id, width, height, ttype, tmethod in rows:
-        where = "p.file_id = ? AND " + ("p.media_origin IS NULL" if origin is None else "p.media_origin = ?")
-        args: list[Any] = [file_id] if origin is None else [file_id, origin]
-        if width is not None:
-            where += (
-                " AND p.thumbnail_width = ? AND p.thumbnail_height = ?"
-                " AND p.thumbnail_type = ? AND p.thumbnail_method = ?"
-            )
-            args += [width, height, ttype, tmethod]
-        txn.execute(f"SELECT p.path, p.sha256 FROM {PATHS} p WHERE {where} AND {_NO_MEDIA_ROW}", args)
-        for path, sha256 in txn.fetchall():
+    for row in rows:
+        for path, sha256 in _tombstone_paths(txn, row):
             txn.execute(f"DELETE FROM {PATHS} WHERE path = ? AND sha256 = ?", (path, sha256))
             if txn.rowcount == 1:
                 removed += 1
                 shas.append(str(sha256))
-        txn.execute(f"DELETE FROM {TOMBSTONES} WHERE id = ?", (tid,))
+        txn.execute(f"DELETE FROM {TOMBSTONES} WHERE id = ?", (row[0],))
     unreferenced = _mark_unreferenced_txn(txn, shas, now)
     return TombstoneBatch(len(rows), removed, unreferenced)
+
+
+def _tombstones(txn: Txn, after: int, limit: int) -> list[Any]:
+    txn.execute(
+        f"SELECT id, media_origin, file_id, thumbnail_width, thumbnail_height, thumbnail_type,"
+        f" thumbnail_method FROM {TOMBSTONES} WHERE id > ? ORDER BY id LIMIT ?",
+        (after, limit),
+    )
+    return txn.fetchall()
+
+
+def _tombstone_paths(txn: Txn, row: Any) -> list[tuple[str, str]]:
+    """(path, sha256) of the paths a tombstone removes: its media's, if Synapse has no
+    row for them now."""
+    _tid, origin, file_id, width, height, ttype, tmethod = row
+    where = "p.file_id = ? AND " + ("p.media_origin IS NULL" if origin is None else "p.media_origin = ?")
+    args: list[Any] = [file_id] if origin is None else [file_id, origin]
+    if width is not None:
+        where += (
+            " AND p.thumbnail_width = ? AND p.thumbnail_height = ?"
+            " AND p.thumbnail_type = ? AND p.thumbnail_method = ?"
+        )
+        args += [width, height, ttype, tmethod]
+    txn.execute(f"SELECT p.path, p.sha256 FROM {PATHS} p WHERE {where} AND {_NO_MEDIA_ROW}", args)
+    return [(str(path), str(sha256)) for path, sha256 in txn.fetchall()]
+
+
+def tombstone_paths_page_txn(
+    txn: Txn, after: int, limit: int
+) -> tuple[int, int, list[tuple[str, str]]]:
+    """Read-only: (last tombstone id, tombstones read, their (path, sha256) that
+    :func:`apply_tombstones_txn` would remove), for ``gc``'s dry run."""
+    rows = _tombstones(txn, after, limit)
+    paths = [found for row in rows for found in _tombstone_paths(txn, row)]
+    return (int(rows[-1][0]) if rows else after), len(rows), paths
+
+
+def stale_claims_txn(txn: Txn, now: int) -> list[tuple[str, str]]:
+    """Read-only: (token, sha256) of the claims ``gc`` releases (older than
+    :data:`CLAIM_STALE_MS`)."""
+    txn.execute(
+        f"SELECT token, sha256 FROM {CLAIMS} WHERE created_ts < ?", (now - CLAIM_STALE_MS,)
+    )
+    return [(str(r[0]), str(r[1])) for r in txn.fetchall()]
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class BlobRefs:
+    paths: list[str]
+    claims: list[str]  # tokens
+    length: int | None  # None: no blob row
+    deleting_ts: int | None
+
+
+def blob_refs_txn(txn: Txn, sha256: str) -> BlobRefs:
+    """Read-only: what references a blob, for ``gc``'s dry run."""
+    txn.execute(f"SELECT path FROM {PATHS} WHERE sha256 = ?", (sha256,))
+    paths = [str(r[0]) for r in txn.fetchall()]
+    txn.execute(f"SELECT token FROM {CLAIMS} WHERE sha256 = ?", (sha256,))
+    claims = [str(r[0]) for r in txn.fetchall()]
+    txn.execute(f"SELECT length, deleting_ts FROM {BLOBS} WHERE sha256 = ?", (sha256,))
+    row = txn.fetchone()
+    if row is None:
+        return BlobRefs(paths, claims, None, None)
+    return BlobRefs(paths, claims, int(row[0]), None if row[1] is None else int(row[1]))
+
+
+def path_sha256_txn(txn: Txn, path: str) -> str | None:
+    txn.execute(f"SELECT sha256 FROM {PATHS} WHERE path = ?", (path,))
+    row = txn.fetchone()
+    return None if row is None else str(row[0])
 
 
 def orphan_paths_txn(txn: Txn, cutoff: int, limit: int = 1000) -> list[str]:

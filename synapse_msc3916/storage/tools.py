@@ -30,7 +30,11 @@ from synapse_msc3916.storage.blobstore import (
     hash_blob,
     make_blobstore,
 )
-from synapse_msc3916.storage.lifecycle import GC_DELETE_TIMEOUTS, gc_storage_config  # noqa: F401 (re-exported)
+from synapse_msc3916.storage.lifecycle import (  # noqa: F401 (GC_DELETE_TIMEOUTS re-exported)
+    GC_DELETE_TIMEOUTS,
+    TOMBSTONE_BATCH,
+    gc_storage_config,
+)
 from synapse_msc3916.storage.progress import Progress
 from synapse_msc3916.storage.provider import hash_file
 
@@ -365,6 +369,56 @@ def _objects_without_row(db: Any, store: Any) -> Iterator[tuple[str, Any]]:
         yield sha, info
 
 
+def _gc_dry_run(
+    db: Any, now: int, cutoff: int, grace_ms: int, stats: dict[str, Any], deleted: list[str]
+) -> None:
+    """Count what ``--apply`` would remove, with reads only.
+
+    Every query is its own short transaction (a page at a time), so the dry run takes
+    no write lock and holds no snapshot for long: uploads and Synapse's own writes go
+    on while it runs. (It used to do the index work in one transaction rolled back at
+    the end, which locked the blob rows on PostgreSQL and the whole SQLite database.)
+    The paths are those pending tombstones and the orphan sweep would remove; the
+    contents those already unreferenced, plus those the removed paths and released
+    stale claims would leave unreferenced (their ``delete_after`` would start now, so
+    they count only with ``--grace 0``).
+    """
+    stale = dict(index.run_tool_txn(db, index.stale_claims_txn, now))
+    removed: dict[str, str] = {}
+    after = 0
+    while True:
+        after, read, found = index.run_tool_txn(db, index.tombstone_paths_page_txn, after, 1000)
+        removed.update(found)
+        if read < 1000:
+            break
+    for path in index.run_tool_txn(db, index.orphan_paths_txn, cutoff, 1_000_000):
+        sha256 = index.run_tool_txn(db, index.path_sha256_txn, path)
+        if sha256 is not None:
+            removed[path] = sha256
+    stats["paths_removed"] += len(removed)
+    due: dict[str, int] = {}
+    if grace_ms <= 0:
+        stale_deleting = now - index.DELETING_STALE_MS
+        for sha256 in sorted(set(removed.values()) | set(stale.values())):
+            refs = index.run_tool_txn(db, index.blob_refs_txn, sha256)
+            if (
+                refs.length is not None
+                and all(removed.get(p) == sha256 for p in refs.paths)
+                and all(token in stale for token in refs.claims)
+                and (refs.deleting_ts is None or refs.deleting_ts < stale_deleting)
+            ):
+                due[sha256] = refs.length
+    for sha256, length, _gen in _unreferenced(
+        lambda *a: index.run_tool_txn(db, index.unreferenced_blobs_txn, *a),
+        index.now_ms() - grace_ms,
+    ):
+        due[sha256] = length
+    for sha256 in sorted(due):
+        stats["objects_deleted"] += 1
+        stats["bytes_freed"] += due[sha256]
+        deleted.append(sha256)
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     """Forget paths whose media Synapse deleted, then delete objects nothing references.
 
@@ -392,28 +446,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     with _open(ctx) as db:
         index.run_tool_txn(db, index.ensure_schema_txn)
         if not apply:
-            # Do the index work in a transaction that is rolled back, so the report
-            # counts exactly what --apply would remove.
-            txn = index.ToolTxn(db)
-            try:
-                index.release_stale_claims_txn(txn, now)
-                while True:
-                    batch = index.apply_tombstones_txn(txn, now, 1000)
-                    stats["paths_removed"] += batch.paths_removed
-                    if batch.tombstones < 1000:
-                        break
-                for path in index.orphan_paths_txn(txn, cutoff, 1_000_000):
-                    stats["paths_removed"] += int(index.delete_path_txn(txn, path, cutoff))
-                # Measured after the paths went, so that --grace 0h takes what they left.
-                blob_cutoff = index.now_ms() - int(args.grace * 1000)
-                for sha256, length, _gen in _unreferenced(
-                    lambda *a: index.unreferenced_blobs_txn(txn, *a), blob_cutoff
-                ):
-                    stats["objects_deleted"] += 1
-                    stats["bytes_freed"] += length
-                    deleted.append(sha256)
-            finally:
-                db.conn.rollback()
+            _gc_dry_run(db, now, cutoff, int(args.grace * 1000), stats, deleted)
             for _sha, info in _objects_without_row(db, ctx.store):
                 if info.mtime * 1000 < cutoff:
                     stats["orphan_objects_deleted"] += 1
@@ -421,9 +454,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
         else:
             index.run_tool_txn(db, index.release_stale_claims_txn, now)
             while True:
-                batch = index.run_tool_txn(db, index.apply_tombstones_txn, index.now_ms(), 1000)
+                batch = index.run_tool_txn(
+                    db, index.apply_tombstones_txn, index.now_ms(), TOMBSTONE_BATCH
+                )
                 stats["paths_removed"] += batch.paths_removed
-                if batch.tombstones < 1000:
+                if batch.tombstones < TOMBSTONE_BATCH:
                     break
             while True:
                 paths = index.run_tool_txn(db, index.orphan_paths_txn, cutoff, 1000)
