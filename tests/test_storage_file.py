@@ -89,7 +89,7 @@ def test_migrate_existing_media_store_into_file_backend(
     hs.write_config()
     files = [p for p in hs.media_store.rglob("*") if p.is_file()]
     distinct = {p.read_bytes() for p in files}
-    result = run_tool(hs, "migrate", "--json")
+    result = run_tool(hs, "migrate", "--min-age", "0s", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["files"] == len(files) and report["deduplicated"] >= 2

@@ -126,3 +126,80 @@ def test_gc_dry_run_takes_no_write_locks(
     assert hs.sql(f"SELECT sha256 FROM {index.PATHS} WHERE file_id = ?", (again,)) == [
         (sha(data),)
     ]
+
+
+def test_migrate_skips_half_written_files_and_never_replaces_a_recorded_path(
+    synapse_factory: Callable[..., Synapse],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``migrate`` from the local media store while Synapse writes into it.
+
+    * ``half``: a file shorter than its Synapse row says (a download or upload still
+      being written in place) is skipped and reported, never stored under its own
+      (wrong) hash;
+    * ``fresh``: a file modified within ``--min-age`` is skipped for the same reason;
+    * ``raced``: the provider records the path (the complete content) after migrate
+      looked it up and before migrate records its own reading of the file: the
+      provider's entry stays. The interleaving is forced by recording it from inside
+      migrate's hashing of that file.
+
+    Before the fix: the assertion on ``skipped_incomplete`` failed (KeyError, no such
+    counter; run without it, ``half``'s path pointed at the SHA-256 of its first 20 000
+    bytes, ``fresh`` was migrated, and ``raced``'s entry was overwritten with the
+    SHA-256 of the bytes on disk).
+    """
+    hs = synapse_factory(
+        storage_providers=[
+            provider_entry({"backend": "file", "directory": str(tmp_path / "blobs")})
+        ]
+    ).start()
+    token = hs.register("alice")
+    half_data, raced_data, fresh_data = (os.urandom(n) for n in (50_000, 40_000, 30_000))
+    half, raced, fresh = (hs.upload(token, d) for d in (half_data, raced_data, fresh_data))
+
+    def entry(media_id: str) -> list[tuple]:
+        return hs.sql(f"SELECT * FROM {index.PATHS} WHERE file_id = ?", (media_id,))
+
+    def local_file(media_id: str) -> Path:
+        return hs.media_store / "local_content" / media_id[:2] / media_id[2:4] / media_id[4:]
+
+    saved = entry(raced)
+    assert len(saved) == 1 and saved[0][1] == sha(raced_data)
+    # As if the provider had not recorded them yet (e.g. added to a running server),
+    # and uploaded before Synapse 1.128, which recorded no SHA-256 to compare with.
+    for media_id in (half, raced, fresh):
+        hs.sql(f"DELETE FROM {index.PATHS} WHERE file_id = ?", (media_id,))
+        hs.sql("UPDATE local_media_repository SET sha256 = NULL WHERE media_id = ?", (media_id,))
+    long_ago = local_file(half).stat().st_mtime - 7200
+    local_file(half).write_bytes(half_data[:20_000])  # still being written
+    changed = bytes(b ^ 0xFF for b in raced_data)  # what a later writer left on disk
+    local_file(raced).write_bytes(changed)
+    for media_id in (half, raced):
+        os.utime(local_file(media_id), (long_ago, long_ago))
+
+    real_hash = tools.hash_file
+
+    def hash_file(path: str) -> Any:
+        if Path(path) == local_file(raced):
+            # The provider records the complete content now, between migrate's lookup
+            # of the path and its own record.
+            placeholders = ", ".join("?" for _ in saved[0])
+            hs.sql(f"INSERT INTO {index.PATHS} VALUES ({placeholders})", saved[0])
+        return real_hash(path)
+
+    monkeypatch.setattr(tools, "hash_file", hash_file)
+    args = argparse.Namespace(
+        config=str(hs.config_path), json=True, from_legacy_prefix=None, keep_source=False,
+        dry_run=False, min_age=3600.0,
+    )
+    code = tools.cmd_migrate(args)
+    out = capsys.readouterr()
+    report = json.loads(out.out)
+    assert report["skipped_incomplete"] == 1 and report["skipped_recent"] == 1, report
+    assert code == 1  # files were left unmigrated
+    assert f"local_content/{half[:2]}/{half[2:4]}/{half[4:]}" in out.err
+    assert entry(half) == [] and entry(fresh) == []
+    assert entry(raced) == saved  # the provider's entry, not migrate's reading
+

@@ -449,6 +449,78 @@ def record_path_txn(
         _mark_unreferenced_txn(txn, [str(previous[0])], now)
 
 
+def record_path_if_absent_txn(
+    txn: Txn, path: str, sha256: str, length: int, ref: MediaRef, now: int, claim: Claim
+) -> bool:
+    """:func:`record_path_txn` for a path nobody has recorded yet; False (and the claim
+    released) when someone has.
+
+    What ``migrate`` records a local file with: Synapse writes media in place, so a
+    path the provider recorded meanwhile holds the complete content, which a reading
+    of the file on disk must never replace. The insert is the check (``DO NOTHING`` on
+    the path's key), so a provider recording at the same moment wins either way.
+    """
+    txn.execute(
+        f"INSERT INTO {PATHS} (path, sha256, length, media_origin, file_id,"
+        " thumbnail_width, thumbnail_height, thumbnail_type, thumbnail_method, created_ts)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (path) DO NOTHING",
+        (
+            path,
+            sha256,
+            length,
+            ref.media_origin,
+            ref.file_id,
+            ref.thumbnail_width,
+            ref.thumbnail_height,
+            ref.thumbnail_type,
+            ref.thumbnail_method,
+            now,
+        ),
+    )
+    if txn.rowcount != 1:
+        release_claim_txn(txn, claim.token, now)
+        return False
+    record_path_txn(txn, path, sha256, length, ref, now, True, claim)
+    return True
+
+
+def synapse_length_txn(txn: Txn, ref: MediaRef) -> int | None:
+    """The length Synapse recorded for a media file or thumbnail; None without a row.
+
+    Synapse inserts the row only once the file is complete, so a file of another
+    length is still being written (or damaged): ``migrate`` leaves it alone.
+    """
+    thumb = (
+        " AND thumbnail_width = ? AND thumbnail_height = ? AND thumbnail_type = ?"
+        " AND thumbnail_method = ?"
+    )
+    dims = (ref.thumbnail_width, ref.thumbnail_height, ref.thumbnail_type, ref.thumbnail_method)
+    if ref.thumbnail_width is None and ref.media_origin is None:
+        txn.execute(
+            "SELECT media_length FROM local_media_repository WHERE media_id = ?", (ref.file_id,)
+        )
+    elif ref.thumbnail_width is None:
+        txn.execute(
+            "SELECT media_length FROM remote_media_cache"
+            " WHERE media_origin = ? AND filesystem_id = ?",
+            (ref.media_origin, ref.file_id),
+        )
+    elif ref.media_origin is None:
+        txn.execute(
+            "SELECT thumbnail_length FROM local_media_repository_thumbnails"
+            " WHERE media_id = ?" + thumb,
+            (ref.file_id, *dims),
+        )
+    else:
+        txn.execute(
+            "SELECT thumbnail_length FROM remote_media_cache_thumbnails"
+            " WHERE media_origin = ? AND filesystem_id = ?" + thumb,
+            (ref.media_origin, ref.file_id, *dims),
+        )
+    row = txn.fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
 def synapse_sha256_txn(txn: Txn, ref: MediaRef) -> tuple[str, int] | None:
     """The SHA-256 and length Synapse itself recorded for an original, if any.
 

@@ -95,6 +95,8 @@ def _iter_media_store(root: str) -> Iterable[tuple[str, str, int]]:
 # What became of one source file: only the first three allow deleting a legacy source.
 WRITTEN, DEDUPLICATED, VERIFIED = "written", "deduplicated", "verified"
 MISMATCH, UNVERIFIED = "hash_mismatch", "unverified"
+# A local file not migrated: still being written, or recorded by the provider meanwhile.
+INCOMPLETE, RECORDED_MEANWHILE = "skipped_incomplete", "recorded_meanwhile"
 
 
 def _synapse_sha256(db: Any, ref: index.MediaRef, has_column: bool) -> tuple[str, int] | None:
@@ -129,6 +131,7 @@ def _store_one(
     local_file: str | None,
     legacy_key: str | None,
     has_sha_column: bool,
+    expected_length: int | None = None,
 ) -> str:
     """Index one file from a source; returns what happened (``WRITTEN``, ...).
 
@@ -145,6 +148,9 @@ def _store_one(
             tmp = _download(store, legacy_key)
             local_file = tmp
         sha256, length = hash_file(local_file)
+        if expected_length is not None and length != expected_length:
+            _report_incomplete(path, length, expected_length)
+            return INCOMPLETE
         if known is not None and known != (sha256, length):
             Progress.write(
                 f"migrate: {path}: content has SHA-256 {sha256} ({length} bytes) but Synapse"
@@ -179,9 +185,19 @@ def _store_one(
                 )
                 index.run_tool_txn(db, index.release_claim_txn, claim.token, index.now_ms())
                 return UNVERIFIED
-            index.run_tool_txn(
-                db, index.record_path_txn, path, sha256, length, ref, index.now_ms(), True, claim
-            )
+            if legacy_key is None:
+                # Never over a path recorded meanwhile: the provider stored the complete
+                # content Synapse wrote, this is only a reading of the file on disk.
+                if not index.run_tool_txn(
+                    db, index.record_path_if_absent_txn, path, sha256, length, ref,
+                    index.now_ms(), claim,
+                ):
+                    return RECORDED_MEANWHILE
+            else:
+                index.run_tool_txn(
+                    db, index.record_path_txn, path, sha256, length, ref, index.now_ms(),
+                    True, claim,
+                )
         except BaseException:
             index.run_tool_txn(db, index.release_claim_txn, claim.token, index.now_ms())
             raise
@@ -189,6 +205,39 @@ def _store_one(
     finally:
         if tmp is not None:
             os.unlink(tmp)
+
+
+def _report_incomplete(path: str, length: int, expected: int | None) -> None:
+    recorded = "no media row" if expected is None else f"its media row says {expected} bytes"
+    Progress.write(
+        f"migrate: {path}: {length} bytes on disk but Synapse has {recorded} (still being"
+        " written, or damaged); not migrated",
+        file=sys.stderr,
+    )
+
+
+def _check_local_file(
+    db: Any, path: str, ref: index.MediaRef, local_file: str, min_age: float
+) -> tuple[str | None, int | None]:
+    """Whether a file of the local media store is complete: (reason to skip, length).
+
+    Synapse writes downloads and uploads in place at their final path and inserts the
+    media row once the file is complete, so only a file as long as its row says and
+    not modified for ``min_age`` seconds is a finished file. (A half-written file would
+    otherwise be stored under the hash of its first bytes, which ``scrub --hash``
+    cannot tell from sound content.)
+    """
+    try:
+        st = os.stat(local_file)
+    except FileNotFoundError:
+        return "skipped", None  # deleted by Synapse since the listing
+    if time.time() - st.st_mtime < min_age:
+        return "skipped_recent", None
+    expected = index.run_tool_txn(db, index.synapse_length_txn, ref)
+    if expected != st.st_size:
+        _report_incomplete(path, st.st_size, expected)
+        return INCOMPLETE, None
+    return None, expected
 
 
 def _download(store: S3BlobStore, key: str) -> str:
@@ -209,7 +258,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     """Load an existing media store or synapse-s3-storage-provider prefix into the store.
 
     Resumable: a path already in the index is skipped, so an interrupted run is simply
-    run again. Safe by default: a legacy source object is deleted only once its copy
+    run again. A file of the local media store is migrated only once complete (as long
+    as its Synapse row says, not modified for ``--min-age``), and never over a path the
+    provider recorded meanwhile. Safe by default: a legacy source object is deleted only once its copy
     has been read back with the right SHA-256 (for an already indexed path too, so a
     destination object lost since the first run is restored from the source, never
     deleted with it), and a source whose bytes do not match the SHA-256 Synapse
@@ -244,6 +295,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         "legacy_deleted": 0,
         "legacy_kept_unverified": 0,
         "hash_mismatch": 0,
+        "skipped_incomplete": 0,
+        "skipped_recent": 0,
     }
     with _open(ctx) as db:
         index.run_tool_txn(db, index.ensure_schema_txn)
@@ -258,18 +311,28 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             stats["files"] += 1
             stats["bytes"] += size
             located = index.run_tool_txn(db, index.locate_txn, path)
+            expected: int | None = None
+            if local_file is not None and located is None:
+                skip, expected = _check_local_file(db, path, ref, local_file, args.min_age)
+                if skip is not None:
+                    stats[skip] += 1
+                    continue
             if args.dry_run:
                 stats["already"] += int(located is not None)
                 continue
             try:
                 outcome = _migrate_one(
-                    db, ctx.store, path, ref, local_file, legacy_key, located, has_sha_column
+                    db, ctx.store, path, ref, local_file, legacy_key, located, has_sha_column,
+                    expected,
                 )
             except StorageUnavailable as e:
                 progress.close()
                 raise hc.ToolError(str(e)) from None
-            if outcome == VERIFIED:
+            if outcome in (VERIFIED, RECORDED_MEANWHILE):
                 stats["already"] += 1
+            elif outcome == INCOMPLETE:
+                stats[INCOMPLETE] += 1
+                continue
             elif outcome in (WRITTEN, DEDUPLICATED) and located is not None:
                 # The index pointed at a missing or damaged object: it is whole again,
                 # from this source, but the source stays until a later run finds the
@@ -287,11 +350,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 stats["legacy_deleted"] += 1
         progress.close()
     _report("migrate", stats, args)
-    failed = stats["legacy_kept_unverified"] + stats["hash_mismatch"]
+    failed = (
+        stats["legacy_kept_unverified"]
+        + stats["hash_mismatch"]
+        + stats["skipped_incomplete"]
+        + stats["skipped_recent"]
+    )
     if failed:
         print(
             f"migrate: {failed} file(s) could not be migrated safely and were left"
-            " where they are (see above)",
+            " where they are (see above; skipped_recent: modified within --min-age,"
+            " run again later)",
             file=sys.stderr,
         )
         return 1
@@ -307,6 +376,7 @@ def _migrate_one(
     legacy_key: str | None,
     located: index.Located | None,
     has_sha_column: bool,
+    expected_length: int | None = None,
 ) -> str:
     """Migrate one path, or check that an earlier run did; returns what happened.
 
@@ -321,7 +391,9 @@ def _migrate_one(
         if located.servable and _verify_copy(store, located.sha256, located.length):
             return VERIFIED
         index.run_tool_txn(db, index.mark_blob_missing_txn, located.sha256)
-    return _store_one(db, store, path, ref, local_file, legacy_key, has_sha_column)
+    return _store_one(
+        db, store, path, ref, local_file, legacy_key, has_sha_column, expected_length
+    )
 
 
 
@@ -571,6 +643,13 @@ def register(subparsers: Any) -> None:
         " (default: the configured legacy_prefix) instead of the local media store",
     )
     p.add_argument("--keep-source", action="store_true", help="do not delete legacy objects")
+    p.add_argument(
+        "--min-age",
+        type=parse_duration,
+        default=parse_duration("1h"),
+        help="local media store: skip files modified more recently than this, which"
+        " Synapse may still be writing (default 1h)",
+    )
     p.add_argument("--dry-run", action="store_true", help="report, change nothing")
     p.set_defaults(func=cmd_migrate)
 
