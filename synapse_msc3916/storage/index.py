@@ -114,6 +114,14 @@ def _step_lifecycle(txn: Txn) -> None:
     )
 
 
+def _step_tombstone_media_id(txn: Txn) -> None:
+    """Version 3: tombstones record Synapse's ``media_id``, so that the check "has
+    Synapse still a row for this remote media?" uses its unique ``(media_origin,
+    media_id)`` index instead of scanning every cached media of the origin for a
+    ``filesystem_id`` (no index). NULL in tombstones written before."""
+    _add_column(txn, TOMBSTONES, "media_id", "TEXT")
+
+
 # Each step is idempotent (IF NOT EXISTS) so that two processes upgrading at the same
 # moment both succeed; the version row then only records how far the schema has got.
 _STEPS: list[tuple[int, list[Any]]] = [
@@ -145,6 +153,7 @@ _STEPS: list[tuple[int, list[Any]]] = [
         ],
     ),
     (2, [_step_lifecycle]),
+    (3, [_step_tombstone_media_id]),
 ]
 SCHEMA_VERSION = _STEPS[-1][0]
 
@@ -623,6 +632,22 @@ _NO_MEDIA_ROW = (
     "   AND t.thumbnail_method = p.thumbnail_method)))"
 )
 
+# The remote half of ``_NO_MEDIA_ROW`` for a tombstone that knows the media id: two
+# lookups on Synapse's unique (media_origin, media_id[, thumbnail...]) indexes. Takes
+# (origin, media_id) twice.
+_NO_REMOTE_ROW_BY_MEDIA_ID = (
+    " ((p.thumbnail_width IS NULL AND NOT EXISTS ("
+    "   SELECT 1 FROM remote_media_cache m WHERE m.media_origin = ? AND m.media_id = ?"
+    "   AND m.filesystem_id = p.file_id))"
+    " OR (p.thumbnail_width IS NOT NULL AND NOT EXISTS ("
+    "   SELECT 1 FROM remote_media_cache_thumbnails t"
+    "   WHERE t.media_origin = ? AND t.media_id = ? AND t.filesystem_id = p.file_id"
+    "   AND t.thumbnail_width = p.thumbnail_width"
+    "   AND t.thumbnail_height = p.thumbnail_height"
+    "   AND t.thumbnail_type = p.thumbnail_type"
+    "   AND t.thumbnail_method = p.thumbnail_method)))"
+)
+
 _UNREFERENCED = (
     f" NOT EXISTS (SELECT 1 FROM {PATHS} p WHERE p.sha256 = b.sha256)"
     f" AND NOT EXISTS (SELECT 1 FROM {CLAIMS} c WHERE c.sha256 = b.sha256)"
@@ -684,7 +709,7 @@ def apply_tombstones_txn(txn: Txn, now: int, limit: int = 100) -> TombstoneBatch
 def _tombstones(txn: Txn, after: int, limit: int) -> list[Any]:
     txn.execute(
         f"SELECT id, media_origin, file_id, thumbnail_width, thumbnail_height, thumbnail_type,"
-        f" thumbnail_method FROM {TOMBSTONES} WHERE id > ? ORDER BY id LIMIT ?",
+        f" thumbnail_method, media_id FROM {TOMBSTONES} WHERE id > ? ORDER BY id LIMIT ?",
         (after, limit),
     )
     return txn.fetchall()
@@ -693,7 +718,7 @@ def _tombstones(txn: Txn, after: int, limit: int) -> list[Any]:
 def _tombstone_paths(txn: Txn, row: Any) -> list[tuple[str, str]]:
     """(path, sha256) of the paths a tombstone removes: its media's, if Synapse has no
     row for them now."""
-    _tid, origin, file_id, width, height, ttype, tmethod = row
+    _tid, origin, file_id, width, height, ttype, tmethod, media_id = row
     where = "p.file_id = ? AND " + ("p.media_origin IS NULL" if origin is None else "p.media_origin = ?")
     args: list[Any] = [file_id] if origin is None else [file_id, origin]
     if width is not None:
@@ -702,7 +727,11 @@ def _tombstone_paths(txn: Txn, row: Any) -> list[tuple[str, str]]:
             " AND p.thumbnail_type = ? AND p.thumbnail_method = ?"
         )
         args += [width, height, ttype, tmethod]
-    txn.execute(f"SELECT p.path, p.sha256 FROM {PATHS} p WHERE {where} AND {_NO_MEDIA_ROW}", args)
+    no_row = _NO_MEDIA_ROW
+    if origin is not None and media_id is not None:
+        no_row = _NO_REMOTE_ROW_BY_MEDIA_ID
+        args += [origin, media_id, origin, media_id]
+    txn.execute(f"SELECT p.path, p.sha256 FROM {PATHS} p WHERE {where} AND {no_row}", args)
     return [(str(path), str(sha256)) for path, sha256 in txn.fetchall()]
 
 
