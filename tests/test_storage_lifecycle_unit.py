@@ -160,3 +160,50 @@ def test_gc_dry_run_counts_what_apply_does_without_writing(txn: SqliteTxn) -> No
     index.release_stale_claims_txn(txn, now)
     assert index.apply_tombstones_txn(txn, now).paths_removed == 2
     assert [b[0] for b in index.unreferenced_blobs_txn(txn, index.now_ms())] == sorted(deleted)
+
+
+def test_remote_tombstones_use_the_media_id(txn: SqliteTxn) -> None:
+    """Remote tombstones carry Synapse's media_id (the key of its unique index) and
+    remove the original's and its thumbnails' paths; a row written again keeps its path;
+    a tombstone from before media_id was recorded (v1 triggers) still works."""
+    thumb = index.MediaRef("hs", "f1", 32, 32, "image/png", "crop")
+    txn.execute("INSERT INTO remote_media_cache VALUES ('hs', 'r1', 'f1', 1, NULL)", ())
+    txn.execute(
+        "INSERT INTO remote_media_cache_thumbnails VALUES ('hs', 'r1', 'f1', 32, 32,"
+        " 'image/png', 'crop')", ()
+    )
+    _store(txn, "remote_content/hs/f1", SHA_A, index.MediaRef("hs", "f1"))
+    _store(txn, "remote_thumbnail/hs/f1/32-32-image-png-crop", SHA_B, thumb)
+    txn.execute("DELETE FROM remote_media_cache_thumbnails", ())
+    txn.execute(
+        "INSERT INTO remote_media_cache_thumbnails VALUES ('hs', 'r1', 'f1', 32, 32,"
+        " 'image/png', 'crop')", ()
+    )
+    txn.execute(f"SELECT media_origin, file_id, media_id FROM {index.TOMBSTONES}", ())
+    assert txn.fetchall() == [("hs", "f1", "r1")]
+    assert index.apply_tombstones_txn(txn, 5000).paths_removed == 0
+    txn.execute("DELETE FROM remote_media_cache", ())
+    txn.execute("DELETE FROM remote_media_cache_thumbnails", ())
+    assert index.apply_tombstones_txn(txn, 5000).paths_removed == 2
+
+    _store(txn, "remote_content/hs/f2", SHA_A, index.MediaRef("hs", "f2"))
+    txn.execute(
+        f"INSERT INTO {index.TOMBSTONES} (media_origin, file_id, deleted_ts) VALUES ('hs', 'f2', 1)",
+        (),
+    )
+    assert index.apply_tombstones_txn(txn, 6000).paths_removed == 1
+
+
+def test_v1_triggers_are_replaced(txn: SqliteTxn) -> None:
+    """A database of an earlier release: its v1 triggers (no media_id) are dropped."""
+    for table, *_ in media_deletions.MEDIA_TABLES:
+        txn.execute(f"DROP TRIGGER {media_deletions.trigger_name(table)}", ())
+        txn.execute(
+            f"CREATE TRIGGER msc3916_tombstone_v1_{table} AFTER DELETE ON {table}"
+            " FOR EACH ROW BEGIN SELECT 1; END", ()
+        )
+    assert len(media_deletions.ensure_deletion_triggers_txn(txn)) == 4
+    txn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' ORDER BY name", ())
+    assert [r[0] for r in txn.fetchall()] == sorted(
+        media_deletions.trigger_name(t) for t, *_ in media_deletions.MEDIA_TABLES
+    )
