@@ -569,7 +569,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
                     db, index.mark_orphan_object_deleting_txn, sha, info.size, mark
                 ):
                     continue
-                ctx.store.delete(sha)
+                try:
+                    ctx.store.delete(sha)
+                except StorageUnavailable as e:
+                    index.run_tool_txn(db, index.abort_deleting_txn, sha, mark)
+                    raise hc.ToolError(str(e)) from None
                 index.run_tool_txn(db, index.finish_deleting_txn, sha, mark)
                 stats["orphan_objects_deleted"] += 1
                 stats["bytes_freed"] += info.size
