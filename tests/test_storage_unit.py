@@ -430,3 +430,46 @@ def test_file_blobstore_delete_failure_is_a_storage_error(tmp_path: Path) -> Non
     (blocker / "x").write_bytes(b"x")
     with pytest.raises(StorageUnavailable, match="cannot delete"):
         store.delete(SHA)
+
+
+def test_migrate_reads_remote_rows_once_per_origin() -> None:
+    """Remote files are matched to Synapse's rows by filesystem_id from one read of the
+    origin's rows (no per-file scan); local ones by media_id."""
+    from synapse_msc3916.homeserver_config import Database
+    from synapse_msc3916.storage.tools import SynapseRows
+
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(
+        """
+        CREATE TABLE local_media_repository (media_id TEXT, media_length INT, sha256 TEXT);
+        CREATE TABLE local_media_repository_thumbnails (media_id TEXT, thumbnail_width INT,
+            thumbnail_height INT, thumbnail_type TEXT, thumbnail_method TEXT,
+            thumbnail_length INT);
+        CREATE TABLE remote_media_cache (media_origin TEXT, media_id TEXT, filesystem_id TEXT,
+            media_length INT, sha256 TEXT);
+        CREATE TABLE remote_media_cache_thumbnails (media_origin TEXT, media_id TEXT,
+            filesystem_id TEXT, thumbnail_width INT, thumbnail_height INT,
+            thumbnail_type TEXT, thumbnail_method TEXT, thumbnail_length INT);
+        INSERT INTO local_media_repository VALUES ('m1', 10, 'aa');
+        INSERT INTO local_media_repository_thumbnails VALUES ('m1', 32, 32, 'image/png', 'crop', 5);
+        INSERT INTO remote_media_cache VALUES ('a', 'r1', 'f1', 20, 'bb'), ('b', 'r1', 'f1', 21, NULL);
+        INSERT INTO remote_media_cache_thumbnails VALUES ('a', 'r1', 'f1', 32, 32, 'image/png', 'crop', 7);
+        """
+    )
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    rows = SynapseRows(Database(conn, "sqlite"), True)
+    thumb = ("image/png", "crop")
+    assert rows.length(index.MediaRef(None, "m1")) == 10
+    assert rows.sha256(index.MediaRef(None, "m1")) == ("aa", 10)
+    assert rows.length(index.MediaRef(None, "m1", 32, 32, *thumb)) == 5
+    assert rows.length(index.MediaRef(None, "m1", 64, 64, *thumb)) is None
+    statements.clear()
+    assert rows.length(index.MediaRef("a", "f1")) == 20
+    assert rows.sha256(index.MediaRef("a", "f1")) == ("bb", 20)
+    assert rows.length(index.MediaRef("a", "nope")) is None
+    assert len([s for s in statements if "remote_media_cache" in s]) == 1  # one read of 'a'
+    assert rows.length(index.MediaRef("a", "f1", 32, 32, *thumb)) == 7
+    assert rows.length(index.MediaRef("b", "f1")) == 21
+    assert rows.sha256(index.MediaRef("b", "f1")) is None
+    assert rows.sha256(index.MediaRef("b", "f1", 32, 32, *thumb)) is None

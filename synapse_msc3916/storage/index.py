@@ -494,40 +494,57 @@ def record_path_if_absent_txn(
 
 
 def synapse_length_txn(txn: Txn, ref: MediaRef) -> int | None:
-    """The length Synapse recorded for a media file or thumbnail; None without a row.
+    """The length Synapse recorded for a local media file or thumbnail; None without a
+    row. (Remote ones: :func:`remote_rows_txn`, a lookup by ``filesystem_id`` has no
+    index.)
 
     Synapse inserts the row only once the file is complete, so a file of another
     length is still being written (or damaged): ``migrate`` leaves it alone.
     """
-    thumb = (
-        " AND thumbnail_width = ? AND thumbnail_height = ? AND thumbnail_type = ?"
-        " AND thumbnail_method = ?"
-    )
-    dims = (ref.thumbnail_width, ref.thumbnail_height, ref.thumbnail_type, ref.thumbnail_method)
-    if ref.thumbnail_width is None and ref.media_origin is None:
+    assert ref.media_origin is None
+    if ref.thumbnail_width is None:
         txn.execute(
             "SELECT media_length FROM local_media_repository WHERE media_id = ?", (ref.file_id,)
         )
-    elif ref.thumbnail_width is None:
-        txn.execute(
-            "SELECT media_length FROM remote_media_cache"
-            " WHERE media_origin = ? AND filesystem_id = ?",
-            (ref.media_origin, ref.file_id),
-        )
-    elif ref.media_origin is None:
-        txn.execute(
-            "SELECT thumbnail_length FROM local_media_repository_thumbnails"
-            " WHERE media_id = ?" + thumb,
-            (ref.file_id, *dims),
-        )
     else:
         txn.execute(
-            "SELECT thumbnail_length FROM remote_media_cache_thumbnails"
-            " WHERE media_origin = ? AND filesystem_id = ?" + thumb,
-            (ref.media_origin, ref.file_id, *dims),
+            "SELECT thumbnail_length FROM local_media_repository_thumbnails"
+            " WHERE media_id = ? AND thumbnail_width = ? AND thumbnail_height = ?"
+            " AND thumbnail_type = ? AND thumbnail_method = ?",
+            (ref.file_id, ref.thumbnail_width, ref.thumbnail_height, ref.thumbnail_type,
+             ref.thumbnail_method),
         )
     row = txn.fetchone()
     return None if row is None or row[0] is None else int(row[0])
+
+
+def remote_rows_txn(
+    txn: Txn, origin: str, thumbnails: bool, with_sha256: bool
+) -> dict[Any, tuple[int | None, str | None]]:
+    """Synapse's rows of one origin's remote media (or thumbnails), keyed as a path
+    names them: ``filesystem_id`` (plus the thumbnail's dimensions, type and method),
+    with (length, SHA-256). One range of Synapse's ``(media_origin, media_id)`` index."""
+    if thumbnails:
+        txn.execute(
+            "SELECT filesystem_id, thumbnail_width, thumbnail_height, thumbnail_type,"
+            " thumbnail_method, thumbnail_length FROM remote_media_cache_thumbnails"
+            " WHERE media_origin = ?",
+            (origin,),
+        )
+        return {
+            (str(r[0]), r[1], r[2], r[3], r[4]): (None if r[5] is None else int(r[5]), None)
+            for r in txn.fetchall()
+        }
+    sha = "sha256" if with_sha256 else "NULL"
+    txn.execute(
+        f"SELECT filesystem_id, media_length, {sha} FROM remote_media_cache"
+        " WHERE media_origin = ?",
+        (origin,),
+    )
+    return {
+        str(r[0]): (None if r[1] is None else int(r[1]), None if r[2] is None else str(r[2]))
+        for r in txn.fetchall()
+    }
 
 
 def synapse_sha256_txn(txn: Txn, ref: MediaRef) -> tuple[str, int] | None:

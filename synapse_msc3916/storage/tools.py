@@ -99,11 +99,53 @@ MISMATCH, UNVERIFIED = "hash_mismatch", "unverified"
 INCOMPLETE, RECORDED_MEANWHILE = "skipped_incomplete", "recorded_meanwhile"
 
 
-def _synapse_sha256(db: Any, ref: index.MediaRef, has_column: bool) -> tuple[str, int] | None:
-    """What Synapse recorded for this media, when its release records it (1.128+)."""
-    if not has_column:
-        return None
-    return index.run_tool_txn(db, index.synapse_sha256_txn, ref)  # type: ignore[no-any-return]
+class SynapseRows:
+    """What Synapse recorded for the files being migrated: length and SHA-256.
+
+    Local media are looked up one by one (``media_id`` is Synapse's key). Remote paths
+    name a ``filesystem_id``, which Synapse does not index, so a lookup per file would
+    read all of the origin's rows each time; instead the rows of one origin are read
+    once (an index range on ``media_origin``) while its files, listed together, are
+    migrated. A row inserted after that read makes its file look unfinished: it is
+    skipped and reported, and migrated by the next run.
+    """
+
+    def __init__(self, db: Any, has_sha_column: bool):
+        self._db = db
+        self._has_sha = has_sha_column
+        self._key: tuple[str, bool] | None = None
+        self._rows: dict[Any, tuple[int | None, str | None]] = {}
+
+    def _remote(self, ref: index.MediaRef) -> tuple[int | None, str | None] | None:
+        assert ref.media_origin is not None
+        thumb = ref.thumbnail_width is not None
+        if self._key != (ref.media_origin, thumb):
+            self._rows = index.run_tool_txn(
+                self._db, index.remote_rows_txn, ref.media_origin, thumb, self._has_sha
+            )
+            self._key = (ref.media_origin, thumb)
+        key: Any = ref.file_id
+        if thumb:
+            key = (ref.file_id, ref.thumbnail_width, ref.thumbnail_height,
+                   ref.thumbnail_type, ref.thumbnail_method)
+        return self._rows.get(key)
+
+    def length(self, ref: index.MediaRef) -> int | None:
+        if ref.media_origin is not None:
+            row = self._remote(ref)
+            return None if row is None else row[0]
+        return index.run_tool_txn(self._db, index.synapse_length_txn, ref)  # type: ignore[no-any-return]
+
+    def sha256(self, ref: index.MediaRef) -> tuple[str, int] | None:
+        """What Synapse recorded for this media, when its release records it (1.128+)."""
+        if not self._has_sha or ref.thumbnail_width is not None:
+            return None
+        if ref.media_origin is not None:
+            row = self._remote(ref)
+            if row is None or row[0] is None or not row[1]:
+                return None
+            return row[1], row[0]
+        return index.run_tool_txn(self._db, index.synapse_sha256_txn, ref)  # type: ignore[no-any-return]
 
 
 def _has_sha256_column(db: Any) -> bool:
@@ -130,7 +172,7 @@ def _store_one(
     ref: index.MediaRef,
     local_file: str | None,
     legacy_key: str | None,
-    has_sha_column: bool,
+    rows: SynapseRows,
     expected_length: int | None = None,
 ) -> str:
     """Index one file from a source; returns what happened (``WRITTEN``, ...).
@@ -140,7 +182,7 @@ def _store_one(
     not copied under a name that is not its content. A legacy source is then verified
     in the store by reading the object back before anyone may delete the source.
     """
-    known = _synapse_sha256(db, ref, has_sha_column)
+    known = rows.sha256(ref)
     tmp: str | None = None
     try:
         if local_file is None:
@@ -217,7 +259,7 @@ def _report_incomplete(path: str, length: int, expected: int | None) -> None:
 
 
 def _check_local_file(
-    db: Any, path: str, ref: index.MediaRef, local_file: str, min_age: float
+    rows: SynapseRows, path: str, ref: index.MediaRef, local_file: str, min_age: float
 ) -> tuple[str | None, int | None]:
     """Whether a file of the local media store is complete: (reason to skip, length).
 
@@ -233,7 +275,7 @@ def _check_local_file(
         return "skipped", None  # deleted by Synapse since the listing
     if time.time() - st.st_mtime < min_age:
         return "skipped_recent", None
-    expected = index.run_tool_txn(db, index.synapse_length_txn, ref)
+    expected = rows.length(ref)
     if expected != st.st_size:
         _report_incomplete(path, st.st_size, expected)
         return INCOMPLETE, None
@@ -300,7 +342,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     }
     with _open(ctx) as db:
         index.run_tool_txn(db, index.ensure_schema_txn)
-        has_sha_column = _has_sha256_column(db)
+        rows = SynapseRows(db, _has_sha256_column(db))
         progress = Progress("migrate", len(sources))
         for path, local_file, size, legacy_key in sources:
             progress.step()
@@ -313,7 +355,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             located = index.run_tool_txn(db, index.locate_txn, path)
             expected: int | None = None
             if local_file is not None and located is None:
-                skip, expected = _check_local_file(db, path, ref, local_file, args.min_age)
+                skip, expected = _check_local_file(rows, path, ref, local_file, args.min_age)
                 if skip is not None:
                     stats[skip] += 1
                     continue
@@ -322,7 +364,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 continue
             try:
                 outcome = _migrate_one(
-                    db, ctx.store, path, ref, local_file, legacy_key, located, has_sha_column,
+                    db, ctx.store, path, ref, local_file, legacy_key, located, rows,
                     expected,
                 )
             except StorageUnavailable as e:
@@ -375,7 +417,7 @@ def _migrate_one(
     local_file: str | None,
     legacy_key: str | None,
     located: index.Located | None,
-    has_sha_column: bool,
+    rows: SynapseRows,
     expected_length: int | None = None,
 ) -> str:
     """Migrate one path, or check that an earlier run did; returns what happened.
@@ -392,7 +434,7 @@ def _migrate_one(
             return VERIFIED
         index.run_tool_txn(db, index.mark_blob_missing_txn, located.sha256)
     return _store_one(
-        db, store, path, ref, local_file, legacy_key, has_sha_column, expected_length
+        db, store, path, ref, local_file, legacy_key, rows, expected_length
     )
 
 
