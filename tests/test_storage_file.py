@@ -89,7 +89,7 @@ def test_migrate_existing_media_store_into_file_backend(
     hs.write_config()
     files = [p for p in hs.media_store.rglob("*") if p.is_file()]
     distinct = {p.read_bytes() for p in files}
-    result = run_tool(hs, "migrate", "--json")
+    result = run_tool(hs, "migrate", "--min-age", "0s", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["files"] == len(files) and report["deduplicated"] >= 2
@@ -102,3 +102,59 @@ def test_migrate_existing_media_store_into_file_backend(
         assert download(hs, token, media_id).body == same
     assert download(hs, token, solo).body == b"only once"
     assert download(hs, token, img).status == 200
+
+
+def test_a_failed_file_delete_is_retried_by_the_deletion_job(
+    synapse_factory: Callable[..., Synapse], tmp_path: Path
+) -> None:
+    """The file backend's delete fails (the object's name is a non-empty directory, which
+    ``unlink`` refuses even to root): the job releases its mark and deletes the object
+    at a later tick once the file system lets it.
+
+    Before the fix the raw ``IsADirectoryError`` escaped the job: the blob row kept its
+    deleting mark for ever (``stored`` stayed 1, ``deleting_ts`` set), so the wait for
+    the released mark below timed out and the object was never deleted.
+    """
+    from synapse_msc3916.storage.blobstore import blob_name
+    from tests.harness import request, wait_for
+    from tests.storage_helpers import sha
+
+    store = tmp_path / "blobs"
+    hs = synapse_factory(
+        storage_providers=[
+            provider_entry({"backend": "file", "directory": str(store), "delete_after": "0s"})
+        ]
+    ).start()
+    admin = hs.register("admin", admin=True)
+    data = os.urandom(30_000)
+    media_id = hs.upload(admin, data)
+    obj = store / blob_name(sha(data))
+    aside = tmp_path / "aside"
+    obj.rename(aside)
+    obj.mkdir()
+    (obj / "in-the-way").write_bytes(b"x")
+
+    resp = request(
+        "DELETE",
+        hs.base_url,
+        f"/_synapse/admin/v1/media/{hs.server_name}/{media_id}",
+        {"Authorization": f"Bearer {admin}"},
+    )
+    assert resp.status == 200, resp
+
+    def row() -> list[tuple]:
+        return hs.sql(
+            "SELECT stored, deleting_ts FROM msc3916_storage_blobs WHERE sha256 = ?", (sha(data),)
+        )
+
+    # The delete failed and the mark was released (not stored any more: the object may
+    # or may not be gone), so the content stays due for the next tick.
+    wait_for(lambda: row() == [(0, None)], 60, "the failed delete released its mark")
+    assert obj.is_dir()
+
+    # The file system lets go: a later tick deletes the object and forgets the content.
+    for p in obj.iterdir():
+        p.unlink()
+    obj.rmdir()
+    aside.rename(obj)
+    wait_for(lambda: not obj.exists() and row() == [], 60, "the retried delete")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from typing import Any
 
 import pytest
 
@@ -120,3 +121,89 @@ def test_claims_of_a_previous_life_are_released(txn: SqliteTxn) -> None:
     index.claim_blob_txn(txn, SHA_B, 1, 1000, index.Claim("t2", "p2", "media2"))
     assert index.release_stale_claims_txn(txn, 2000, instance="media1", before=1500) == 1
     assert [d[0] for d in index.due_blobs_txn(txn, 2000)] == [SHA_A]
+
+
+def test_gc_dry_run_counts_what_apply_does_without_writing(txn: SqliteTxn) -> None:
+    """The read-only dry run predicts the index work of ``gc --grace 0 --apply``:
+    tombstoned paths, the contents they and stale claims leave unreferenced, contents
+    already unreferenced; a content another path still uses stays."""
+    from synapse_msc3916.homeserver_config import Database
+    from synapse_msc3916.storage import tools
+
+    sha_c, sha_d = "cc" * 32, "dd" * 32
+    now = index.now_ms()
+    txn.execute("INSERT INTO local_media_repository VALUES ('m1', 1, NULL), ('m2', 1, NULL),"
+                " ('m3', 1, NULL)", ())
+    _store(txn, "local_content/m1", SHA_A, index.MediaRef(None, "m1"), now)
+    _store(txn, "local_content/m2", SHA_B, index.MediaRef(None, "m2"), now)
+    _store(txn, "local_content/m3", SHA_B, index.MediaRef(None, "m3"), now)
+    index.claim_blob_txn(txn, sha_c, 1, now - index.CLAIM_STALE_MS - 1, index.Claim("t", "p", "i"))
+    index.claim_blob_txn(txn, sha_d, 1, now - 10, None)
+    index._mark_unreferenced_txn(txn, [sha_d], now - 10)
+    txn.execute("DELETE FROM local_media_repository WHERE media_id IN ('m1', 'm2')", ())
+
+    def snapshot() -> list[Any]:
+        out = []
+        for table in (index.PATHS, index.BLOBS, index.CLAIMS, index.TOMBSTONES):
+            txn.execute(f"SELECT * FROM {table} ORDER BY 1", ())
+            out.append(txn.fetchall())
+        return out
+
+    before = snapshot()
+    stats: dict[str, Any] = {"paths_removed": 0, "objects_deleted": 0, "bytes_freed": 0}
+    deleted: list[str] = []
+    tools._gc_dry_run(Database(txn.conn, "sqlite"), now, now, 0, stats, deleted)
+    assert snapshot() == before
+    assert stats["paths_removed"] == 2 and sorted(deleted) == [SHA_A, sha_c, sha_d]
+
+    # What --apply then does.
+    index.release_stale_claims_txn(txn, now)
+    assert index.apply_tombstones_txn(txn, now).paths_removed == 2
+    assert [b[0] for b in index.unreferenced_blobs_txn(txn, index.now_ms())] == sorted(deleted)
+
+
+def test_remote_tombstones_use_the_media_id(txn: SqliteTxn) -> None:
+    """Remote tombstones carry Synapse's media_id (the key of its unique index) and
+    remove the original's and its thumbnails' paths; a row written again keeps its path;
+    a tombstone from before media_id was recorded (v1 triggers) still works."""
+    thumb = index.MediaRef("hs", "f1", 32, 32, "image/png", "crop")
+    txn.execute("INSERT INTO remote_media_cache VALUES ('hs', 'r1', 'f1', 1, NULL)", ())
+    txn.execute(
+        "INSERT INTO remote_media_cache_thumbnails VALUES ('hs', 'r1', 'f1', 32, 32,"
+        " 'image/png', 'crop')", ()
+    )
+    _store(txn, "remote_content/hs/f1", SHA_A, index.MediaRef("hs", "f1"))
+    _store(txn, "remote_thumbnail/hs/f1/32-32-image-png-crop", SHA_B, thumb)
+    txn.execute("DELETE FROM remote_media_cache_thumbnails", ())
+    txn.execute(
+        "INSERT INTO remote_media_cache_thumbnails VALUES ('hs', 'r1', 'f1', 32, 32,"
+        " 'image/png', 'crop')", ()
+    )
+    txn.execute(f"SELECT media_origin, file_id, media_id FROM {index.TOMBSTONES}", ())
+    assert txn.fetchall() == [("hs", "f1", "r1")]
+    assert index.apply_tombstones_txn(txn, 5000).paths_removed == 0
+    txn.execute("DELETE FROM remote_media_cache", ())
+    txn.execute("DELETE FROM remote_media_cache_thumbnails", ())
+    assert index.apply_tombstones_txn(txn, 5000).paths_removed == 2
+
+    _store(txn, "remote_content/hs/f2", SHA_A, index.MediaRef("hs", "f2"))
+    txn.execute(
+        f"INSERT INTO {index.TOMBSTONES} (media_origin, file_id, deleted_ts) VALUES ('hs', 'f2', 1)",
+        (),
+    )
+    assert index.apply_tombstones_txn(txn, 6000).paths_removed == 1
+
+
+def test_v1_triggers_are_replaced(txn: SqliteTxn) -> None:
+    """A database of an earlier release: its v1 triggers (no media_id) are dropped."""
+    for table, *_ in media_deletions.MEDIA_TABLES:
+        txn.execute(f"DROP TRIGGER {media_deletions.trigger_name(table)}", ())
+        txn.execute(
+            f"CREATE TRIGGER msc3916_tombstone_v1_{table} AFTER DELETE ON {table}"
+            " FOR EACH ROW BEGIN SELECT 1; END", ()
+        )
+    assert len(media_deletions.ensure_deletion_triggers_txn(txn)) == 4
+    txn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' ORDER BY name", ())
+    assert [r[0] for r in txn.fetchall()] == sorted(
+        media_deletions.trigger_name(t) for t, *_ in media_deletions.MEDIA_TABLES
+    )

@@ -368,3 +368,108 @@ def test_progress_is_plain_lines_when_stderr_is_not_a_terminal() -> None:
     assert "\r" not in text and "\x1b" not in text
     assert "scrub: 100%" in text and "3/3" in text
     assert all(line.startswith("scrub:") for line in text.splitlines())
+
+
+def test_file_blobstore_fsyncs_the_object_and_every_directory_it_creates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stored object survives a power loss: the file, the directory entry that names it
+    and the directories created for it are all fsynced before ``put_file`` returns.
+
+    Before the fix only the temporary file was fsynced (``synced`` held one regular
+    file, no directory), so the link into place could be lost with the index saying
+    "stored".
+    """
+    import stat as _stat
+
+    root = tmp_path / "blobs"
+    root.mkdir()
+    store = FileBlobStore(str(root))
+    src = tmp_path / "src"
+    data = os.urandom(5000)
+    src.write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    synced: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        # Which inode was synced: identify it by (device, inode) later.
+        synced.append((f"{st.st_dev}:{st.st_ino}", _stat.S_ISDIR(st.st_mode)))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert store.put_file(sha, str(src), len(data)) is True
+
+    def ident(p: Path) -> tuple[str, bool]:
+        st = os.stat(p)
+        return f"{st.st_dev}:{st.st_ino}", _stat.S_ISDIR(st.st_mode)
+
+    final = root / blob_name(sha)
+    # The object's bytes, the directory holding its name, and the parents of the two
+    # directories created for it (ab/ in the root, cd/ in ab/).
+    for needed in (final, final.parent, final.parent.parent, root):
+        assert ident(needed) in synced, (needed, synced)
+
+    # An overwrite (healing a corrupt object) renames over the old name: synced too.
+    synced.clear()
+    assert store.put_file(sha, str(src), len(data), overwrite=True) is True
+    assert ident(final) in synced and ident(final.parent) in synced
+
+
+def test_file_blobstore_delete_failure_is_a_storage_error(tmp_path: Path) -> None:
+    """A delete the file system refuses is ``StorageUnavailable`` (what the deletion job
+    and ``gc`` handle), not a raw ``OSError``; a missing object is not an error.
+    Before the fix: ``IsADirectoryError`` escaped."""
+    from synapse_msc3916.storage.blobstore import StorageUnavailable
+
+    store = FileBlobStore(str(tmp_path / "blobs"))
+    store.delete(SHA)  # missing: fine
+    blocker = tmp_path / "blobs" / blob_name(SHA)
+    blocker.mkdir(parents=True)
+    (blocker / "x").write_bytes(b"x")
+    with pytest.raises(StorageUnavailable, match="cannot delete"):
+        store.delete(SHA)
+
+
+def test_migrate_reads_remote_rows_once_per_origin() -> None:
+    """Remote files are matched to Synapse's rows by filesystem_id from one read of the
+    origin's rows (no per-file scan); local ones by media_id."""
+    from synapse_msc3916.homeserver_config import Database
+    from synapse_msc3916.storage.tools import SynapseRows
+
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(
+        """
+        CREATE TABLE local_media_repository (media_id TEXT, media_length INT, sha256 TEXT);
+        CREATE TABLE local_media_repository_thumbnails (media_id TEXT, thumbnail_width INT,
+            thumbnail_height INT, thumbnail_type TEXT, thumbnail_method TEXT,
+            thumbnail_length INT);
+        CREATE TABLE remote_media_cache (media_origin TEXT, media_id TEXT, filesystem_id TEXT,
+            media_length INT, sha256 TEXT);
+        CREATE TABLE remote_media_cache_thumbnails (media_origin TEXT, media_id TEXT,
+            filesystem_id TEXT, thumbnail_width INT, thumbnail_height INT,
+            thumbnail_type TEXT, thumbnail_method TEXT, thumbnail_length INT);
+        INSERT INTO local_media_repository VALUES ('m1', 10, 'aa');
+        INSERT INTO local_media_repository_thumbnails VALUES ('m1', 32, 32, 'image/png', 'crop', 5);
+        INSERT INTO remote_media_cache VALUES ('a', 'r1', 'f1', 20, 'bb'), ('b', 'r1', 'f1', 21, NULL);
+        INSERT INTO remote_media_cache_thumbnails VALUES ('a', 'r1', 'f1', 32, 32, 'image/png', 'crop', 7);
+        """
+    )
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    rows = SynapseRows(Database(conn, "sqlite"), True)
+    thumb = ("image/png", "crop")
+    assert rows.length(index.MediaRef(None, "m1")) == 10
+    assert rows.sha256(index.MediaRef(None, "m1")) == ("aa", 10)
+    assert rows.length(index.MediaRef(None, "m1", 32, 32, *thumb)) == 5
+    assert rows.length(index.MediaRef(None, "m1", 64, 64, *thumb)) is None
+    statements.clear()
+    assert rows.length(index.MediaRef("a", "f1")) == 20
+    assert rows.sha256(index.MediaRef("a", "f1")) == ("bb", 20)
+    assert rows.length(index.MediaRef("a", "nope")) is None
+    assert len([s for s in statements if "remote_media_cache" in s]) == 1  # one read of 'a'
+    assert rows.length(index.MediaRef("a", "f1", 32, 32, *thumb)) == 7
+    assert rows.length(index.MediaRef("b", "f1")) == 21
+    assert rows.sha256(index.MediaRef("b", "f1")) is None
+    assert rows.sha256(index.MediaRef("b", "f1", 32, 32, *thumb)) is None

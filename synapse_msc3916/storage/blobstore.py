@@ -95,6 +95,15 @@ class _FileReader:
         self._f.close()
 
 
+def _fsync_directory(path: str) -> None:
+    """Make the entries of directory ``path`` (a new name, a rename) durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class FileBlobStore:
     """Blobs as files under ``directory/ab/cd/<sha256>``.
 
@@ -103,6 +112,10 @@ class FileBlobStore:
     (``link`` fails if the name exists, which makes creation exclusive) or renamed over
     a known-corrupt copy. A crash leaves at most a ``.tmp-*`` file, which ``gc`` ignores
     and an admin may delete.
+
+    Durable before acknowledged: the file's bytes, the directory entry that names it
+    and every directory created for it are fsynced before ``put_file`` returns, so a
+    power loss cannot lose an object the index already records as stored.
     """
 
     def __init__(self, directory: str):
@@ -120,7 +133,7 @@ class FileBlobStore:
             return False
         folder = os.path.dirname(final)
         try:
-            os.makedirs(folder, exist_ok=True)
+            self._makedirs_durable(folder)
             tmp = os.path.join(folder, f".tmp-{sha256[:16]}-{secrets.token_hex(6)}")
             with open(source, "rb") as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
@@ -129,11 +142,12 @@ class FileBlobStore:
             try:
                 if overwrite:
                     os.replace(tmp, final)
-                    return True
-                try:
-                    os.link(tmp, final)
-                except FileExistsError:
-                    return False
+                else:
+                    try:
+                        os.link(tmp, final)
+                    except FileExistsError:
+                        return False
+                _fsync_directory(folder)
                 return True
             finally:
                 if os.path.exists(tmp):
@@ -142,6 +156,24 @@ class FileBlobStore:
             if e.errno == errno.ENOENT and not os.path.exists(source):
                 raise
             raise StorageUnavailable(f"cannot write {final}: {e.strerror}") from e
+
+    def _makedirs_durable(self, folder: str) -> None:
+        """``makedirs`` that also fsyncs the parent of each directory it creates (a new
+        directory's entry is otherwise as volatile as a new file's)."""
+        missing = []
+        current = folder
+        while not os.path.isdir(current):
+            missing.append(current)
+            parent = os.path.dirname(current)
+            if parent == current:
+                break
+            current = parent
+        for path in reversed(missing):
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                pass  # a concurrent writer made it, and fsyncs its parent itself
+            _fsync_directory(os.path.dirname(path))
 
     def open(self, sha256: str) -> BlobReader | None:
         try:
@@ -164,6 +196,10 @@ class FileBlobStore:
             os.unlink(self._path(sha256))
         except FileNotFoundError:
             pass
+        except OSError as e:
+            # The deletion job and gc handle this type: they release their mark and try
+            # again later, instead of leaving a mark nobody retries.
+            raise StorageUnavailable(f"cannot delete blob {sha256}: {e.strerror}") from e
 
     def list_blobs(self) -> Iterator[ObjectInfo]:
         """Every blob, in hash order (as S3 lists keys), so ``gc`` can merge with the index."""

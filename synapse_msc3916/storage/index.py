@@ -114,6 +114,14 @@ def _step_lifecycle(txn: Txn) -> None:
     )
 
 
+def _step_tombstone_media_id(txn: Txn) -> None:
+    """Version 3: tombstones record Synapse's ``media_id``, so that the check "has
+    Synapse still a row for this remote media?" uses its unique ``(media_origin,
+    media_id)`` index instead of scanning every cached media of the origin for a
+    ``filesystem_id`` (no index). NULL in tombstones written before."""
+    _add_column(txn, TOMBSTONES, "media_id", "TEXT")
+
+
 # Each step is idempotent (IF NOT EXISTS) so that two processes upgrading at the same
 # moment both succeed; the version row then only records how far the schema has got.
 _STEPS: list[tuple[int, list[Any]]] = [
@@ -145,6 +153,7 @@ _STEPS: list[tuple[int, list[Any]]] = [
         ],
     ),
     (2, [_step_lifecycle]),
+    (3, [_step_tombstone_media_id]),
 ]
 SCHEMA_VERSION = _STEPS[-1][0]
 
@@ -449,6 +458,95 @@ def record_path_txn(
         _mark_unreferenced_txn(txn, [str(previous[0])], now)
 
 
+def record_path_if_absent_txn(
+    txn: Txn, path: str, sha256: str, length: int, ref: MediaRef, now: int, claim: Claim
+) -> bool:
+    """:func:`record_path_txn` for a path nobody has recorded yet; False (and the claim
+    released) when someone has.
+
+    What ``migrate`` records a local file with: Synapse writes media in place, so a
+    path the provider recorded meanwhile holds the complete content, which a reading
+    of the file on disk must never replace. The insert is the check (``DO NOTHING`` on
+    the path's key), so a provider recording at the same moment wins either way.
+    """
+    txn.execute(
+        f"INSERT INTO {PATHS} (path, sha256, length, media_origin, file_id,"
+        " thumbnail_width, thumbnail_height, thumbnail_type, thumbnail_method, created_ts)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (path) DO NOTHING",
+        (
+            path,
+            sha256,
+            length,
+            ref.media_origin,
+            ref.file_id,
+            ref.thumbnail_width,
+            ref.thumbnail_height,
+            ref.thumbnail_type,
+            ref.thumbnail_method,
+            now,
+        ),
+    )
+    if txn.rowcount != 1:
+        release_claim_txn(txn, claim.token, now)
+        return False
+    record_path_txn(txn, path, sha256, length, ref, now, True, claim)
+    return True
+
+
+def synapse_length_txn(txn: Txn, ref: MediaRef) -> int | None:
+    """The length Synapse recorded for a local media file or thumbnail; None without a
+    row. (Remote ones: :func:`remote_rows_txn`, a lookup by ``filesystem_id`` has no
+    index.)
+
+    Synapse inserts the row only once the file is complete, so a file of another
+    length is still being written (or damaged): ``migrate`` leaves it alone.
+    """
+    assert ref.media_origin is None
+    if ref.thumbnail_width is None:
+        txn.execute(
+            "SELECT media_length FROM local_media_repository WHERE media_id = ?", (ref.file_id,)
+        )
+    else:
+        txn.execute(
+            "SELECT thumbnail_length FROM local_media_repository_thumbnails"
+            " WHERE media_id = ? AND thumbnail_width = ? AND thumbnail_height = ?"
+            " AND thumbnail_type = ? AND thumbnail_method = ?",
+            (ref.file_id, ref.thumbnail_width, ref.thumbnail_height, ref.thumbnail_type,
+             ref.thumbnail_method),
+        )
+    row = txn.fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def remote_rows_txn(
+    txn: Txn, origin: str, thumbnails: bool, with_sha256: bool
+) -> dict[Any, tuple[int | None, str | None]]:
+    """Synapse's rows of one origin's remote media (or thumbnails), keyed as a path
+    names them: ``filesystem_id`` (plus the thumbnail's dimensions, type and method),
+    with (length, SHA-256). One range of Synapse's ``(media_origin, media_id)`` index."""
+    if thumbnails:
+        txn.execute(
+            "SELECT filesystem_id, thumbnail_width, thumbnail_height, thumbnail_type,"
+            " thumbnail_method, thumbnail_length FROM remote_media_cache_thumbnails"
+            " WHERE media_origin = ?",
+            (origin,),
+        )
+        return {
+            (str(r[0]), r[1], r[2], r[3], r[4]): (None if r[5] is None else int(r[5]), None)
+            for r in txn.fetchall()
+        }
+    sha = "sha256" if with_sha256 else "NULL"
+    txn.execute(
+        f"SELECT filesystem_id, media_length, {sha} FROM remote_media_cache"
+        " WHERE media_origin = ?",
+        (origin,),
+    )
+    return {
+        str(r[0]): (None if r[1] is None else int(r[1]), None if r[2] is None else str(r[2]))
+        for r in txn.fetchall()
+    }
+
+
 def synapse_sha256_txn(txn: Txn, ref: MediaRef) -> tuple[str, int] | None:
     """The SHA-256 and length Synapse itself recorded for an original, if any.
 
@@ -551,6 +649,22 @@ _NO_MEDIA_ROW = (
     "   AND t.thumbnail_method = p.thumbnail_method)))"
 )
 
+# The remote half of ``_NO_MEDIA_ROW`` for a tombstone that knows the media id: two
+# lookups on Synapse's unique (media_origin, media_id[, thumbnail...]) indexes. Takes
+# (origin, media_id) twice.
+_NO_REMOTE_ROW_BY_MEDIA_ID = (
+    " ((p.thumbnail_width IS NULL AND NOT EXISTS ("
+    "   SELECT 1 FROM remote_media_cache m WHERE m.media_origin = ? AND m.media_id = ?"
+    "   AND m.filesystem_id = p.file_id))"
+    " OR (p.thumbnail_width IS NOT NULL AND NOT EXISTS ("
+    "   SELECT 1 FROM remote_media_cache_thumbnails t"
+    "   WHERE t.media_origin = ? AND t.media_id = ? AND t.filesystem_id = p.file_id"
+    "   AND t.thumbnail_width = p.thumbnail_width"
+    "   AND t.thumbnail_height = p.thumbnail_height"
+    "   AND t.thumbnail_type = p.thumbnail_type"
+    "   AND t.thumbnail_method = p.thumbnail_method)))"
+)
+
 _UNREFERENCED = (
     f" NOT EXISTS (SELECT 1 FROM {PATHS} p WHERE p.sha256 = b.sha256)"
     f" AND NOT EXISTS (SELECT 1 FROM {CLAIMS} c WHERE c.sha256 = b.sha256)"
@@ -595,32 +709,93 @@ def apply_tombstones_txn(txn: Txn, now: int, limit: int = 100) -> TombstoneBatch
     again (an upsert emulated as delete + insert) never loses its path. Blobs left
     without any reference start their ``delete_after``.
     """
-    txn.execute(
-        f"SELECT id, media_origin, file_id, thumbnail_width, thumbnail_height, thumbnail_type,"
-        f" thumbnail_method FROM {TOMBSTONES} ORDER BY id LIMIT ?",
-        (limit,),
-    )
-    rows = txn.fetchall()
+    rows = _tombstones(txn, 0, limit)
     removed = 0
     shas: list[str] = []
-    for tid, origin, file_id, width, height, ttype, tmethod in rows:
-        where = "p.file_id = ? AND " + ("p.media_origin IS NULL" if origin is None else "p.media_origin = ?")
-        args: list[Any] = [file_id] if origin is None else [file_id, origin]
-        if width is not None:
-            where += (
-                " AND p.thumbnail_width = ? AND p.thumbnail_height = ?"
-                " AND p.thumbnail_type = ? AND p.thumbnail_method = ?"
-            )
-            args += [width, height, ttype, tmethod]
-        txn.execute(f"SELECT p.path, p.sha256 FROM {PATHS} p WHERE {where} AND {_NO_MEDIA_ROW}", args)
-        for path, sha256 in txn.fetchall():
+    for row in rows:
+        for path, sha256 in _tombstone_paths(txn, row):
             txn.execute(f"DELETE FROM {PATHS} WHERE path = ? AND sha256 = ?", (path, sha256))
             if txn.rowcount == 1:
                 removed += 1
                 shas.append(str(sha256))
-        txn.execute(f"DELETE FROM {TOMBSTONES} WHERE id = ?", (tid,))
+        txn.execute(f"DELETE FROM {TOMBSTONES} WHERE id = ?", (row[0],))
     unreferenced = _mark_unreferenced_txn(txn, shas, now)
     return TombstoneBatch(len(rows), removed, unreferenced)
+
+
+def _tombstones(txn: Txn, after: int, limit: int) -> list[Any]:
+    txn.execute(
+        f"SELECT id, media_origin, file_id, thumbnail_width, thumbnail_height, thumbnail_type,"
+        f" thumbnail_method, media_id FROM {TOMBSTONES} WHERE id > ? ORDER BY id LIMIT ?",
+        (after, limit),
+    )
+    return txn.fetchall()
+
+
+def _tombstone_paths(txn: Txn, row: Any) -> list[tuple[str, str]]:
+    """(path, sha256) of the paths a tombstone removes: its media's, if Synapse has no
+    row for them now."""
+    _tid, origin, file_id, width, height, ttype, tmethod, media_id = row
+    where = "p.file_id = ? AND " + ("p.media_origin IS NULL" if origin is None else "p.media_origin = ?")
+    args: list[Any] = [file_id] if origin is None else [file_id, origin]
+    if width is not None:
+        where += (
+            " AND p.thumbnail_width = ? AND p.thumbnail_height = ?"
+            " AND p.thumbnail_type = ? AND p.thumbnail_method = ?"
+        )
+        args += [width, height, ttype, tmethod]
+    no_row = _NO_MEDIA_ROW
+    if origin is not None and media_id is not None:
+        no_row = _NO_REMOTE_ROW_BY_MEDIA_ID
+        args += [origin, media_id, origin, media_id]
+    txn.execute(f"SELECT p.path, p.sha256 FROM {PATHS} p WHERE {where} AND {no_row}", args)
+    return [(str(path), str(sha256)) for path, sha256 in txn.fetchall()]
+
+
+def tombstone_paths_page_txn(
+    txn: Txn, after: int, limit: int
+) -> tuple[int, int, list[tuple[str, str]]]:
+    """Read-only: (last tombstone id, tombstones read, their (path, sha256) that
+    :func:`apply_tombstones_txn` would remove), for ``gc``'s dry run."""
+    rows = _tombstones(txn, after, limit)
+    paths = [found for row in rows for found in _tombstone_paths(txn, row)]
+    return (int(rows[-1][0]) if rows else after), len(rows), paths
+
+
+def stale_claims_txn(txn: Txn, now: int) -> list[tuple[str, str]]:
+    """Read-only: (token, sha256) of the claims ``gc`` releases (older than
+    :data:`CLAIM_STALE_MS`)."""
+    txn.execute(
+        f"SELECT token, sha256 FROM {CLAIMS} WHERE created_ts < ?", (now - CLAIM_STALE_MS,)
+    )
+    return [(str(r[0]), str(r[1])) for r in txn.fetchall()]
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class BlobRefs:
+    paths: list[str]
+    claims: list[str]  # tokens
+    length: int | None  # None: no blob row
+    deleting_ts: int | None
+
+
+def blob_refs_txn(txn: Txn, sha256: str) -> BlobRefs:
+    """Read-only: what references a blob, for ``gc``'s dry run."""
+    txn.execute(f"SELECT path FROM {PATHS} WHERE sha256 = ?", (sha256,))
+    paths = [str(r[0]) for r in txn.fetchall()]
+    txn.execute(f"SELECT token FROM {CLAIMS} WHERE sha256 = ?", (sha256,))
+    claims = [str(r[0]) for r in txn.fetchall()]
+    txn.execute(f"SELECT length, deleting_ts FROM {BLOBS} WHERE sha256 = ?", (sha256,))
+    row = txn.fetchone()
+    if row is None:
+        return BlobRefs(paths, claims, None, None)
+    return BlobRefs(paths, claims, int(row[0]), None if row[1] is None else int(row[1]))
+
+
+def path_sha256_txn(txn: Txn, path: str) -> str | None:
+    txn.execute(f"SELECT sha256 FROM {PATHS} WHERE path = ?", (path,))
+    row = txn.fetchone()
+    return None if row is None else str(row[0])
 
 
 def orphan_paths_txn(txn: Txn, cutoff: int, limit: int = 1000) -> list[str]:

@@ -311,7 +311,10 @@ class DedupStorageProvider:
                 500, "Media storage could not read the uploaded file", sa.Codes.UNKNOWN
             ) from None
         known = None
-        if sa.media_tables_have_sha256():  # Synapse 1.128 and later record it
+        # Synapse 1.128 and later record it. Only for local media: a remote file is
+        # stored before Synapse inserts its row (under a fresh filesystem_id), and a
+        # lookup by filesystem_id has no index (it would scan all media of the origin).
+        if sa.media_tables_have_sha256() and ref.media_origin is None:
             known = await self._db("synapse_sha256", index.synapse_sha256_txn, ref)
         if known is not None and known[1] == size:
             sha256, length = known

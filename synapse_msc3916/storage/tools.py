@@ -30,7 +30,11 @@ from synapse_msc3916.storage.blobstore import (
     hash_blob,
     make_blobstore,
 )
-from synapse_msc3916.storage.lifecycle import GC_DELETE_TIMEOUTS, gc_storage_config  # noqa: F401 (re-exported)
+from synapse_msc3916.storage.lifecycle import (  # noqa: F401 (GC_DELETE_TIMEOUTS re-exported)
+    GC_DELETE_TIMEOUTS,
+    TOMBSTONE_BATCH,
+    gc_storage_config,
+)
 from synapse_msc3916.storage.progress import Progress
 from synapse_msc3916.storage.provider import hash_file
 
@@ -91,13 +95,57 @@ def _iter_media_store(root: str) -> Iterable[tuple[str, str, int]]:
 # What became of one source file: only the first three allow deleting a legacy source.
 WRITTEN, DEDUPLICATED, VERIFIED = "written", "deduplicated", "verified"
 MISMATCH, UNVERIFIED = "hash_mismatch", "unverified"
+# A local file not migrated: still being written, or recorded by the provider meanwhile.
+INCOMPLETE, RECORDED_MEANWHILE = "skipped_incomplete", "recorded_meanwhile"
 
 
-def _synapse_sha256(db: Any, ref: index.MediaRef, has_column: bool) -> tuple[str, int] | None:
-    """What Synapse recorded for this media, when its release records it (1.128+)."""
-    if not has_column:
-        return None
-    return index.run_tool_txn(db, index.synapse_sha256_txn, ref)  # type: ignore[no-any-return]
+class SynapseRows:
+    """What Synapse recorded for the files being migrated: length and SHA-256.
+
+    Local media are looked up one by one (``media_id`` is Synapse's key). Remote paths
+    name a ``filesystem_id``, which Synapse does not index, so a lookup per file would
+    read all of the origin's rows each time; instead the rows of one origin are read
+    once (an index range on ``media_origin``) while its files, listed together, are
+    migrated. A row inserted after that read makes its file look unfinished: it is
+    skipped and reported, and migrated by the next run.
+    """
+
+    def __init__(self, db: Any, has_sha_column: bool):
+        self._db = db
+        self._has_sha = has_sha_column
+        self._key: tuple[str, bool] | None = None
+        self._rows: dict[Any, tuple[int | None, str | None]] = {}
+
+    def _remote(self, ref: index.MediaRef) -> tuple[int | None, str | None] | None:
+        assert ref.media_origin is not None
+        thumb = ref.thumbnail_width is not None
+        if self._key != (ref.media_origin, thumb):
+            self._rows = index.run_tool_txn(
+                self._db, index.remote_rows_txn, ref.media_origin, thumb, self._has_sha
+            )
+            self._key = (ref.media_origin, thumb)
+        key: Any = ref.file_id
+        if thumb:
+            key = (ref.file_id, ref.thumbnail_width, ref.thumbnail_height,
+                   ref.thumbnail_type, ref.thumbnail_method)
+        return self._rows.get(key)
+
+    def length(self, ref: index.MediaRef) -> int | None:
+        if ref.media_origin is not None:
+            row = self._remote(ref)
+            return None if row is None else row[0]
+        return index.run_tool_txn(self._db, index.synapse_length_txn, ref)  # type: ignore[no-any-return]
+
+    def sha256(self, ref: index.MediaRef) -> tuple[str, int] | None:
+        """What Synapse recorded for this media, when its release records it (1.128+)."""
+        if not self._has_sha or ref.thumbnail_width is not None:
+            return None
+        if ref.media_origin is not None:
+            row = self._remote(ref)
+            if row is None or row[0] is None or not row[1]:
+                return None
+            return row[1], row[0]
+        return index.run_tool_txn(self._db, index.synapse_sha256_txn, ref)  # type: ignore[no-any-return]
 
 
 def _has_sha256_column(db: Any) -> bool:
@@ -124,7 +172,8 @@ def _store_one(
     ref: index.MediaRef,
     local_file: str | None,
     legacy_key: str | None,
-    has_sha_column: bool,
+    rows: SynapseRows,
+    expected_length: int | None = None,
 ) -> str:
     """Index one file from a source; returns what happened (``WRITTEN``, ...).
 
@@ -133,7 +182,7 @@ def _store_one(
     not copied under a name that is not its content. A legacy source is then verified
     in the store by reading the object back before anyone may delete the source.
     """
-    known = _synapse_sha256(db, ref, has_sha_column)
+    known = rows.sha256(ref)
     tmp: str | None = None
     try:
         if local_file is None:
@@ -141,6 +190,9 @@ def _store_one(
             tmp = _download(store, legacy_key)
             local_file = tmp
         sha256, length = hash_file(local_file)
+        if expected_length is not None and length != expected_length:
+            _report_incomplete(path, length, expected_length)
+            return INCOMPLETE
         if known is not None and known != (sha256, length):
             Progress.write(
                 f"migrate: {path}: content has SHA-256 {sha256} ({length} bytes) but Synapse"
@@ -175,9 +227,19 @@ def _store_one(
                 )
                 index.run_tool_txn(db, index.release_claim_txn, claim.token, index.now_ms())
                 return UNVERIFIED
-            index.run_tool_txn(
-                db, index.record_path_txn, path, sha256, length, ref, index.now_ms(), True, claim
-            )
+            if legacy_key is None:
+                # Never over a path recorded meanwhile: the provider stored the complete
+                # content Synapse wrote, this is only a reading of the file on disk.
+                if not index.run_tool_txn(
+                    db, index.record_path_if_absent_txn, path, sha256, length, ref,
+                    index.now_ms(), claim,
+                ):
+                    return RECORDED_MEANWHILE
+            else:
+                index.run_tool_txn(
+                    db, index.record_path_txn, path, sha256, length, ref, index.now_ms(),
+                    True, claim,
+                )
         except BaseException:
             index.run_tool_txn(db, index.release_claim_txn, claim.token, index.now_ms())
             raise
@@ -185,6 +247,39 @@ def _store_one(
     finally:
         if tmp is not None:
             os.unlink(tmp)
+
+
+def _report_incomplete(path: str, length: int, expected: int | None) -> None:
+    recorded = "no media row" if expected is None else f"its media row says {expected} bytes"
+    Progress.write(
+        f"migrate: {path}: {length} bytes on disk but Synapse has {recorded} (still being"
+        " written, or damaged); not migrated",
+        file=sys.stderr,
+    )
+
+
+def _check_local_file(
+    rows: SynapseRows, path: str, ref: index.MediaRef, local_file: str, min_age: float
+) -> tuple[str | None, int | None]:
+    """Whether a file of the local media store is complete: (reason to skip, length).
+
+    Synapse writes downloads and uploads in place at their final path and inserts the
+    media row once the file is complete, so only a file as long as its row says and
+    not modified for ``min_age`` seconds is a finished file. (A half-written file would
+    otherwise be stored under the hash of its first bytes, which ``scrub --hash``
+    cannot tell from sound content.)
+    """
+    try:
+        st = os.stat(local_file)
+    except FileNotFoundError:
+        return "skipped", None  # deleted by Synapse since the listing
+    if time.time() - st.st_mtime < min_age:
+        return "skipped_recent", None
+    expected = rows.length(ref)
+    if expected != st.st_size:
+        _report_incomplete(path, st.st_size, expected)
+        return INCOMPLETE, None
+    return None, expected
 
 
 def _download(store: S3BlobStore, key: str) -> str:
@@ -205,7 +300,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     """Load an existing media store or synapse-s3-storage-provider prefix into the store.
 
     Resumable: a path already in the index is skipped, so an interrupted run is simply
-    run again. Safe by default: a legacy source object is deleted only once its copy
+    run again. A file of the local media store is migrated only once complete (as long
+    as its Synapse row says, not modified for ``--min-age``), and never over a path the
+    provider recorded meanwhile. Safe by default: a legacy source object is deleted only once its copy
     has been read back with the right SHA-256 (for an already indexed path too, so a
     destination object lost since the first run is restored from the source, never
     deleted with it), and a source whose bytes do not match the SHA-256 Synapse
@@ -240,10 +337,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         "legacy_deleted": 0,
         "legacy_kept_unverified": 0,
         "hash_mismatch": 0,
+        "skipped_incomplete": 0,
+        "skipped_recent": 0,
     }
     with _open(ctx) as db:
         index.run_tool_txn(db, index.ensure_schema_txn)
-        has_sha_column = _has_sha256_column(db)
+        rows = SynapseRows(db, _has_sha256_column(db))
         progress = Progress("migrate", len(sources))
         for path, local_file, size, legacy_key in sources:
             progress.step()
@@ -254,18 +353,28 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             stats["files"] += 1
             stats["bytes"] += size
             located = index.run_tool_txn(db, index.locate_txn, path)
+            expected: int | None = None
+            if local_file is not None and located is None:
+                skip, expected = _check_local_file(rows, path, ref, local_file, args.min_age)
+                if skip is not None:
+                    stats[skip] += 1
+                    continue
             if args.dry_run:
                 stats["already"] += int(located is not None)
                 continue
             try:
                 outcome = _migrate_one(
-                    db, ctx.store, path, ref, local_file, legacy_key, located, has_sha_column
+                    db, ctx.store, path, ref, local_file, legacy_key, located, rows,
+                    expected,
                 )
             except StorageUnavailable as e:
                 progress.close()
                 raise hc.ToolError(str(e)) from None
-            if outcome == VERIFIED:
+            if outcome in (VERIFIED, RECORDED_MEANWHILE):
                 stats["already"] += 1
+            elif outcome == INCOMPLETE:
+                stats[INCOMPLETE] += 1
+                continue
             elif outcome in (WRITTEN, DEDUPLICATED) and located is not None:
                 # The index pointed at a missing or damaged object: it is whole again,
                 # from this source, but the source stays until a later run finds the
@@ -283,11 +392,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 stats["legacy_deleted"] += 1
         progress.close()
     _report("migrate", stats, args)
-    failed = stats["legacy_kept_unverified"] + stats["hash_mismatch"]
+    failed = (
+        stats["legacy_kept_unverified"]
+        + stats["hash_mismatch"]
+        + stats["skipped_incomplete"]
+        + stats["skipped_recent"]
+    )
     if failed:
         print(
             f"migrate: {failed} file(s) could not be migrated safely and were left"
-            " where they are (see above)",
+            " where they are (see above; skipped_recent: modified within --min-age,"
+            " run again later)",
             file=sys.stderr,
         )
         return 1
@@ -302,7 +417,8 @@ def _migrate_one(
     local_file: str | None,
     legacy_key: str | None,
     located: index.Located | None,
-    has_sha_column: bool,
+    rows: SynapseRows,
+    expected_length: int | None = None,
 ) -> str:
     """Migrate one path, or check that an earlier run did; returns what happened.
 
@@ -317,7 +433,9 @@ def _migrate_one(
         if located.servable and _verify_copy(store, located.sha256, located.length):
             return VERIFIED
         index.run_tool_txn(db, index.mark_blob_missing_txn, located.sha256)
-    return _store_one(db, store, path, ref, local_file, legacy_key, has_sha_column)
+    return _store_one(
+        db, store, path, ref, local_file, legacy_key, rows, expected_length
+    )
 
 
 
@@ -365,6 +483,56 @@ def _objects_without_row(db: Any, store: Any) -> Iterator[tuple[str, Any]]:
         yield sha, info
 
 
+def _gc_dry_run(
+    db: Any, now: int, cutoff: int, grace_ms: int, stats: dict[str, Any], deleted: list[str]
+) -> None:
+    """Count what ``--apply`` would remove, with reads only.
+
+    Every query is its own short transaction (a page at a time), so the dry run takes
+    no write lock and holds no snapshot for long: uploads and Synapse's own writes go
+    on while it runs. (It used to do the index work in one transaction rolled back at
+    the end, which locked the blob rows on PostgreSQL and the whole SQLite database.)
+    The paths are those pending tombstones and the orphan sweep would remove; the
+    contents those already unreferenced, plus those the removed paths and released
+    stale claims would leave unreferenced (their ``delete_after`` would start now, so
+    they count only with ``--grace 0``).
+    """
+    stale = dict(index.run_tool_txn(db, index.stale_claims_txn, now))
+    removed: dict[str, str] = {}
+    after = 0
+    while True:
+        after, read, found = index.run_tool_txn(db, index.tombstone_paths_page_txn, after, 1000)
+        removed.update(found)
+        if read < 1000:
+            break
+    for path in index.run_tool_txn(db, index.orphan_paths_txn, cutoff, 1_000_000):
+        sha256 = index.run_tool_txn(db, index.path_sha256_txn, path)
+        if sha256 is not None:
+            removed[path] = sha256
+    stats["paths_removed"] += len(removed)
+    due: dict[str, int] = {}
+    if grace_ms <= 0:
+        stale_deleting = now - index.DELETING_STALE_MS
+        for sha256 in sorted(set(removed.values()) | set(stale.values())):
+            refs = index.run_tool_txn(db, index.blob_refs_txn, sha256)
+            if (
+                refs.length is not None
+                and all(removed.get(p) == sha256 for p in refs.paths)
+                and all(token in stale for token in refs.claims)
+                and (refs.deleting_ts is None or refs.deleting_ts < stale_deleting)
+            ):
+                due[sha256] = refs.length
+    for sha256, length, _gen in _unreferenced(
+        lambda *a: index.run_tool_txn(db, index.unreferenced_blobs_txn, *a),
+        index.now_ms() - grace_ms,
+    ):
+        due[sha256] = length
+    for sha256 in sorted(due):
+        stats["objects_deleted"] += 1
+        stats["bytes_freed"] += due[sha256]
+        deleted.append(sha256)
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     """Forget paths whose media Synapse deleted, then delete objects nothing references.
 
@@ -392,28 +560,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     with _open(ctx) as db:
         index.run_tool_txn(db, index.ensure_schema_txn)
         if not apply:
-            # Do the index work in a transaction that is rolled back, so the report
-            # counts exactly what --apply would remove.
-            txn = index.ToolTxn(db)
-            try:
-                index.release_stale_claims_txn(txn, now)
-                while True:
-                    batch = index.apply_tombstones_txn(txn, now, 1000)
-                    stats["paths_removed"] += batch.paths_removed
-                    if batch.tombstones < 1000:
-                        break
-                for path in index.orphan_paths_txn(txn, cutoff, 1_000_000):
-                    stats["paths_removed"] += int(index.delete_path_txn(txn, path, cutoff))
-                # Measured after the paths went, so that --grace 0h takes what they left.
-                blob_cutoff = index.now_ms() - int(args.grace * 1000)
-                for sha256, length, _gen in _unreferenced(
-                    lambda *a: index.unreferenced_blobs_txn(txn, *a), blob_cutoff
-                ):
-                    stats["objects_deleted"] += 1
-                    stats["bytes_freed"] += length
-                    deleted.append(sha256)
-            finally:
-                db.conn.rollback()
+            _gc_dry_run(db, now, cutoff, int(args.grace * 1000), stats, deleted)
             for _sha, info in _objects_without_row(db, ctx.store):
                 if info.mtime * 1000 < cutoff:
                     stats["orphan_objects_deleted"] += 1
@@ -421,9 +568,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
         else:
             index.run_tool_txn(db, index.release_stale_claims_txn, now)
             while True:
-                batch = index.run_tool_txn(db, index.apply_tombstones_txn, index.now_ms(), 1000)
+                batch = index.run_tool_txn(
+                    db, index.apply_tombstones_txn, index.now_ms(), TOMBSTONE_BATCH
+                )
                 stats["paths_removed"] += batch.paths_removed
-                if batch.tombstones < 1000:
+                if batch.tombstones < TOMBSTONE_BATCH:
                     break
             while True:
                 paths = index.run_tool_txn(db, index.orphan_paths_txn, cutoff, 1000)
@@ -462,7 +611,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
                     db, index.mark_orphan_object_deleting_txn, sha, info.size, mark
                 ):
                     continue
-                ctx.store.delete(sha)
+                try:
+                    ctx.store.delete(sha)
+                except StorageUnavailable as e:
+                    index.run_tool_txn(db, index.abort_deleting_txn, sha, mark)
+                    raise hc.ToolError(str(e)) from None
                 index.run_tool_txn(db, index.finish_deleting_txn, sha, mark)
                 stats["orphan_objects_deleted"] += 1
                 stats["bytes_freed"] += info.size
@@ -536,6 +689,13 @@ def register(subparsers: Any) -> None:
         " (default: the configured legacy_prefix) instead of the local media store",
     )
     p.add_argument("--keep-source", action="store_true", help="do not delete legacy objects")
+    p.add_argument(
+        "--min-age",
+        type=parse_duration,
+        default=parse_duration("1h"),
+        help="local media store: skip files modified more recently than this, which"
+        " Synapse may still be writing (default 1h)",
+    )
     p.add_argument("--dry-run", action="store_true", help="report, change nothing")
     p.set_defaults(func=cmd_migrate)
 

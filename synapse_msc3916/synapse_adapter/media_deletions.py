@@ -48,17 +48,19 @@ _THUMB_COLUMNS = ("thumbnail_width", "thumbnail_height", "thumbnail_type", "thum
 def trigger_name(table: str) -> str:
     """Versioned, so that a changed trigger body gets a new trigger (SQLite has no
     CREATE OR REPLACE TRIGGER); the old one is dropped by :func:`ensure_deletion_triggers_txn`."""
-    return f"msc3916_tombstone_v1_{table}"
+    return f"msc3916_tombstone_v2_{table}"
 
 
 def _old_trigger_names(table: str) -> list[str]:
-    return []  # none yet; list superseded names here when the body changes
+    # v1 did not record media_id (index schema version 3).
+    return [f"msc3916_tombstone_v1_{table}"]
 
 
 def required_columns(table: str) -> list[str]:
     for name, origin, file_id, thumb in MEDIA_TABLES:
         if name == table:
-            return [c for c in (origin, file_id) if c] + (list(_THUMB_COLUMNS) if thumb else [])
+            columns = [c for c in (origin, file_id, "media_id") if c]
+            return list(dict.fromkeys(columns)) + (list(_THUMB_COLUMNS) if thumb else [])
     raise KeyError(table)
 
 
@@ -68,10 +70,11 @@ def _insert_sql(origin: str | None, file_id: str, thumb: bool, now_sql: str) -> 
         f"OLD.{file_id}",
         *([f"OLD.{c}" for c in _THUMB_COLUMNS] if thumb else ["NULL"] * 4),
         now_sql,
+        "OLD.media_id",  # remote media: Synapse's unique index is (media_origin, media_id)
     ]
     return (
         f"INSERT INTO {TOMBSTONES} (media_origin, file_id, thumbnail_width, thumbnail_height,"
-        f" thumbnail_type, thumbnail_method, deleted_ts) VALUES ({', '.join(values)})"
+        f" thumbnail_type, thumbnail_method, deleted_ts, media_id) VALUES ({', '.join(values)})"
     )
 
 
@@ -126,6 +129,8 @@ def ensure_deletion_triggers_txn(txn: Any) -> list[str]:
                 else f"DROP TRIGGER IF EXISTS {old}",
                 (),
             )
+            if postgres:
+                txn.execute(f"DROP FUNCTION IF EXISTS {old}()", ())
         if postgres:
             txn.execute(
                 f"CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $body$"
