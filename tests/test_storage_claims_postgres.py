@@ -13,9 +13,11 @@ import asyncio
 import hashlib
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import attr
 import pytest
 
 from synapse_msc3916.homeserver_config import Database
@@ -151,12 +153,12 @@ def test_a_deletion_marking_during_a_claim_waits_and_then_gives_up(
     assert decision == (index.HIT, False)
     # The deletion marks now, in the middle of the claim's transaction ...
     marking = _Background(
-        lambda: index.mark_deleting_txn(index.ToolTxn(deletion), SHA, gen, index.now_ms())
+        lambda: index.mark_deleting_txn(index.ToolTxn(deletion), SHA, gen)
     )
     _wait_until(lambda: _waiting_on_lock(observer, deletion), "the mark waits on the claim's lock")
     # ... and the claim commits while the mark waits.
     upload.commit()
-    assert marking.join() is False  # the row changed under it: nothing marked
+    assert marking.join() is None  # the row changed under it: nothing marked
     deletion.commit()
     assert _blob(observer) == (1, None)
     # The upload records its path; the blob is referenced, not a candidate any more.
@@ -198,14 +200,14 @@ def test_a_deletion_cannot_commit_between_the_claims_read_and_its_update(
     claiming = _Background(lambda: index.claim_blob_txn(txn, SHA, 10, index.now_ms(), claim))
     assert txn.paused.wait(10)
     marking = _Background(
-        lambda: index.mark_deleting_txn(index.ToolTxn(deletion), SHA, gen, index.now_ms())
+        lambda: index.mark_deleting_txn(index.ToolTxn(deletion), SHA, gen)
     )
     # The read holds the row: the mark cannot slip in between read and update.
     _wait_until(lambda: _waiting_on_lock(observer, deletion), "the mark waits on the claim's read")
     txn.resume.set()
     assert claiming.join() == (index.HIT, False)
     upload.commit()
-    assert marking.join() is False
+    assert marking.join() is None
     deletion.commit()
     assert _blob(observer) == (1, None)
 
@@ -217,8 +219,8 @@ def test_a_claim_during_a_deletion_waits_then_writes_the_object_again(
     the same content must neither trust the object nor lose the mark's outcome."""
     upload, deletion, observer = conns
     gen = _garbage_blob(deletion)
-    mark = index.now_ms()
-    assert index.mark_deleting_txn(index.ToolTxn(deletion), SHA, gen, mark)  # not committed
+    mark = index.mark_deleting_txn(index.ToolTxn(deletion), SHA, gen)  # not committed
+    assert mark is not None
     claim = index.Claim("tok-2", "local_content/ne/w/z", "media2")
     claiming = _Background(
         lambda: index.claim_blob_txn(index.ToolTxn(upload), SHA, 10, index.now_ms(), claim)
@@ -241,15 +243,21 @@ def test_a_claim_during_a_deletion_waits_then_writes_the_object_again(
     assert _blob(observer) == (1, None)
 
 
-def test_a_finish_that_lost_its_mark_never_leaves_a_stored_row(
+def test_a_finish_that_lost_its_mark_leaves_the_uploads_row_alone(
     conns: tuple[Database, Database, Database],
 ) -> None:
-    """A deletion that stalled past the takeover time, then deleted the object anyway:
-    the row must not go on saying the object is stored."""
+    """A deletion that stalled past the takeover time, then finished: the row is the
+    upload's now. Before issue 18 it was set to ``stored = 0`` blindly, leaving the
+    upload's path unreadable although its object had been written again."""
     upload, deletion, observer = conns
     gen = _garbage_blob(deletion)
-    stale = index.now_ms() - index.DELETING_STALE_MS - 1
-    assert index.run_tool_txn(deletion, index.mark_deleting_txn, SHA, gen, stale)
+    mark = index.run_tool_txn(deletion, index.mark_deleting_txn, SHA, gen)
+    assert mark is not None
+    # The mark grows old (by the database's clock, which judges it).
+    deletion.execute(
+        f"UPDATE {index.BLOBS} SET deleting_ts = deleting_ts - ?", (index.DELETING_STALE_MS + 1,)
+    )
+    deletion.commit()
     claim = index.Claim("tok-3", "local_content/ta/ke/n", "media1")
     # An upload takes the dead mark over and rewrites the object ...
     assert index.run_tool_txn(upload, index.claim_blob_txn, SHA, 10, index.now_ms(), claim) == (
@@ -260,12 +268,15 @@ def test_a_finish_that_lost_its_mark_never_leaves_a_stored_row(
         upload, index.record_path_txn, claim.path, SHA, 10, index.MediaRef(None, "taken"),
         index.now_ms(), True, claim,
     )
-    # ... then the stalled deletion wakes up, deletes the object, and finishes.
+    # ... then the stalled deletion finishes: it lost its mark and touches nothing.
+    stale = attr.evolve(mark, ts=mark.ts - index.DELETING_STALE_MS - 1)
     assert index.run_tool_txn(deletion, index.finish_deleting_txn, SHA, stale) is False
-    assert _blob(observer) == (0, None)  # the next store of the content writes it again
+    assert index.run_tool_txn(deletion, index.finish_deleting_txn, SHA, mark) is False
+    assert index.run_tool_txn(deletion, index.abort_deleting_txn, SHA, stale) is False
+    assert _blob(observer) == (1, None)
     assert index.run_tool_txn(
         upload, index.claim_blob_txn, SHA, 10, index.now_ms(), index.Claim("t4", "p", "m")
-    ) == (index.WRITE, False)
+    ) == (index.HIT, False)
 
 
 def test_triggers_tombstone_deletes_in_the_deleting_transaction(
@@ -433,9 +444,7 @@ def test_a_stalled_deletion_never_loses_an_upload_that_took_its_mark_over(
     if stall == "skew":
         real_now = index.now_ms
         monkeypatch.setattr(index, "now_ms", lambda: real_now() - 60_000)
-    job = DeletionJob(db, in_thread, StallingStore(), 0)
-    if hasattr(job, "_clock"):
-        job._clock = clock
+    job = DeletionJob(db, in_thread, StallingStore(), 0, clock)
     _run(job.run_once())
     monkeypatch.undo()
 
@@ -468,15 +477,15 @@ def test_a_stalled_deletion_never_loses_an_upload_that_took_its_mark_over(
 # --- claims of two processes with one instance name (issue 18, item 7) -----------------
 
 
-def _start_process(db: Database, instance: str) -> Any:
+def _start_process(db: Database, instance: str) -> str:
     """What a provider does as it starts, on session ``db``; its claims' identity."""
-    started = index.now_ms()
-    index.run_tool_txn(db, index.release_stale_claims_txn, started, instance, started + 1)
-    return instance
+    boot = uuid.uuid4().hex
+    index.run_tool_txn(db, index.boot_heartbeat_txn, boot, instance)
+    return boot
 
 
-def _claim(db: Database, who: Any, token: str) -> index.Claim:
-    claim = index.Claim(token, f"local_content/{token}", who)
+def _claim(db: Database, boot: str, token: str) -> index.Claim:
+    claim = index.Claim(token, f"local_content/{token}", "media1", boot)
     assert index.run_tool_txn(db, index.claim_blob_txn, SHA, 10, index.now_ms(), claim)[0] in (
         index.WRITE,
         index.HIT,
@@ -536,10 +545,39 @@ def test_recording_a_path_fails_when_the_claim_was_released(
             deletion, index.unreferenced_blobs_txn, index.now_ms() + 10**9
         )
         assert sha == SHA
-        mark = index.now_ms()
-        assert index.run_tool_txn(deletion, index.mark_deleting_txn, SHA, gen, mark)
+        mark = index.run_tool_txn(deletion, index.mark_deleting_txn, SHA, gen)
+        assert mark is not None
         if then == "deleted":
             assert index.run_tool_txn(deletion, index.finish_deleting_txn, SHA, mark)
     with pytest.raises(index.LostClaim):
         _record(upload, claim)
     assert index.run_tool_txn(observer, index.locate_txn, claim.path) is None
+
+
+def test_the_claims_of_a_process_that_stopped_beating_are_released(
+    conns: tuple[Database, Database, Database],
+) -> None:
+    """A boot whose heartbeat stopped (the process died mid-upload) is dead: another
+    process's heartbeat releases its claims, and the content becomes garbage. Should it
+    have been alive after all (stalled that long), its upload fails instead of being
+    acknowledged; a boot that beats again keeps what it claims next."""
+    dead, live, observer = conns
+    dead_boot = _start_process(dead, "media1")
+    claim = _claim(dead, dead_boot, "tok-dead")
+    assert index.run_tool_txn(live, index.boot_heartbeat_txn, uuid.uuid4().hex, "media1") == 0
+    assert _claims(observer) == ["tok-dead"]
+    observer.execute(
+        f"UPDATE {index.BOOTS} SET seen_ts = seen_ts - ? WHERE boot = ?",
+        (index.BOOT_STALE_MS + 1000, dead_boot),
+    )
+    observer.commit()
+    assert index.run_tool_txn(live, index.boot_heartbeat_txn, uuid.uuid4().hex, "media1") == 1
+    assert _claims(observer) == []
+    assert [r[0] for r in index.run_tool_txn(observer, index.due_blobs_txn, index.now_ms(), 10)] == [SHA]
+    with pytest.raises(index.LostClaim):
+        _record(dead, claim)
+    # It beats again: its row is back, and its new claims are held.
+    assert index.run_tool_txn(dead, index.boot_heartbeat_txn, dead_boot, "media1") == 0
+    again = _claim(dead, dead_boot, "tok-again")
+    assert index.run_tool_txn(live, index.release_stale_claims_txn, index.now_ms()) == 0
+    _record(dead, again)
