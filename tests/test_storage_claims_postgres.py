@@ -351,24 +351,36 @@ def _row(db: Database) -> tuple[Any, ...] | None:
     return rows[0] if rows else None
 
 
-def _upload(db: Database, store: FileBlobStore, source: str, token: str) -> tuple[str, bool]:
-    """An upload of CONTENT, as the provider's store_file does it; its claim's answer."""
+def _claim_and_write(
+    db: Database, store: FileBlobStore, source: str, token: str
+) -> tuple[index.Claim, str, bool]:
+    """The first half of an upload of CONTENT, as the provider's store_file does it."""
     claim = index.Claim(token, UPLOAD_PATH, "media2")
     decision, overwrite = index.run_tool_txn(
         db, index.claim_blob_txn, CSHA, len(CONTENT), int(time.time() * 1000), claim
     )
-    if decision == index.WAIT:
-        return decision, overwrite
     if decision == index.WRITE:
         store.put_file(CSHA, source, len(CONTENT), overwrite)
+    return claim, decision, overwrite
+
+
+def _record_upload(db: Database, claim: index.Claim) -> None:
+    """The second half: the path is recorded, and the upload acknowledged."""
     index.run_tool_txn(
         db, index.record_path_txn, UPLOAD_PATH, CSHA, len(CONTENT),
         index.MediaRef(None, "acknowledged"), int(time.time() * 1000), True, claim,
     )
+
+
+def _upload(db: Database, store: FileBlobStore, source: str, token: str) -> tuple[str, bool]:
+    """A whole upload of CONTENT (unless told to wait); its claim's answer."""
+    claim, decision, overwrite = _claim_and_write(db, store, source, token)
+    if decision != index.WAIT:
+        _record_upload(db, claim)
     return decision, overwrite
 
 
-@pytest.mark.parametrize("stall", ["queue", "finish", "landing", "skew"])
+@pytest.mark.parametrize("stall", ["queue", "finish", "landing", "landing_unrecorded", "skew"])
 def test_a_stalled_deletion_never_loses_an_upload_that_took_its_mark_over(
     conns: tuple[Database, Database, Database],
     tmp_path: Any,
@@ -389,6 +401,10 @@ def test_a_stalled_deletion_never_loses_an_upload_that_took_its_mark_over(
       flight when the mark was taken over). The object is gone; the fix must say so
       (marked missing, so the next store rewrites it) instead of ``stored = 0`` in
       silence.
+    * ``landing_unrecorded``: the same, but the upload has written the object and not
+      yet recorded its path when the deletion finds the object gone: it must fail
+      rather than be acknowledged (and clear the "missing" mark). Before the fix it was
+      acknowledged (``DID NOT RAISE``) with its object gone and the row ``stored = 0``.
     * ``skew``: no stall at all, the job's clock is 60 s behind the upload's. Before
       the fix the mark (taken with the job's clock) looked dead to the upload at once.
     """
@@ -418,6 +434,11 @@ def test_a_stalled_deletion_never_loses_an_upload_that_took_its_mark_over(
                 age_the_mark()
                 upload_arrives()
                 assert seen["upload"] == (index.WRITE, True)  # the race: mark taken over
+            elif stall == "landing_unrecorded":
+                age_the_mark()
+                seen["unrecorded"] = _claim_and_write(upload, store, source, "tok-up")
+                assert seen["unrecorded"][1:] == (index.WRITE, True)  # the mark taken over
+                seen["upload"] = "written, not recorded"
             store.delete(sha256)
             seen["deletes"] += 1
 
@@ -454,6 +475,13 @@ def test_a_stalled_deletion_never_loses_an_upload_that_took_its_mark_over(
         assert seen["upload"] == (index.WAIT, False)
         assert seen["deletes"] == 1
         assert _upload(upload, store, source, "tok-up2") == (index.WRITE, False)
+    if stall == "landing_unrecorded":
+        assert seen["deletes"] == 1 and store.stat(CSHA) is None
+        with pytest.raises(index.LostClaim):  # the upload fails: nothing acknowledged
+            _record_upload(upload, seen["unrecorded"][0])
+        assert index.run_tool_txn(observer, index.locate_txn, UPLOAD_PATH) is None
+        # The next upload of the content writes the object again.
+        assert _upload(upload, store, source, "tok-up4") == (index.WRITE, True)
     located = index.run_tool_txn(observer, index.locate_txn, UPLOAD_PATH)
     assert located is not None and located.sha256 == CSHA
     if stall == "landing":

@@ -609,6 +609,22 @@ def mark_blob_missing_txn(txn: Txn, sha256: str) -> bool:
     return txn.rowcount == 1
 
 
+def lost_object_txn(txn: Txn, sha256: str, now: int) -> int:
+    """A deletion that lost its mark to an upload found the object gone afterwards: its
+    delete landed after the upload wrote it. Mark the blob missing (the next store
+    rewrites it, reads do not trust it), and release the claims on it, so that an upload
+    that wrote the object but has not recorded its path yet fails instead of being
+    acknowledged (``record_path_txn`` would otherwise clear the mark). Returns the
+    claims released.
+    """
+    txn.execute(
+        f"UPDATE {BLOBS} SET corrupt = 1, gen = gen + 1 WHERE sha256 = ? AND deleting_ts IS NULL",
+        (sha256,),
+    )
+    txn.execute(f"SELECT token FROM {CLAIMS} WHERE sha256 = ? ORDER BY token", (sha256,))
+    return _release_claims_txn(txn, [str(r[0]) for r in txn.fetchall()], now)
+
+
 # --- deletion lifecycle and garbage collection ---------------------------------------
 
 # A path row whose media (or thumbnail) row Synapse no longer has; ``p`` is the path.

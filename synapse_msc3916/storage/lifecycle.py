@@ -63,8 +63,9 @@ def object_missing_after_lost_mark(store: Any, sha256: str) -> bool:
     """A deletion lost its mark to an upload (it stalled past ``DELETING_STALE_MS``) and
     may have deleted the object after the upload wrote it again: whether it is gone.
 
-    A store that cannot answer is logged and trusted: reads then find a missing
-    object by themselves (``mark_blob_missing_txn``), and ``scrub`` reports it.
+    If so, the caller runs ``index.lost_object_txn``. A store that cannot answer is
+    logged and trusted: reads then find a missing object by themselves
+    (``mark_blob_missing_txn``), and ``scrub`` reports it.
     """
     try:
         missing = store.stat(sha256) is None
@@ -79,8 +80,9 @@ def object_missing_after_lost_mark(store: Any, sha256: str) -> bool:
     if missing:
         logger.error(
             "synapse_msc3916: a stalled deletion of %s removed the object after an upload"
-            " wrote it again; it is marked missing, so the next store of it rewrites it"
-            " (`synapse-msc3916 scrub --repair` restores it from a local copy)",
+            " wrote it again; it is marked missing, so the next store of it rewrites it,"
+            " and uploads of it in flight fail (`synapse-msc3916 scrub --repair` restores"
+            " it from a local copy)",
             sha256,
         )
     else:
@@ -197,4 +199,4 @@ class DeletionJob:
 
     async def _check_after_lost_mark(self, sha256: str) -> None:
         if await self._in_thread(object_missing_after_lost_mark, self._store, sha256):
-            await self._db("mark_missing", index.mark_blob_missing_txn, sha256)
+            await self._db("lost_object", index.lost_object_txn, sha256, index.now_ms())

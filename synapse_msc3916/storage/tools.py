@@ -372,9 +372,9 @@ def _objects_without_row(db: Any, store: Any) -> Iterator[tuple[str, Any]]:
 
 def _check_after_lost_mark(db: Any, store: Any, sha256: str) -> None:
     """An upload took this deletion's mark over: if the object is gone, say so in the
-    index, so that the next store of the content rewrites it."""
+    index, so that the next store of the content rewrites it (``index.lost_object_txn``)."""
     if object_missing_after_lost_mark(store, sha256):
-        index.run_tool_txn(db, index.mark_blob_missing_txn, sha256)
+        index.run_tool_txn(db, index.lost_object_txn, sha256, index.now_ms())
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
