@@ -131,17 +131,18 @@ def test_gc_never_deletes_a_blob_referenced_again(txn: SqliteTxn) -> None:
     # An upload claims it between the scan and the mark: the mark must fail.
     claim = index.Claim("t1", "local_content/ag/ai/n", "master")
     assert index.claim_blob_txn(txn, SHA, 10, now, claim) == (index.HIT, False)
-    assert not index.mark_deleting_txn(txn, SHA, gen, now)
+    assert index.mark_deleting_txn(txn, SHA, gen) is None
     # The claim alone keeps it out of every deletion, whatever the cutoff ...
     assert index.unreferenced_blobs_txn(txn, now + 10**9) == []
     # ... until the upload fails and releases it.
     index.release_claim_txn(txn, "t1", now)
     [(_, _, gen)] = index.unreferenced_blobs_txn(txn, now + 60_000)
-    assert index.mark_deleting_txn(txn, SHA, gen, now)
+    mark = index.mark_deleting_txn(txn, SHA, gen)
+    assert mark is not None
     # Once marked, a new upload waits instead of trusting the object ...
     assert index.claim_blob_txn(txn, SHA, 10, now + 1)[0] == index.WAIT
     # ... and writes it afresh after the delete finished.
-    assert index.finish_deleting_txn(txn, SHA, now)
+    assert index.finish_deleting_txn(txn, SHA, mark)
     assert index.claim_blob_txn(txn, SHA, 10, now + 2) == (index.WRITE, False)
 
 
@@ -166,6 +167,7 @@ def test_orphan_paths_respect_media_and_thumbnail_rows(txn: SqliteTxn) -> None:
         "remote_content/hs/rk/ee/p": index.MediaRef("hs", "rkeep"),
         "remote_content/hs/rg/on/e": index.MediaRef("hs", "rgone"),
     }
+    index.claim_blob_txn(txn, SHA, 1, old)
     for path, ref in rows.items():
         index.record_path_txn(txn, path, SHA, 1, ref, old, True)
     index.record_path_txn(

@@ -134,17 +134,32 @@ class DedupStorageProvider:
                 self._reactor.callWhenRunning(
                     sa.run_as_background_process, hs, "msc3916_storage_cors_check", self._check_cors
                 )
-        # Claims this process made in a previous life are released at start-up: they are
-        # the ones made before this instant by this instance name.
+        # This process's claims belong to this boot; its heartbeat keeps them held and
+        # releases those of boots that stopped beating (see index.boot_heartbeat_txn).
         self._instance = sa.instance_name(hs)
-        self._started_ms = index.now_ms()
+        self._boot = uuid.uuid4().hex
+        self._reactor.callWhenRunning(
+            sa.run_as_background_process, hs, "msc3916_storage_heartbeat", self._heartbeat
+        )
+        sa.media_deletions_looping_call(
+            self._api, self._heartbeat, index.BOOT_HEARTBEAT_MS, "msc3916_storage_heartbeat"
+        )
         self._deletion_job: DeletionJob | None = None
         if config.delete_after_ms is not None and sa.runs_media_background_jobs(hs):
             # Deletions use short S3 timeouts, like gc's, so that none can still land
-            # after an upload took a stale mark over (see lifecycle.GC_DELETE_TIMEOUTS).
+            # after an upload took a stale mark over (see lifecycle.GC_DELETE_TIMEOUTS),
+            # and a thread of their own: a delete queued behind uploads in the shared
+            # pool could start after its mark was taken over.
+            deletion_pool = ThreadPool(1, 1, name="msc3916-storage-deletions")
+            self._reactor.callWhenRunning(deletion_pool.start)
+            self._reactor.addSystemEventTrigger("during", "shutdown", deletion_pool.stop)
+
+            async def in_deletion_thread(f: Any, *args: Any) -> Any:
+                return await sa.defer_to_threadpool(hs, deletion_pool, f, *args)
+
             self._deletion_job = DeletionJob(
                 self._db,
-                self._in_thread,
+                in_deletion_thread,
                 make_blobstore(gc_storage_config(config)),
                 config.delete_after_ms,
             )
@@ -228,7 +243,7 @@ class DedupStorageProvider:
         await self._ensure_deletion_triggers()
 
     async def _ensure_deletion_triggers(self) -> None:
-        """Check and (re)create the tombstone triggers; release our stale claims.
+        """Check and (re)create the tombstone triggers.
 
         A problem here does not stop uploads: deletions are then not followed (an
         ERROR says why) and ``gc`` remains the way to free space.
@@ -256,13 +271,21 @@ class DedupStorageProvider:
         if job is not None:
             await job.tick()
 
+    async def _heartbeat(self) -> None:
+        try:
+            released = await self._db(
+                "heartbeat", index.boot_heartbeat_txn, self._boot, self._instance
+            )
+        except Exception:
+            logger.exception("synapse_msc3916: the storage heartbeat failed; retrying later")
+            return
+        if released:
+            logger.info("synapse_msc3916: released %d claim(s) of stopped processes", released)
+
     def _startup_txn(self, txn: Any) -> list[str]:
         index.schema_lock_txn(txn)
         created = sa.ensure_deletion_triggers_txn(txn)
         index.note_tombstones_since_txn(txn, index.now_ms())
-        index.release_stale_claims_txn(
-            txn, index.now_ms(), instance=self._instance, before=self._started_ms
-        )
         return created
 
     def _unavailable(self, operation: str, e: Exception) -> Exception:
@@ -323,7 +346,7 @@ class DedupStorageProvider:
 
         # The claim is this upload's reference on the content until its path is
         # recorded: no deletion can take the object meanwhile, however long this takes.
-        claim = index.Claim(uuid.uuid4().hex, path, self._instance)
+        claim = index.Claim(uuid.uuid4().hex, path, self._instance, self._boot)
         deadline = time.monotonic() + _WAIT_FOR_GC_SECONDS
         while True:
             decision, overwrite = await self._db(
@@ -373,17 +396,21 @@ class DedupStorageProvider:
                     )
                 except StorageUnavailable as e:
                     raise self._unavailable("store", e) from e
-            await self._db(
-                "record_path",
-                index.record_path_txn,
-                path,
-                sha256,
-                length,
-                ref,
-                index.now_ms(),
-                True,
-                claim,
-            )
+            try:
+                await self._db(
+                    "record_path",
+                    index.record_path_txn,
+                    path,
+                    sha256,
+                    length,
+                    ref,
+                    index.now_ms(),
+                    True,
+                    claim,
+                )
+            except index.LostClaim as e:
+                # Acknowledging would promise bytes a deletion may be taking: fail it.
+                raise self._unavailable("store", e) from e
         except BaseException:
             await self._release_claim(claim)
             raise
@@ -403,7 +430,8 @@ class DedupStorageProvider:
         try:
             await self._db("release_claim", index.release_claim_txn, claim.token, index.now_ms())
         except Exception:
-            # Released at this process's next start, or by gc after CLAIM_STALE_MS.
+            # Released when this boot stops beating (index.BOOT_STALE_MS after it ends),
+            # or by gc after CLAIM_STALE_MS.
             logger.exception("synapse_msc3916: could not release the claim of %s", claim.path)
 
     # --- fetch ---

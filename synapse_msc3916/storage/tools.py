@@ -33,7 +33,9 @@ from synapse_msc3916.storage.blobstore import (
 from synapse_msc3916.storage.lifecycle import (  # noqa: F401 (GC_DELETE_TIMEOUTS re-exported)
     GC_DELETE_TIMEOUTS,
     TOMBSTONE_BATCH,
+    delete_if_in_time,
     gc_storage_config,
+    object_missing_after_lost_mark,
 )
 from synapse_msc3916.storage.progress import Progress
 from synapse_msc3916.storage.provider import hash_file
@@ -533,6 +535,13 @@ def _gc_dry_run(
         deleted.append(sha256)
 
 
+def _check_after_lost_mark(db: Any, store: Any, sha256: str) -> None:
+    """An upload took this deletion's mark over: if the object is gone, say so in the
+    index, so that the next store of the content rewrites it (``index.lost_object_txn``)."""
+    if object_missing_after_lost_mark(store, sha256):
+        index.run_tool_txn(db, index.lost_object_txn, sha256, index.now_ms())
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     """Forget paths whose media Synapse deleted, then delete objects nothing references.
 
@@ -589,16 +598,21 @@ def cmd_gc(args: argparse.Namespace) -> int:
             )
             for sha256, length, gen in candidates:
                 progress.step()
-                mark = index.now_ms()
-                if not index.run_tool_txn(db, index.mark_deleting_txn, sha256, gen, mark):
+                started = time.monotonic()
+                mark = index.run_tool_txn(db, index.mark_deleting_txn, sha256, gen)
+                if mark is None:
                     continue  # referenced again since the scan
                 try:
-                    ctx.store.delete(sha256)
+                    if not delete_if_in_time(ctx.store, sha256, started):
+                        index.run_tool_txn(db, index.unmark_deleting_txn, sha256, mark)
+                        continue  # the database stalled that long: left for the next run
                 except StorageUnavailable as e:
                     # Never leave the row claiming an object that may be gone.
-                    index.run_tool_txn(db, index.abort_deleting_txn, sha256, mark)
+                    if not index.run_tool_txn(db, index.abort_deleting_txn, sha256, mark):
+                        _check_after_lost_mark(db, ctx.store, sha256)
                     raise hc.ToolError(str(e)) from None
-                index.run_tool_txn(db, index.finish_deleting_txn, sha256, mark)
+                if not index.run_tool_txn(db, index.finish_deleting_txn, sha256, mark):
+                    _check_after_lost_mark(db, ctx.store, sha256)
                 stats["objects_deleted"] += 1
                 stats["bytes_freed"] += length
                 deleted.append(sha256)
@@ -606,17 +620,18 @@ def cmd_gc(args: argparse.Namespace) -> int:
             for sha, info in _objects_without_row(db, ctx.store):
                 if info.mtime * 1000 >= cutoff:
                     continue
-                mark = index.now_ms()
-                if not index.run_tool_txn(
-                    db, index.mark_orphan_object_deleting_txn, sha, info.size, mark
-                ):
+                orphan_mark = index.run_tool_txn(
+                    db, index.mark_orphan_object_deleting_txn, sha, info.size, index.now_ms()
+                )
+                if orphan_mark is None:
                     continue
                 try:
                     ctx.store.delete(sha)
                 except StorageUnavailable as e:
-                    index.run_tool_txn(db, index.abort_deleting_txn, sha, mark)
+                    index.run_tool_txn(db, index.abort_deleting_txn, sha, orphan_mark)
                     raise hc.ToolError(str(e)) from None
-                index.run_tool_txn(db, index.finish_deleting_txn, sha, mark)
+                if not index.run_tool_txn(db, index.finish_deleting_txn, sha, orphan_mark):
+                    _check_after_lost_mark(db, ctx.store, sha)
                 stats["orphan_objects_deleted"] += 1
                 stats["bytes_freed"] += info.size
                 deleted.append(sha)
