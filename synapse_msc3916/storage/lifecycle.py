@@ -1,8 +1,8 @@
 """The deletion job: follows Synapse's media deletions into the blob store.
 
 Synapse's own ``DELETE`` on a media table leaves a tombstone (triggers of the
-``media_deletions`` seam). This job, running in the one process Synapse runs media
-background jobs on, turns tombstones into removed index paths and deletes an object
+``media_deletions`` seam). This job, running in the one media process that holds its
+lease (``lease.py``), turns tombstones into removed index paths and deletes an object
 ``delete_after`` after the last path (and the last upload's claim) on it went.
 
 Everything it knows is in the database (tombstones, ``unref_ts``, the deleting mark),
@@ -23,6 +23,7 @@ from synapse_msc3916.config import StorageConfig
 from synapse_msc3916.metrics import STORAGE_BYTES_DELETED, STORAGE_ERRORS, STORAGE_OBJECTS_DELETED
 from synapse_msc3916.storage import index
 from synapse_msc3916.storage.blobstore import StorageUnavailable
+from synapse_msc3916.storage.lease import JobLease
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,9 @@ MAX_BATCHES = 20
 # died). The takeover is only safe if the deletion cannot still land afterwards, so it
 # must take less than that: at most 2 attempts x (5 + 10) s = 30 s < 45 s.
 GC_DELETE_TIMEOUTS = (5, 10)
+# The longest one deletion can take in S3 with those timeouts (2 attempts), in ms: the
+# job's lease must outlive any deletion it starts.
+DELETE_MAX_MS = 2 * sum(GC_DELETE_TIMEOUTS) * 1000
 
 
 def gc_storage_config(storage: StorageConfig) -> StorageConfig:
@@ -65,19 +69,31 @@ class DeletionJob:
         in_thread: Callable[..., Awaitable[Any]],
         store: Any,
         delete_after_ms: int,
+        lease: JobLease | None = None,
     ):
         self._db = db
         self._in_thread = in_thread
         self._store = store
         self._delete_after_ms = delete_after_ms
+        self._lease = lease
         self._running = False
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    async def _may_go_on(self) -> bool:
+        """Before each step: this process still holds the lease, for longer than the
+        step can take (without a lease, e.g. in tests, always)."""
+        return self._lease is None or await self._lease.keep()
 
     async def tick(self) -> None:
         if self._running:  # a slow tick is never overlapped by the next one
             return
         self._running = True
         try:
-            await self.run_once()
+            if await self._may_go_on():
+                await self.run_once()
         except Exception:
             logger.exception("synapse_msc3916: the storage deletion job failed; retrying later")
         finally:
@@ -85,28 +101,36 @@ class DeletionJob:
 
     async def run_once(self) -> tuple[int, int]:
         """Returns (paths removed, objects deleted), for tests and the log."""
-        paths = 0
-        for _ in range(MAX_BATCHES):
-            batch = await self._db(
-                "apply_tombstones", index.apply_tombstones_txn, index.now_ms(), TOMBSTONE_BATCH
-            )
-            paths += batch.paths_removed
-            if batch.tombstones < TOMBSTONE_BATCH:
-                break
-        deleted = 0
-        for _ in range(MAX_BATCHES):
-            due = await self._db(
-                "due_blobs", index.due_blobs_txn, index.now_ms() - self._delete_after_ms, DELETE_BATCH
-            )
-            for sha256, length, gen in due:
-                deleted += await self._delete_one(sha256, length, gen)
-            if len(due) < DELETE_BATCH:
-                break
+        done = [0, 0]
+        await self._work(done)
+        paths, deleted = done
         if paths or deleted:
             logger.info(
                 "synapse_msc3916: deletion job forgot %d path(s), deleted %d object(s)", paths, deleted
             )
         return paths, deleted
+
+    async def _work(self, done: list[int]) -> None:
+        """Counts into ``done`` as it goes, so that a lost lease still reports the work."""
+        for _ in range(MAX_BATCHES):
+            if not await self._may_go_on():
+                return
+            batch = await self._db(
+                "apply_tombstones", index.apply_tombstones_txn, index.now_ms(), TOMBSTONE_BATCH
+            )
+            done[0] += batch.paths_removed
+            if batch.tombstones < TOMBSTONE_BATCH:
+                break
+        for _ in range(MAX_BATCHES):
+            due = await self._db(
+                "due_blobs", index.due_blobs_txn, index.now_ms() - self._delete_after_ms, DELETE_BATCH
+            )
+            for sha256, length, gen in due:
+                if not await self._may_go_on():
+                    return
+                done[1] += await self._delete_one(sha256, length, gen)
+            if len(due) < DELETE_BATCH:
+                break
 
     async def _delete_one(self, sha256: str, length: int, gen: int) -> int:
         mark = index.now_ms()
