@@ -253,7 +253,13 @@ class JobLease:
                 (taken.now - previous.expires_ts) // 1000,
             )
         self._seen_holder = self.owner
-        if previous is not None and taken.now - previous.expires_ts > STALE_TICKS * self.tick_ms:
+        if previous is None:
+            return
+        # Only the part of the gap this process was up for is a fault (it could have
+        # taken the lease and did not); the rest is a restart with no media process up.
+        up_ms = int((self._monotonic() - self._created) * 1000)
+        idle_ms = min(taken.now - previous.expires_ts, up_ms)
+        if idle_ms > STALE_TICKS * self.tick_ms:
             logger.warning(
                 "synapse_msc3916: the storage deletion job did not run for %d s: the lease of %s"
                 " expired and no media process took it over until now",
