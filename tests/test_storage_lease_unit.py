@@ -223,3 +223,33 @@ def test_a_step_that_fails_once_is_tried_again(caplog: pytest.LogCaptureFixture)
     assert not results["broken"].ok and not results["broken"].permanent
     assert len(slept) == 4 + 2
     assert "start-up step broken failed 5 times (last: OperationalError: disk I/O error); it matters" in caplog.text
+
+
+def test_a_take_in_flight_when_shutdown_begins_is_handed_back(db: Db) -> None:
+    """Seen in a workers run before this was handled: the tick took the lease while the
+    shutdown's release was already under way, and logged "took" after "released" (this
+    test then failed: ``keep()`` answered True)."""
+    clock = Clock()
+    media1 = _process(db, "media1", clock)
+    gate = asyncio.Event()
+
+    async def slow_db(desc: str, func: Callable[..., Any], *args: Any) -> Any:
+        if desc == "lease_take":
+            await gate.wait()
+        return await db(desc, func, *args)
+
+    media1._db = slow_db  # noqa: SLF001
+
+    async def scenario() -> tuple[bool, None]:
+        taking = asyncio.ensure_future(media1.keep())
+        await asyncio.sleep(0)  # the take is waiting on the database
+        releasing = asyncio.ensure_future(media1.release())
+        await asyncio.sleep(0)  # the shutdown's release has begun
+        gate.set()
+        return await asyncio.gather(taking, releasing)
+
+    took, _ = asyncio.run(scenario())
+    assert not took and not media1.held
+    [(expires,)] = db.sql(f"SELECT expires_ts FROM {index.LEASES}")
+    assert expires <= index.now_ms()  # handed back: another process takes it at once
+    assert not asyncio.run(media1.keep())  # and never taken again by this process

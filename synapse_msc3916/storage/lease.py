@@ -171,6 +171,7 @@ class JobLease:
         self._deadline: float | None = None  # monotonic instant the lease surely ends
         self._seen_holder: str | None = None
         self._last_warning: float | None = None
+        self._released = False  # shutting down: never take the lease again
         STORAGE_DELETION_LEASE_HELD.set(0)
 
     @property
@@ -183,6 +184,8 @@ class JobLease:
         Asks the database only when the last renewal is half a tick old, or when the
         lease would not outlive a step: called before every step of the job.
         """
+        if self._released:
+            return False
         now = self._monotonic()
         if (
             self._deadline is not None
@@ -201,6 +204,9 @@ class JobLease:
             left = 0.0 if self._deadline is None else self._deadline - self._monotonic()
             return left * 1000 > self._longest_step_ms
         was_held = self.held
+        if taken.held and self._released:  # shutdown began meanwhile: hand it back
+            await self._db("lease_release", release_lease_txn, self.name, self.owner)
+            return False
         if taken.held:
             self._renewed = asked
             self._deadline = asked + self.duration_ms / 1000
@@ -222,6 +228,7 @@ class JobLease:
 
     async def release(self) -> None:
         """At shutdown: hand the lease on at once rather than after its expiry."""
+        self._released = True
         if self._deadline is None:
             return
         self._renewed = self._deadline = None

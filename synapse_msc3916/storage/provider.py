@@ -349,7 +349,7 @@ class DedupStorageProvider:
     def _release_lease(self) -> Any:
         """Before shutdown: hand the job on at once (a Deferred the reactor waits for)."""
         lease = self._lease
-        if lease is None or not lease.held:
+        if lease is None:
             return None
 
         async def release() -> None:
