@@ -99,6 +99,7 @@ def test_admin_deletions_are_followed_into_the_bucket(
         per_process = {name: _deleted_on(text) for name, text in metrics.items()}
         (runner,) = [name for name, text in metrics.items() if _gauge(text, LEASE_HELD) == 1.0]
         assert per_process.pop(runner) == gone and set(per_process.values()) == {0.0}, per_process
+        _hand_over_the_job(hs, seaweedfs, bucket, admin, runner)
 
     # Deleted content uploaded again is stored and served.
     again = hs.upload(bob, unique)
@@ -156,6 +157,27 @@ def test_one_media_worker_and_no_background_jobs_instance_runs_the_job(
 
 
 LEASE_HELD = "synapse_msc3916_storage_deletion_lease_held"
+
+
+def _hand_over_the_job(hs: Any, seaweedfs: SeaweedFS, bucket: str, admin: str, runner: str) -> None:
+    """The worker running the job stops (a clean shutdown releases its lease): the other
+    media worker takes the job over at its next tick and deletes what is due."""
+    holder = next(w for w in hs.workers if w.name == runner)
+    other = next(w for w in hs.workers if w.name != runner)
+    holder.stop()
+    try:
+        content = os.urandom(25_000)
+        media_id = other.upload(admin, content)  # straight to the live worker, not the proxy
+        r = request("DELETE", other.base_url, f"/_synapse/admin/v1/media/{hs.server_name}/{media_id}",
+                    {"Authorization": f"Bearer {admin}"})
+        assert r.status == 200, r
+        _wait_gone(seaweedfs, bucket, {sha(content)})
+        port = other.config["worker_listeners"][-1]["port"]
+        text = request("GET", f"http://127.0.0.1:{port}", "/_synapse/metrics").body.decode()
+        assert _gauge(text, LEASE_HELD) == 1.0
+        assert f"this process ({other.name}) took the storage deletion job's lease over from {runner}" in hs.output()
+    finally:
+        holder.start()
 
 
 def _gauge(text: str, name: str) -> float | None:
