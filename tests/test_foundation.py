@@ -115,6 +115,35 @@ def test_two_listeners_on_one_port_keep_their_own_families(synapse_factory) -> N
     assert "media router installed on 2 listener(s)" in hs.output()
 
 
+def test_listener_names_are_found_by_address_and_port() -> None:
+    """The matching rules on their own: an address spelt differently matches, a port
+    two listeners share never falls back to the other's names, a UNIX socket by path."""
+    from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+
+    from synapse_msc3916.synapse_adapter.listeners import _names_for
+
+    class Port:
+        def __init__(self, host: object) -> None:
+            self.host = host
+
+        def getHost(self) -> object:  # noqa: N802 (Twisted's name)
+            return self.host
+
+    client, federation, media = frozenset({"client"}), frozenset({"federation"}), frozenset({"media"})
+    listeners = {
+        ("127.0.0.1", 8008): client,
+        ("::1", 8008): federation,
+        ("0.0.0.0", 8448): media,
+        (None, "/run/synapse.sock"): client,
+    }
+    assert _names_for(listeners, Port(IPv4Address("TCP", "127.0.0.1", 8008))) == client
+    assert _names_for(listeners, Port(IPv6Address("TCP", "::1", 8008))) == federation
+    # A host the configuration named otherwise: by port, only when one listener has it.
+    assert _names_for(listeners, Port(IPv4Address("TCP", "10.0.0.1", 8448))) == media
+    assert _names_for(listeners, Port(IPv4Address("TCP", "10.0.0.1", 8008))) is None
+    assert _names_for(listeners, Port(UNIXAddress(b"/run/synapse.sock"))) == client
+
+
 @pytest.mark.compat
 @pytest.mark.single_process
 def test_router_hands_everything_else_back_unchanged(synapse_factory) -> None:
