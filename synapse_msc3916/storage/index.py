@@ -28,6 +28,7 @@ CLAIMS = "msc3916_storage_claims"
 TOMBSTONES = "msc3916_storage_tombstones"
 STATE = "msc3916_storage_state"
 BOOTS = "msc3916_storage_boots"
+LEASES = "msc3916_storage_leases"
 
 # Paths with no media row that no tombstone explains (an upload whose media row Synapse
 # then failed to insert) are forgotten by ``gc`` only once they are this old: far longer
@@ -153,6 +154,25 @@ def _step_boots(txn: Txn) -> None:
     )
 
 
+def _step_leases(txn: Txn) -> None:
+    """Version 5: leases, so that one media process at a time runs the deletion job.
+
+    ``owner`` is a process's per-boot id, ``instance`` its Synapse instance name (for
+    the log); times are the database's clock (see ``lease.py``).
+    """
+    txn.execute(
+        f"""CREATE TABLE IF NOT EXISTS {LEASES} (
+            name TEXT NOT NULL PRIMARY KEY,
+            owner TEXT NOT NULL,
+            instance TEXT NOT NULL,
+            taken_ts BIGINT NOT NULL,
+            renewed_ts BIGINT NOT NULL,
+            expires_ts BIGINT NOT NULL
+        )""",
+        (),
+    )
+
+
 # Each step is idempotent (IF NOT EXISTS) so that two processes upgrading at the same
 # moment both succeed; the version row then only records how far the schema has got.
 _STEPS: list[tuple[int, list[Any]]] = [
@@ -186,6 +206,7 @@ _STEPS: list[tuple[int, list[Any]]] = [
     (2, [_step_lifecycle]),
     (3, [_step_tombstone_media_id]),
     (4, [_step_boots]),
+    (5, [_step_leases]),
 ]
 SCHEMA_VERSION = _STEPS[-1][0]
 

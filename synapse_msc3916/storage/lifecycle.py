@@ -1,8 +1,8 @@
 """The deletion job: follows Synapse's media deletions into the blob store.
 
 Synapse's own ``DELETE`` on a media table leaves a tombstone (triggers of the
-``media_deletions`` seam). This job, running in the one process Synapse runs media
-background jobs on, turns tombstones into removed index paths and deletes an object
+``media_deletions`` seam). This job, running in the one media process that holds its
+lease (``lease.py``), turns tombstones into removed index paths and deletes an object
 ``delete_after`` after the last path (and the last upload's claim) on it went.
 
 Everything it knows is in the database (tombstones, ``unref_ts``, the deleting mark),
@@ -24,6 +24,7 @@ from synapse_msc3916.config import StorageConfig
 from synapse_msc3916.metrics import STORAGE_BYTES_DELETED, STORAGE_ERRORS, STORAGE_OBJECTS_DELETED
 from synapse_msc3916.storage import index
 from synapse_msc3916.storage.blobstore import StorageUnavailable
+from synapse_msc3916.storage.lease import JobLease
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ def object_missing_after_lost_mark(store: Any, sha256: str) -> bool:
             sha256,
         )
     return missing
+# The same in ms: the job's lease must outlive any deletion it starts.
+DELETE_MAX_MS = DELETE_MAX_SECONDS * 1000
 
 
 def gc_storage_config(storage: StorageConfig) -> StorageConfig:
@@ -119,6 +122,7 @@ class DeletionJob:
         in_thread: Callable[..., Awaitable[Any]],
         store: Any,
         delete_after_ms: int,
+        lease: JobLease | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         """``in_thread`` must run its function on a thread kept for this job (not a pool
@@ -127,15 +131,26 @@ class DeletionJob:
         self._in_thread = in_thread
         self._store = store
         self._delete_after_ms = delete_after_ms
+        self._lease = lease
         self._clock = clock
         self._running = False
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    async def _may_go_on(self) -> bool:
+        """Before each step: this process still holds the lease, for longer than the
+        step can take (without a lease, e.g. in tests, always)."""
+        return self._lease is None or await self._lease.keep()
 
     async def tick(self) -> None:
         if self._running:  # a slow tick is never overlapped by the next one
             return
         self._running = True
         try:
-            await self.run_once()
+            if await self._may_go_on():
+                await self.run_once()
         except Exception:
             logger.exception("synapse_msc3916: the storage deletion job failed; retrying later")
         finally:
@@ -143,28 +158,36 @@ class DeletionJob:
 
     async def run_once(self) -> tuple[int, int]:
         """Returns (paths removed, objects deleted), for tests and the log."""
-        paths = 0
-        for _ in range(MAX_BATCHES):
-            batch = await self._db(
-                "apply_tombstones", index.apply_tombstones_txn, index.now_ms(), TOMBSTONE_BATCH
-            )
-            paths += batch.paths_removed
-            if batch.tombstones < TOMBSTONE_BATCH:
-                break
-        deleted = 0
-        for _ in range(MAX_BATCHES):
-            due = await self._db(
-                "due_blobs", index.due_blobs_txn, index.now_ms() - self._delete_after_ms, DELETE_BATCH
-            )
-            for sha256, length, gen in due:
-                deleted += await self._delete_one(sha256, length, gen)
-            if len(due) < DELETE_BATCH:
-                break
+        done = [0, 0]
+        await self._work(done)
+        paths, deleted = done
         if paths or deleted:
             logger.info(
                 "synapse_msc3916: deletion job forgot %d path(s), deleted %d object(s)", paths, deleted
             )
         return paths, deleted
+
+    async def _work(self, done: list[int]) -> None:
+        """Counts into ``done`` as it goes, so that a lost lease still reports the work."""
+        for _ in range(MAX_BATCHES):
+            if not await self._may_go_on():
+                return
+            batch = await self._db(
+                "apply_tombstones", index.apply_tombstones_txn, index.now_ms(), TOMBSTONE_BATCH
+            )
+            done[0] += batch.paths_removed
+            if batch.tombstones < TOMBSTONE_BATCH:
+                break
+        for _ in range(MAX_BATCHES):
+            due = await self._db(
+                "due_blobs", index.due_blobs_txn, index.now_ms() - self._delete_after_ms, DELETE_BATCH
+            )
+            for sha256, length, gen in due:
+                if not await self._may_go_on():
+                    return
+                done[1] += await self._delete_one(sha256, length, gen)
+            if len(due) < DELETE_BATCH:
+                break
 
     async def _delete_one(self, sha256: str, length: int, gen: int) -> int:
         started = self._clock()

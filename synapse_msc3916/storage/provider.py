@@ -15,8 +15,10 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
+import attr
 from twisted.python.threadpool import ThreadPool
 
 from synapse_msc3916 import synapse_adapter as sa
@@ -35,7 +37,13 @@ from synapse_msc3916.metrics import (
 )
 from synapse_msc3916.storage import cors, index
 from synapse_msc3916.storage.blobstore import S3BlobStore, StorageUnavailable, make_blobstore
-from synapse_msc3916.storage.lifecycle import DeletionJob, gc_storage_config, tick_interval_ms
+from synapse_msc3916.storage.lease import DELETION_JOB, JobLease
+from synapse_msc3916.storage.lifecycle import (
+    DELETE_MAX_MS,
+    DeletionJob,
+    gc_storage_config,
+    tick_interval_ms,
+)
 from synapse_msc3916.storage.redirect import Redirector
 from synapse_msc3916.storage.responder import CHUNK_SIZE, BlobResponder
 
@@ -75,6 +83,89 @@ def _open_and_read_small(store: Any, sha256: str, length: int) -> tuple[Any, Any
         reader.close()
         raise
     return reader, (data, hashlib.sha256(data))
+
+
+TRIGGERS_STEP = "deletion_triggers"
+CLAIMS_STEP = "release_claims"
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class StartupStep:
+    """One piece of start-up work: one transaction, failing on its own."""
+
+    name: str  # for the log and the transaction's description
+    func: Callable[[Any], Any]  # func(txn)
+    if_failed: str  # what a failure means, for the admin reading the log
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class StepResult:
+    ok: bool
+    value: Any = None  # what the step returned
+    permanent: bool = False  # failed with a RuntimeError saying why: retrying cannot help
+
+
+def startup_steps(instance: str, boot: str) -> list[StartupStep]:
+    """What a starting process does once the index schema exists, independent steps."""
+
+    def triggers_txn(txn: Any) -> list[str]:
+        index.schema_lock_txn(txn)
+        created = sa.ensure_deletion_triggers_txn(txn)
+        index.note_tombstones_since_txn(txn, index.now_ms())
+        return created
+
+    def first_heartbeat_txn(txn: Any) -> int:
+        # Records this boot (its claims are held while it beats) and releases the
+        # claims of boots that stopped beating: a previous life of this process's.
+        return index.boot_heartbeat_txn(txn, boot, instance)
+
+    return [
+        StartupStep(
+            TRIGGERS_STEP,
+            triggers_txn,
+            "media deletions are not followed into the store; run `synapse-msc3916 gc` to free space",
+        ),
+        StartupStep(
+            CLAIMS_STEP,
+            first_heartbeat_txn,
+            "this process's heartbeat retries every 30 s; until it succeeds, claims of"
+            " uploads of stopped processes keep their content",
+        ),
+    ]
+
+
+async def run_startup_steps(
+    steps: list[StartupStep],
+    run: Callable[[str, Callable[[Any], Any]], Awaitable[Any]],
+    sleep: Callable[[float], Awaitable[Any]],
+    attempts: int = 5,
+) -> dict[str, StepResult]:
+    """Run each step in its own transaction (``run(name, func)``), whatever the others did.
+
+    A step is retried a few times (two processes starting at once can collide on
+    PostgreSQL's catalogue); a ``RuntimeError`` is a problem the step has explained, not
+    retried. Each failure is one ERROR naming the step and what it means.
+    """
+    results: dict[str, StepResult] = {}
+    for step in steps:
+        for attempt in range(attempts):
+            try:
+                results[step.name] = StepResult(True, await run(step.name, step.func))
+                break
+            except RuntimeError as e:
+                logger.error("synapse_msc3916: start-up step %s failed: %s; %s", step.name, e, step.if_failed)
+                results[step.name] = StepResult(False, permanent=True)
+                break
+            except Exception as e:
+                if attempt == attempts - 1:
+                    logger.error(
+                        "synapse_msc3916: start-up step %s failed %d times (last: %s: %s); %s",
+                        step.name, attempts, type(e).__name__, e, step.if_failed, exc_info=True,
+                    )
+                    results[step.name] = StepResult(False)
+                    break
+                await sleep(0.2 * (attempt + 1))
+    return results
 
 
 def media_ref(file_info: Any) -> index.MediaRef:
@@ -138,14 +229,18 @@ class DedupStorageProvider:
         # releases those of boots that stopped beating (see index.boot_heartbeat_txn).
         self._instance = sa.instance_name(hs)
         self._boot = uuid.uuid4().hex
-        self._reactor.callWhenRunning(
-            sa.run_as_background_process, hs, "msc3916_storage_heartbeat", self._heartbeat
-        )
         sa.media_deletions_looping_call(
             self._api, self._heartbeat, index.BOOT_HEARTBEAT_MS, "msc3916_storage_heartbeat"
         )
         self._deletion_job: DeletionJob | None = None
-        if config.delete_after_ms is not None and sa.runs_media_background_jobs(hs):
+        self._lease: JobLease | None = None
+        if config.delete_after_ms is not None:
+            # Every process that loads the provider (a media process) may run the job;
+            # one at a time does, the one holding its lease in the database.
+            tick = tick_interval_ms(config.delete_after_ms)
+            self._lease = JobLease(
+                self._db, DELETION_JOB, self._boot, self._instance, tick, DELETE_MAX_MS
+            )
             # Deletions use short S3 timeouts, like gc's, so that none can still land
             # after an upload took a stale mark over (see lifecycle.GC_DELETE_TIMEOUTS),
             # and a thread of their own: a delete queued behind uploads in the shared
@@ -162,13 +257,12 @@ class DedupStorageProvider:
                 in_deletion_thread,
                 make_blobstore(gc_storage_config(config)),
                 config.delete_after_ms,
+                self._lease,
             )
             sa.media_deletions_looping_call(
-                self._api,
-                self._deletion_tick,
-                tick_interval_ms(config.delete_after_ms),
-                "msc3916_storage_deletions",
+                self._api, self._deletion_tick, tick, "msc3916_storage_deletions"
             )
+            self._reactor.addSystemEventTrigger("before", "shutdown", self._release_lease)
         logger.info("synapse_msc3916: dedup storage provider on %s", self._store.describe())
 
     def __str__(self) -> str:
@@ -240,36 +334,42 @@ class DedupStorageProvider:
                 if attempt == 4:
                     raise
                 await self._api.sleep(0.2 * (attempt + 1))
-        await self._ensure_deletion_triggers()
+        await self._startup()
 
-    async def _ensure_deletion_triggers(self) -> None:
-        """Check and (re)create the tombstone triggers.
+    async def _startup(self) -> None:
+        """The start-up work after the schema, each step in its own transaction.
 
-        A problem here does not stop uploads: deletions are then not followed (an
-        ERROR says why) and ``gc`` remains the way to free space.
+        A problem here does not stop uploads, and one step's failure does not take
+        the others down (a trigger that could not be created once also left the
+        claims of a previous life unreleased): each failure is logged with what it
+        means.
         """
-        for attempt in range(5):
-            try:
-                created = await self._api.run_db_interaction(
-                    "msc3916_storage_triggers", self._startup_txn
-                )
-                if created:
-                    logger.info("synapse_msc3916: created deletion triggers %s", ", ".join(created))
-                return
-            except RuntimeError as e:
-                logger.error("synapse_msc3916: %s; run `synapse-msc3916 gc` to free space", e)
-                self._deletion_job = None  # its timer then does nothing
-                return
-            except Exception:
-                if attempt == 4:
-                    logger.exception("synapse_msc3916: could not create the deletion triggers")
-                    return
-                await self._api.sleep(0.2 * (attempt + 1))
+        results = await run_startup_steps(
+            startup_steps(self._instance, self._boot),
+            lambda desc, func: self._api.run_db_interaction(f"msc3916_storage_{desc}", func),
+            self._api.sleep,
+        )
+        triggers = results[TRIGGERS_STEP]
+        if triggers.ok and triggers.value:
+            logger.info("synapse_msc3916: created deletion triggers %s", ", ".join(triggers.value))
+        elif triggers.permanent:
+            self._deletion_job = None  # its timer then only watches the lease
+        claims = results[CLAIMS_STEP]
+        if claims.ok and claims.value:
+            logger.info("synapse_msc3916: released %d claim(s) of stopped processes", claims.value)
 
     async def _deletion_tick(self) -> None:
-        job = self._deletion_job
-        if job is not None:
-            await job.tick()
+        job, lease = self._deletion_job, self._lease
+        if lease is None:
+            return
+        try:
+            if job is None or job.running:
+                # This process cannot run the job now; it can still tell if nobody does.
+                await lease.check()
+            else:
+                await job.tick()
+        except Exception:
+            logger.exception("synapse_msc3916: could not check the storage deletion job's lease")
 
     async def _heartbeat(self) -> None:
         try:
@@ -282,11 +382,19 @@ class DedupStorageProvider:
         if released:
             logger.info("synapse_msc3916: released %d claim(s) of stopped processes", released)
 
-    def _startup_txn(self, txn: Any) -> list[str]:
-        index.schema_lock_txn(txn)
-        created = sa.ensure_deletion_triggers_txn(txn)
-        index.note_tombstones_since_txn(txn, index.now_ms())
-        return created
+    def _release_lease(self) -> Any:
+        """Before shutdown: hand the job on at once (a Deferred the reactor waits for)."""
+        lease = self._lease
+        if lease is None:
+            return None
+
+        async def release() -> None:
+            try:
+                await lease.release()
+            except Exception:  # it then expires by itself
+                logger.exception("synapse_msc3916: could not release the storage deletion job's lease")
+
+        return sa.run_as_background_process(self._hs, "msc3916_storage_lease_release", release)
 
     def _unavailable(self, operation: str, e: Exception) -> Exception:
         STORAGE_ERRORS.labels(operation=operation).inc()

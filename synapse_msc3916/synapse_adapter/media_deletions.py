@@ -186,24 +186,6 @@ def deletion_triggers_present_txn(txn: Any) -> list[str]:
     return sorted(str(r[0]) for r in txn.fetchall())
 
 
-def is_main_process(hs: Any) -> bool:
-    return getattr(hs.config.worker, "worker_app", None) is None
-
-
-def runs_media_background_jobs(hs: Any) -> bool:
-    """Whether this process is the one Synapse runs media background jobs on.
-
-    ``media_instance_running_background_jobs`` names it; unset, Synapse assumes a
-    single media process, which for the deletion job means the main process (so that
-    a deployment with several media workers and the option unset still runs the job
-    once, not on every worker).
-    """
-    named = getattr(hs.config.media, "media_instance_running_background_jobs", None)
-    if named is None:
-        return is_main_process(hs)
-    return bool(named == hs.get_instance_name())
-
-
 def instance_name(hs: Any) -> str:
     return str(hs.get_instance_name())
 
@@ -213,7 +195,8 @@ def media_deletions_looping_call(api: Any, f: Any, msec: float, desc: str) -> No
 
     ``ModuleApi.looping_background_call`` (1.39+) wraps each call in a background
     process with its own logcontext on every supported release; the module decides
-    itself which process runs the job, hence ``run_on_all_instances``.
+    itself which process runs the job (a lease in the database, ``storage/lease.py``),
+    hence ``run_on_all_instances``.
     """
     api.looping_background_call(f, msec, desc=desc, run_on_all_instances=True)
 
