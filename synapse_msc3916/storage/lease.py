@@ -31,7 +31,7 @@ from typing import Any
 import attr
 
 from synapse_msc3916.metrics import STORAGE_DELETION_LEASE_HELD
-from synapse_msc3916.storage.index import LEASES, Txn, is_postgres, now_ms
+from synapse_msc3916.storage.index import LEASES, Txn, db_now_sql
 
 logger = logging.getLogger(__name__)
 
@@ -68,13 +68,9 @@ class Taken:
 
 
 def db_now_ms_txn(txn: Txn) -> int:
-    """The database's clock in ms: the one clock every process sees the same.
-
-    SQLite is a file on the one machine that runs Synapse, whose clock it shares.
-    """
-    if not is_postgres(txn):
-        return now_ms()
-    txn.execute("SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)", ())
+    """The database's clock in ms (:func:`index.db_now_sql`): the one clock every process
+    sees the same."""
+    txn.execute(f"SELECT {db_now_sql(txn)}", ())
     return int(txn.fetchone()[0])
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import socket
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from synapse_msc3916 import homeserver_config as hc
-from synapse_msc3916.config import StorageConfig
+from synapse_msc3916.config import ConfigError, StorageConfig, parse_duration_ms
 from synapse_msc3916.storage import index
 from synapse_msc3916.storage.blobstore import (
     S3BlobStore,
@@ -41,16 +40,15 @@ from synapse_msc3916.storage.progress import Progress
 from synapse_msc3916.storage.provider import hash_file
 
 MEDIA_DIRS = ("local_content", "local_thumbnails", "remote_content", "remote_thumbnail")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def parse_duration(text: str) -> float:
-    """``30s``, ``15m``, ``24h``, ``7d``, ``2w`` or plain seconds, as seconds."""
-    match = _DURATION.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a duration like 24h or 30m: {text!r}")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+    """A command-line duration, as seconds: what the provider's config takes (``30s``,
+    ``15m``, ``24h``, ``7d``, ``2w`` or plain seconds), by the same parser."""
+    try:
+        return parse_duration_ms(text, "duration") / 1000
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("synapse_msc3916: duration: ")) from None
 
 
 def _human(n: float) -> str:
