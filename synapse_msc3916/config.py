@@ -310,10 +310,11 @@ class StorageConfig:
     endpoint_url: str | None = None
     region_name: str | None = None
     access_key_id: str | None = None
-    secret_access_key: str | None = None
-    session_token: str | None = None
+    # Secrets stay out of the repr: configs end up in logs and tracebacks.
+    secret_access_key: str | None = attr.ib(default=None, repr=False)
+    session_token: str | None = attr.ib(default=None, repr=False)
     storage_class: str = "STANDARD"
-    sse_customer_key: str | None = None
+    sse_customer_key: str | None = attr.ib(default=None, repr=False)
     sse_customer_algo: str = "AES256"
     threadpool_size: int = 40
     max_pool_connections: int = 40

@@ -368,3 +368,20 @@ def test_progress_is_plain_lines_when_stderr_is_not_a_terminal() -> None:
     assert "\r" not in text and "\x1b" not in text
     assert "scrub: 100%" in text and "3/3" in text
     assert all(line.startswith("scrub:") for line in text.splitlines())
+
+
+def test_storage_config_repr_hides_secrets() -> None:
+    """Issue 18 item 16: a logged or printed StorageConfig must not leak credentials.
+
+    Before the fix the repr showed all three values (the assertions below failed on the
+    secret access key first)."""
+    config = StorageConfig.parse({
+        "backend": "s3", "bucket": "media", "access_key_id": "AKIAVISIBLE",
+        "secret_access_key": "s3cr3t-access-key", "session_token": "s3cr3t-session",
+        "sse_customer_key": "s3cr3t-sse-customer-key-32-bytes",
+    })
+    text = repr(config)
+    for secret in ("s3cr3t-access-key", "s3cr3t-session", "s3cr3t-sse-customer-key-32-bytes"):
+        assert secret not in text
+    assert "AKIAVISIBLE" in text and "bucket='media'" in text  # the rest still shows
+    assert config.secret_access_key == "s3cr3t-access-key"  # only hidden, not dropped
