@@ -175,6 +175,32 @@ def test_refused_requests_never_redirect(hs: Synapse) -> None:
     assert quarantined.status == 404 and quarantined.header("Location") is None
 
 
+def test_head_is_answered_as_synapse_answers_it(hs: Synapse) -> None:
+    """A HEAD is never redirected: a URL presigned for GET answers HEAD with 403 on S3.
+
+    Before the fix (issue 18 item 5) the HEAD got the 307 (``assert head.status == 200``
+    failed with 307), and following it gave SeaweedFS's 403 for the GET signature."""
+    token = hs.register("heidi")
+    image = noise_png(800, 700)
+    assert len(image) >= MIN_SIZE
+    media_id = hs.upload(token, image, "image/png", "head.png")
+    wipe_local_media(hs)  # answered from the provider, as a redirect would have been
+    thumb = "?width=320&height=240&method=scale"
+    for path in (client_path(hs, "download", media_id),
+                 client_path(hs, "download", media_id, "/other.png"),
+                 client_path(hs, "thumbnail", media_id, thumb)):
+        assert hs.get(path, token).status == 307  # a GET of the same media redirects
+        streamed = hs.get(path, token, **{"User-Agent": NO_REDIRECT_UA})
+        assert streamed.status == 200, streamed
+        head = request("HEAD", hs.base_url, path, {"Authorization": f"Bearer {token}"})
+        assert head.status == 200, (path, head)
+        assert head.header("Location") is None and head.body == b""
+        for name in ("Content-Type", "Content-Disposition", "Content-Length", "ETag",
+                     "Cache-Control"):
+            assert head.header(name) == streamed.header(name), (path, name)
+        assert int(head.header("Content-Length") or 0) == len(streamed.body)
+
+
 def test_urls_are_reused_then_expire(hs: Synapse) -> None:
     token = hs.register("carol")
     data = os.urandom(1_500_000)
@@ -334,6 +360,8 @@ def test_which_requests_redirect() -> None:
     for uri in ("/_matrix/federation/v1/media/download/m",
                 "/_matrix/federation/unstable/org.matrix.msc3916.v2/media/thumbnail/m"):
         assert request_kind(_served(uri, multipart=True), config) == "federation"
+    head = Served(b"/_matrix/client/v1/media/download/s/m", None, False, None, None, head=True)
+    assert request_kind(head, config) is None
     off = _parse(enabled=True, federation=False).redirect
     assert request_kind(_served("/_matrix/federation/v1/media/download/m", True), off) is None
 

@@ -385,3 +385,13 @@ def test_storage_config_repr_hides_secrets() -> None:
         assert secret not in text
     assert "AKIAVISIBLE" in text and "bucket='media'" in text  # the rest still shows
     assert config.secret_access_key == "s3cr3t-access-key"  # only hidden, not dropped
+
+
+def test_responder_reads_nothing_for_a_head_request() -> None:
+    """A HEAD answer has no body (Twisted drops it): the object is not read for it."""
+    data = os.urandom(3500)
+    reader, consumer, corrupt = FakeReader(data), FakeConsumer(), []
+    consumer.method = b"HEAD"  # type: ignore[attr-defined]
+    responder = _responder(reader, hashlib.sha256(data).hexdigest(), corrupt)
+    done = defer.ensureDeferred(_wrap(responder.write_to_consumer(consumer)))
+    assert done.called and reader.reads == 0 and consumer.chunks == [] and not corrupt

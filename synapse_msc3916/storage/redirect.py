@@ -7,7 +7,7 @@ Synapse in sight, whether that read becomes a redirect:
 
 * the request: which endpoint it came in on (by its *original* URI, before the module's
   router rewrote an unstable path to its stable twin), ``allow_redirect`` on the legacy
-  endpoints, the User-Agent;
+  endpoints, the User-Agent; never a HEAD (the URL is signed for GET only);
 * the media: only content the index knows, present and not corrupt, of at least
   ``min_size`` bytes;
 * the URL: signed for ``public_endpoint_url`` with Synapse's own Content-Type and
@@ -56,6 +56,9 @@ class Served:
     multipart: bool  # a federation multipart/mixed answer rather than a plain body
     content_type: str | None
     disposition: str | None
+    # A HEAD is answered as Synapse answers it: a URL presigned for GET is refused for
+    # HEAD by S3 (403), where Synapse answers 200 with the file's headers.
+    head: bool = False
 
 
 def request_kind(served: Served, config: RedirectConfig) -> str | None:
@@ -64,6 +67,8 @@ def request_kind(served: Served, config: RedirectConfig) -> str | None:
     The original URI decides, not the path Synapse's servlet matched: the module's router
     rewrites MSC1902 paths to the legacy endpoints, and those must keep streaming.
     """
+    if served.head:
+        return None
     try:
         target = served.uri.decode("ascii")
     except UnicodeDecodeError:

@@ -85,6 +85,11 @@ class BlobResponder(Responder):
     # --- Responder ---
 
     def write_to_consumer(self, consumer: Any) -> Awaitable[Any]:
+        if getattr(consumer, "method", None) == b"HEAD":
+            # Twisted sends a HEAD answer's headers and drops its body: reading the
+            # object from S3 only to throw it away would cost its whole length.
+            self._done.callback(None)
+            return self._make_yieldable(self._done)
         self._consumer = consumer
         consumer.registerProducer(self, True)
         self._run_in_background(self._pump)

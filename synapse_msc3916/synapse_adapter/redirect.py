@@ -115,6 +115,7 @@ def served_by(consumer: Any) -> Served | None:
         multipart=multipart,
         content_type=content_type,
         disposition=disposition,
+        head=request.method == b"HEAD",
     )
 
 
