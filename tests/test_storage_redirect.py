@@ -8,6 +8,7 @@ checks a URL's signature or expiry; these tests run one with an S3 identity file
 from __future__ import annotations
 
 import os
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -201,6 +202,19 @@ def test_head_is_answered_as_synapse_answers_it(hs: Synapse) -> None:
         assert int(head.header("Content-Length") or 0) == len(streamed.body)
 
 
+def test_urls_are_signed_off_the_reactor_thread(hs: Synapse) -> None:
+    """botocore refreshes IAM-role/IRSA/SSO credentials with blocking HTTP inside presign:
+    signing must run on the provider's pool, never on the reactor (issue 18 item 15).
+
+    Before the fix every "presigned ... on thread" line named MainThread."""
+    token = hs.register("ivan")
+    media_id = hs.upload(token, os.urandom(1_100_000), "application/octet-stream")
+    assert hs.get(client_path(hs, "download", media_id), token).status == 307
+    threads = re.findall(r"presigned [0-9a-f]{64} on thread (\S+)", hs.log_file.read_text())
+    assert threads, "no URL was signed"
+    assert all("msc3916-storage" in t for t in threads), set(threads)
+
+
 def test_urls_are_reused_then_expire(hs: Synapse) -> None:
     token = hs.register("carol")
     data = os.urandom(1_500_000)
@@ -286,6 +300,40 @@ def test_legacy_endpoints_redirect_only_when_asked(
         hs.stop()
 
 
+def test_bucket_region_is_discovered_when_not_configured(tmp_path: Path, s3: SeaweedFS) -> None:
+    """URLs signed for the wrong region fail on AWS: without region_name, the provider asks
+    the bucket at start-up (SeaweedFS answers GetBucketLocation with no constraint, which
+    is us-east-1) and signs for it. Before the fix no region was asked for (the log line
+    below was missing) and the URLs were signed for whatever boto3 defaulted to."""
+    config = s3_config(s3, BUCKET, prefix="r/", redirect={"enabled": True, "min_size": MIN_SIZE})
+    del config["region_name"]
+    hs = make_synapse(tmp_path / "region", storage_providers=[provider_entry(config)]).start()
+    try:
+        assert "bucket redirects is in region us-east-1 (discovered" in hs.log_file.read_text()
+        token = hs.register("rita")
+        data = os.urandom(1_200_000)
+        resp = hs.get(client_path(hs, "download", hs.upload(token, data)), token)
+        assert resp.status == 307, resp
+        assert "us-east-1" in (resp.header("Location") or "")  # the credential scope
+        assert follow(resp.header("Location") or "")[2] == data
+    finally:
+        hs.stop()
+
+
+@pytest.mark.single_process  # generic_worker prints only "Failed to parse config for module"
+def test_undiscoverable_region_refuses_to_start(tmp_path: Path, s3: SeaweedFS) -> None:
+    """No region_name, redirects on, and the bucket cannot tell its region (here: it does
+    not exist): one line naming region_name. Before the fix Synapse started (the test
+    timed out waiting for it to exit)."""
+    config = s3_config(s3, "no-such-bucket", redirect={"enabled": True})
+    del config["region_name"]
+    hs = make_synapse(tmp_path / "noregion", storage_providers=[provider_entry(config)])
+    code, output = hs.start_expecting_failure()
+    assert code != 0
+    lines = [line for line in output.splitlines() if "synapse_msc3916: region_name:" in line]
+    assert lines and "no-such-bucket" in lines[0], output[-3000:]
+
+
 @pytest.mark.single_process  # generic_worker prints only "Failed to parse config for module"
 def test_redirect_with_a_file_backend_refuses_to_start(tmp_path: Path) -> None:
     hs = make_synapse(tmp_path / "bad", storage_providers=[provider_entry({
@@ -328,6 +376,28 @@ def test_bad_redirect_config_names_the_key(block: dict[str, Any], key: str) -> N
     assert message.startswith(f"synapse_msc3916: {key}:") and "\n" not in message
 
 
+def test_bucket_region_from_its_location_constraint() -> None:
+    from synapse_msc3916.storage.blobstore import region_from_location
+
+    # S3's GetBucketLocation: no constraint is us-east-1, and "EU" is an old eu-west-1.
+    assert region_from_location(None) == "us-east-1"
+    assert region_from_location("") == "us-east-1"
+    assert region_from_location("EU") == "eu-west-1"
+    assert region_from_location("eu-central-1") == "eu-central-1"
+
+
+def test_region_name_is_optional_with_redirects() -> None:
+    """Discovered at start-up when absent (see test_bucket_region_is_discovered...)."""
+    assert _parse(enabled=True).region_name is None
+    with_region = StorageConfig.parse({"backend": "s3", "bucket": "media",
+                                       "region_name": "eu-west-3", "redirect": {"enabled": True}})
+    assert with_region.region_name == "eu-west-3"
+    from synapse.module_api.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="^synapse_msc3916: region_name:"):
+        StorageConfig.parse({"backend": "s3", "bucket": "media", "region_name": 3})
+
+
 def test_redirect_config_defaults() -> None:
     config = _parse().redirect
     assert config == RedirectConfig()
@@ -365,28 +435,40 @@ def test_which_requests_redirect() -> None:
     off = _parse(enabled=True, federation=False).redirect
     assert request_kind(_served("/_matrix/federation/v1/media/download/m", True), off) is None
 
-    urls = SignedUrls(10, lambda sha, ct, cd: f"https://s3/{sha}?{ct}&{cd}", clock=lambda: 0.0)
-    assert decide(_served("/_matrix/client/v1/media/download/s/m"), 10, "ab", config, urls) is None
-    got = decide(_served("/_matrix/client/v1/media/download/s/m"), 1 << 20, "ab", config, urls)
+    async def sign(sha: str, ct: str | None, cd: str | None) -> str:
+        return f"https://s3/{sha}?{ct}&{cd}"
+
+    urls = SignedUrls(10, sign, clock=lambda: 0.0)
+    path = "/_matrix/client/v1/media/download/s/m"
+    assert _run(decide(_served(path), 10, "ab", config, urls)) is None
+    got = _run(decide(_served(path), 1 << 20, "ab", config, urls))
     assert got is not None and got[1].url == "https://s3/ab?image/png&inline"
-    assert decide(_served("/_matrix/client/v1/media/download/s/m", agent="NoRedirect/1"),
-                  1 << 20, "ab", config, urls) is None
+    assert _run(decide(_served(path, agent="NoRedirect/1"), 1 << 20, "ab", config, urls)) is None
 
 
 def test_signed_urls_are_reused_for_half_their_life() -> None:
     now = [1000.0]
     signed: list[int] = []
 
-    def sign(sha: str, ct: str | None, cd: str | None) -> str:
+    async def sign(sha: str, ct: str | None, cd: str | None) -> str:
         signed.append(1)
         return f"u{len(signed)}"
 
     urls = SignedUrls(300, sign, clock=lambda: now[0])
-    first = urls.get("a", "t", "d")
+    first = _run(urls.get("a", "t", "d"))
     assert (first.url, first.max_age) == ("u1", 299)
     now[0] += 149
-    again = urls.get("a", "t", "d")
+    again = _run(urls.get("a", "t", "d"))
     assert again.url == "u1" and again.max_age == 150
-    assert urls.get("a", "t", "attachment").url == "u2"  # other headers, other URL
+    assert _run(urls.get("a", "t", "attachment")).url == "u2"  # other headers, other URL
     now[0] += 1
-    assert urls.get("a", "t", "d").url == "u3"  # half the validity gone: signed afresh
+    assert _run(urls.get("a", "t", "d")).url == "u3"  # half the validity gone: signed afresh
+
+
+def _run(coro: Any) -> Any:
+    """Drive a coroutine that never suspends (its awaits complete at once)."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    raise AssertionError("the coroutine suspended")

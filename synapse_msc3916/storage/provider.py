@@ -17,6 +17,7 @@ import time
 import uuid
 from typing import Any, cast
 
+import attr
 from twisted.python.threadpool import ThreadPool
 
 from synapse_msc3916 import synapse_adapter as sa
@@ -101,6 +102,8 @@ class DedupStorageProvider:
 
     def __init__(self, hs: Any, config: StorageConfig):
         self._hs = hs
+        if config.redirect.enabled and config.region_name is None:
+            config = self._discover_region(config)
         self._config = config
         self._api = sa.storage_module_api(hs)
         self._reactor = sa.storage_reactor(hs)
@@ -172,19 +175,46 @@ class DedupStorageProvider:
                 )
         return parsed
 
+    @staticmethod
+    def _discover_region(config: StorageConfig) -> StorageConfig:
+        """Redirect URLs must be signed for the bucket's region: ask S3 for it at start-up.
+
+        Start-up may block on this (as it may on the schema); a bucket that cannot tell
+        its region stops Synapse with one line naming ``region_name``.
+        """
+        try:
+            region = S3BlobStore(config).bucket_region()
+        except StorageUnavailable as e:
+            why = " ".join(str(e).split())
+            raise sa.storage_config_error(
+                f"synapse_msc3916: region_name: not set, and the region of bucket"
+                f" {config.bucket!r} could not be discovered ({why}); redirect URLs must be"
+                " signed for it: set region_name"
+            ) from None
+        logger.info(
+            "synapse_msc3916: bucket %s is in region %s (discovered; region_name skips the"
+            " lookup)",
+            config.bucket,
+            region,
+        )
+        return attr.evolve(config, region_name=region)
+
     def _install_redirects(self) -> None:
         """Hand large media to S3 (see storage/redirect.py and synapse_adapter/redirect.py)."""
         store = self._store
         assert isinstance(store, S3BlobStore)  # config refuses redirects on backend: file
         expires = self._config.redirect.expires
 
-        def sign(sha256: str, content_type: str | None, disposition: str | None) -> str:
-            return store.presign_get(sha256, expires, content_type, disposition)
+        async def sign(sha256: str, content_type: str | None, disposition: str | None) -> str:
+            # On the pool: botocore may refresh credentials with blocking HTTP here.
+            return str(
+                await self._in_thread(store.presign_get, sha256, expires, content_type, disposition)
+            )
 
         async def locate(path: str) -> Any:
             return await self._db("locate", index.locate_txn, path)
 
-        sign("0" * 64, None, None)  # build the signing client now, not on the first read
+        store.signer()  # build the signing client now, not on the first read
         redirector = Redirector(self._config.redirect, sign, locate, sa.RedirectingResponder)
         sa.install_fetch_hook(redirector.hook)
 

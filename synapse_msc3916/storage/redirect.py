@@ -10,7 +10,7 @@ Synapse in sight, whether that read becomes a redirect:
   endpoints, the User-Agent; never a HEAD (the URL is signed for GET only);
 * the media: only content the index knows, present and not corrupt, of at least
   ``min_size`` bytes;
-* the URL: signed for ``public_endpoint_url`` with Synapse's own Content-Type and
+* the URL: signed (on the provider's thread pool) for ``public_endpoint_url`` with Synapse's own Content-Type and
   Content-Disposition as response overrides, and reused for ``expires / 2`` so browser
   and CDN caches of the S3 answer keep hitting (matrix-media-repo's PR #623 found that a
   fresh signature on every request defeats them).
@@ -102,9 +102,13 @@ class Redirect:
 
 
 class SignedUrls:
-    """Presigned URLs reused for half their validity, so repeated reads share one URL."""
+    """Presigned URLs reused for half their validity, so repeated reads share one URL.
 
-    def __init__(self, expires: int, sign: Callable[[str, str | None, str | None], str],
+    ``sign`` is async: it runs on the provider's thread pool, since botocore may refresh
+    credentials with blocking HTTP while it signs.
+    """
+
+    def __init__(self, expires: int, sign: Callable[[str, str | None, str | None], Awaitable[str]],
                  clock: Callable[[], float] = time.time):
         self._expires = expires
         self._sign = sign
@@ -113,7 +117,7 @@ class SignedUrls:
             collections.OrderedDict()
         )
 
-    def get(self, sha256: str, content_type: str | None, disposition: str | None) -> Redirect:
+    async def get(self, sha256: str, content_type: str | None, disposition: str | None) -> Redirect:
         key = (sha256, content_type, disposition)
         now = self._clock()
         hit = self._cache.get(key)
@@ -121,7 +125,10 @@ class SignedUrls:
             self._cache.move_to_end(key)
             url, signed_at = hit
         else:
-            url, signed_at = self._sign(sha256, content_type, disposition), now
+            # The clock before signing: the URL is valid at least until then + expires.
+            signed_at = now
+            url = await self._sign(sha256, content_type, disposition)
+            now = self._clock()
             self._cache[key] = (url, signed_at)
             self._cache.move_to_end(key)
             while len(self._cache) > _CACHE_MAX:
@@ -131,7 +138,7 @@ class SignedUrls:
         return Redirect(url, max(0, remaining))
 
 
-def decide(
+async def decide(
     served: Served, length: int, sha256: str, config: RedirectConfig, urls: SignedUrls
 ) -> tuple[str, Redirect] | None:
     """(metric kind, redirect) for a read of indexed content, or None to stream it."""
@@ -140,7 +147,7 @@ def decide(
     kind = request_kind(served, config)
     if kind is None or excluded_agent(served.user_agent, config):
         return None
-    return kind, urls.get(sha256, served.content_type, served.disposition)
+    return kind, await urls.get(sha256, served.content_type, served.disposition)
 
 
 def multipart_location_body(boundary: bytes, json_part: bytes, url: str) -> bytes:
@@ -174,9 +181,11 @@ class Redirector:
     def __init__(
         self,
         config: RedirectConfig,
-        sign: Callable[[str, str | None, str | None], str],
+        sign: Callable[[str, str | None, str | None], Awaitable[str]],
         locate: Callable[[str], Awaitable[Any]],
-        make_responder: Callable[[Callable[[Served], Redirect | None], Callable[[], Awaitable[Any]]], Any],
+        make_responder: Callable[
+            [Callable[[Served], Awaitable[Redirect | None]], Callable[[], Awaitable[Any]]], Any
+        ],
         clock: Callable[[], float] = time.time,
     ):
         self._config = config
@@ -192,8 +201,8 @@ class Redirector:
             return await fetch_as_synapse()
         sha256, length = located.sha256, located.length
 
-        def choose(served: Served) -> Redirect | None:
-            decision = decide(served, length, sha256, self._config, self._urls)
+        async def choose(served: Served) -> Redirect | None:
+            decision = await decide(served, length, sha256, self._config, self._urls)
             if decision is None:
                 return None
             kind, redirect = decision
