@@ -20,9 +20,16 @@ from typing import Any
 import pytest
 
 from synapse_msc3916.config import RedirectConfig, StorageConfig
+from synapse_msc3916.storage.blobstore import blob_name
 from synapse_msc3916.storage.redirect import Served, SignedUrls, decide, request_kind
 from tests.harness import TOPOLOGY, SeaweedFS, Synapse, make_synapse, request, wait_for
-from tests.storage_helpers import SignedSeaweedFS, provider_entry, s3_config, wipe_local_media
+from tests.storage_helpers import (
+    SignedSeaweedFS,
+    provider_entry,
+    s3_config,
+    sha,
+    wipe_local_media,
+)
 
 # Every release of the supported range: the seam and both sides of federation.
 pytestmark = pytest.mark.compat
@@ -274,6 +281,70 @@ def test_federation_peer_follows_the_location_part(
     assert hs.metric_value("synapse_msc3916_storage_redirects_total", kind="federation") == before + 2  # raw + B
 
 
+def test_a_vanished_object_stops_redirecting_and_heals(hs: Synapse, s3: SeaweedFS) -> None:
+    """The object behind an indexed medium disappears (a lifecycle rule, an operator):
+    redirects to it stop within expires/2, the blob is marked missing, and the next upload
+    of the same content rewrites it (issue 18 item 10).
+
+    Before the fix the hook trusted the index: 307 to S3's 404 for ever (the wait_for
+    below timed out)."""
+    token = hs.register("victor")
+    data = os.urandom(1_300_000)
+    media_id = hs.upload(token, data, "application/octet-stream", "gone.bin")
+    wipe_local_media(hs)
+    path = client_path(hs, "download", media_id)
+    first = hs.get(path, token)
+    assert first.status == 307, first
+    s3.client().delete_object(Bucket=BUCKET, Key="r/" + blob_name(sha(data)))
+    assert follow(first.header("Location") or "")[0] == 404  # the redirect leads nowhere now
+
+    wait_for(lambda: hs.get(path, token).status != 307, 30, "redirects to a vanished object to stop")
+    gone = hs.get(path, token)
+    assert gone.status == 404 and gone.json()["errcode"] == "M_NOT_FOUND", gone
+    assert hs.sql(
+        "SELECT corrupt FROM msc3916_storage_blobs WHERE sha256 = ?", (sha(data),)
+    ) == [(1,)]
+
+    again = hs.upload(token, data)  # the same content: the object is written again
+    wipe_local_media(hs)
+    for medium in (again, media_id):
+        resp = hs.get(client_path(hs, "download", medium), token)
+        assert resp.status == 307, resp
+        assert follow(resp.header("Location") or "")[2] == data
+
+
+def test_a_vanished_remote_object_is_fetched_again(
+    hs: Synapse, s3: SeaweedFS, tmp_path: Path
+) -> None:
+    """Remote media whose object vanished from B's bucket: B's redirect check finds it
+    missing, Synapse gets "no responder" and fetches the media from its origin again, which
+    stores it again (issue 18 item 10). Before the fix B redirected to its own S3's 404
+    for ever (the wait_for timed out)."""
+    token = hs.register("wendy")
+    data = os.urandom(1_400_000)
+    media_id = hs.upload(token, data, "application/octet-stream", "remote.bin")
+    b = make_synapse(tmp_path / "b", tls=True, name="b", storage_providers=[
+        provider_entry(s3_config(s3, BUCKET, prefix="b/", redirect={
+            "enabled": True, "min_size": MIN_SIZE, "expires": 2}))]).start()
+    try:
+        bob = b.register("bob")
+        path = f"/_matrix/client/v1/media/download/{hs.server_name}/{media_id}"
+        first = b.get(path, bob)
+        assert first.status == 307, first
+        assert follow(first.header("Location") or "")[2] == data
+        s3.client().delete_object(Bucket=BUCKET, Key="b/" + blob_name(sha(data)))
+        wipe_local_media(b)  # no local copy either: only the origin has it now
+
+        def served_again() -> bool:
+            resp = b.get(path, bob)
+            return resp.status == 307 and follow(resp.header("Location") or "")[2] == data
+
+        wait_for(served_again, 30, "B to fetch the vanished remote media again")
+        assert "b/" + blob_name(sha(data)) in s3.list_keys(BUCKET, "b/")
+    finally:
+        b.stop()
+
+
 def test_legacy_endpoints_redirect_only_when_asked(
     tmp_path: Path, s3: SeaweedFS
 ) -> None:
@@ -472,3 +543,25 @@ def _run(coro: Any) -> Any:
     except StopIteration as done:
         return done.value
     raise AssertionError("the coroutine suspended")
+
+
+def test_presence_is_checked_once_per_ttl_and_absence_never_cached() -> None:
+    from synapse_msc3916.storage.redirect import PresenceChecks
+
+    now = [0.0]
+    there = {"a": True}
+    asked: list[str] = []
+
+    async def check(sha: str, length: int) -> bool:
+        asked.append(sha)
+        return there.get(sha, False)
+
+    presence = PresenceChecks(1.0, check, clock=lambda: now[0])
+    assert _run(presence.present("a", 5)) and _run(presence.present("a", 5))
+    assert asked == ["a"]  # the second read trusted the first answer
+    there["a"] = False
+    now[0] += 1.0
+    assert not _run(presence.present("a", 5))  # the ttl is over: asked again, gone
+    there["a"] = True  # healed by a store
+    assert _run(presence.present("a", 5))
+    assert asked == ["a", "a", "a"]  # a missing answer is not remembered

@@ -215,8 +215,45 @@ class DedupStorageProvider:
             return await self._db("locate", index.locate_txn, path)
 
         store.signer()  # build the signing client now, not on the first read
-        redirector = Redirector(self._config.redirect, sign, locate, sa.RedirectingResponder)
+        redirector = Redirector(
+            self._config.redirect, sign, locate, self._object_present, sa.RedirectingResponder
+        )
         sa.install_fetch_hook(redirector.hook)
+
+    async def _object_present(self, sha256: str, length: int) -> bool:
+        """Before redirecting to an object: is it there, at its length? (see redirect.py)
+
+        A missing object is marked in the index, as a read that finds it missing does, so
+        the read falls back to Synapse and the next store of the content rewrites it. When
+        S3 cannot answer, the index is trusted: the redirect is what it would have been.
+        """
+        try:
+            size = await self._in_thread(self._store.stat, sha256)
+        except StorageUnavailable as e:
+            STORAGE_ERRORS.labels(operation="verify").inc()
+            logger.warning(
+                "synapse_msc3916: could not check object %s before a redirect (%s);"
+                " trusting the index",
+                sha256,
+                e,
+            )
+            return True
+        if size == length:
+            return True
+        if size is not None:
+            self._corrupt(sha256, f"object is {size} bytes, the index says {length}")
+            return False
+        logger.error(
+            "synapse_msc3916: object %s is indexed but missing; not redirecting to it,"
+            " the next store of this content rewrites it",
+            sha256,
+        )
+        STORAGE_DAMAGED.labels(where="redirect", problem="missing").inc()
+        try:
+            await self._db("mark_missing", index.mark_blob_missing_txn, sha256)
+        except Exception:  # best effort: the provider's own read marks it too
+            logger.exception("synapse_msc3916: could not mark %s missing", sha256)
+        return False
 
     # --- plumbing ---
 

@@ -169,6 +169,37 @@ def multipart_location_body(boundary: bytes, json_part: bytes, url: str) -> byte
     )
 
 
+class PresenceChecks:
+    """Whether a blob's object is really there, asked of S3 at most once per ``ttl``.
+
+    The index can be wrong behind the provider's back (a lifecycle rule, an operator, a
+    lost race removed the object); a redirect would then send clients to S3's 404 for
+    ever, and Synapse's own "no responder: fetch it again" would never run. Only
+    positive answers are remembered: ``check`` marks a missing object in the index
+    itself, so the next lookup no longer finds it servable.
+    """
+
+    def __init__(self, ttl: float, check: Callable[[str, int], Awaitable[bool]],
+                 clock: Callable[[], float] = time.time):
+        self._ttl = ttl
+        self._check = check
+        self._clock = clock
+        self._seen: collections.OrderedDict[str, float] = collections.OrderedDict()
+
+    async def present(self, sha256: str, length: int) -> bool:
+        seen = self._seen.get(sha256)
+        if seen is not None and self._clock() - seen < self._ttl:
+            return True
+        self._seen.pop(sha256, None)
+        checked_at = self._clock()
+        if not await self._check(sha256, length):
+            return False
+        self._seen[sha256] = checked_at
+        while len(self._seen) > _CACHE_MAX:
+            self._seen.popitem(last=False)
+        return True
+
+
 class Redirector:
     """The provider's side of the redirect seam: index lookup, then the choice per consumer.
 
@@ -176,6 +207,11 @@ class Redirector:
     the adapter's ``RedirectingResponder``. Media the index does not know, or marks
     missing, corrupt or being deleted, or smaller than ``min_size``, go back to Synapse's
     own ``fetch_media`` untouched (legacy_prefix objects included: streamed as today).
+    ``check(sha256, length)`` asks the store whether the object is there (and marks it
+    missing in the index when not); it runs at most once per ``expires / 2`` per object,
+    so a vanished object is redirected to for at most that long, and then reads go back
+    to Synapse, which fetches remote media again and answers 404 for lost local media
+    until the same content is stored again.
     """
 
     def __init__(
@@ -183,6 +219,7 @@ class Redirector:
         config: RedirectConfig,
         sign: Callable[[str, str | None, str | None], Awaitable[str]],
         locate: Callable[[str], Awaitable[Any]],
+        check: Callable[[str, int], Awaitable[bool]],
         make_responder: Callable[
             [Callable[[Served], Awaitable[Redirect | None]], Callable[[], Awaitable[Any]]], Any
         ],
@@ -190,6 +227,7 @@ class Redirector:
     ):
         self._config = config
         self._urls = SignedUrls(config.expires, sign, clock)
+        self._presence = PresenceChecks(config.expires / 2, check, clock)
         self._locate = locate
         self._make_responder = make_responder
 
@@ -200,6 +238,8 @@ class Redirector:
         if located is None or not located.servable or located.length < self._config.min_size:
             return await fetch_as_synapse()
         sha256, length = located.sha256, located.length
+        if not await self._presence.present(sha256, length):
+            return await fetch_as_synapse()
 
         async def choose(served: Served) -> Redirect | None:
             decision = await decide(served, length, sha256, self._config, self._urls)
