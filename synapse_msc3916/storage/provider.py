@@ -528,6 +528,7 @@ class DedupStorageProvider:
             length=length,
             sha256=sha256,
             on_corrupt=lambda why: self._corrupt(sha256 or "", why),
+            stall_timeout=self._config.stall_timeout_ms / 1000,
         )
 
     @staticmethod
