@@ -147,6 +147,21 @@ def test_a_client_that_stops_reading_is_dropped_after_the_stall_timeout() -> Non
     assert len(transport.delivered) < len(data)
 
 
+def test_stall_timeout_config() -> None:
+    from synapse.module_api.errors import ConfigError
+
+    from synapse_msc3916.config import StorageConfig
+
+    s3 = {"backend": "s3", "bucket": "media"}
+    assert StorageConfig.parse(s3).stall_timeout_ms == 90_000
+    assert StorageConfig.parse({**s3, "stall_timeout": "5m"}).stall_timeout_ms == 300_000
+    file = {"backend": "file", "directory": "/tmp/x", "stall_timeout": 30}
+    assert StorageConfig.parse(file).stall_timeout_ms == 30_000
+    for bad in ("0s", "500ms", "soon", True):
+        with pytest.raises(ConfigError, match="^synapse_msc3916: stall_timeout: "):
+            StorageConfig.parse({**s3, "stall_timeout": bad})
+
+
 # --- end to end: real Synapse, real sockets -------------------------------------------
 
 STALL_TIMEOUT = "2s"
