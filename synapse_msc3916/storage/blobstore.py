@@ -25,6 +25,7 @@ from synapse_msc3916.config import StorageConfig
 
 logger = logging.getLogger(__name__)
 
+
 class StorageUnavailable(Exception):
     """The blob store could not be reached or answered with a server error.
 

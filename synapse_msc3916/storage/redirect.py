@@ -9,11 +9,12 @@ Synapse in sight, whether that read becomes a redirect:
   router rewrote an unstable path to its stable twin), ``allow_redirect`` on the legacy
   endpoints, the User-Agent; never a HEAD (the URL is signed for GET only);
 * the media: only content the index knows, present and not corrupt, of at least
-  ``min_size`` bytes;
-* the URL: signed (on the provider's thread pool) for ``public_endpoint_url`` with Synapse's own Content-Type and
-  Content-Disposition as response overrides, and reused for ``expires / 2`` so browser
-  and CDN caches of the S3 answer keep hitting (matrix-media-repo's PR #623 found that a
-  fresh signature on every request defeats them).
+  ``min_size`` bytes, whose object a HEAD found there in the last ``expires / 2``;
+* the URL: signed (on the provider's thread pool) for ``public_endpoint_url`` with
+  Synapse's own Content-Type and Content-Disposition as response overrides, and reused
+  for ``expires / 2`` so browser and CDN caches of the S3 answer keep hitting
+  (matrix-media-repo's PR #623 found that a fresh signature on every request defeats
+  them).
 """
 
 from __future__ import annotations
