@@ -135,8 +135,8 @@ def test_a_client_that_stops_reading_is_dropped_after_the_stall_timeout() -> Non
     done = _stream(data, clock, transport)
     failures: list[Any] = []
     done.addErrback(failures.append)
-    for _ in range(30):  # some progress first: each second empties the send buffer
-        transport.client_reads(100 * KIB)
+    for _ in range(15):  # some progress first: each second empties the send buffer
+        transport.client_reads(200 * KIB)
         clock.advance(1)
     assert not done.called and transport.paused  # the next pieces wait for the client
     clock.advance(88)
@@ -224,7 +224,8 @@ def _read_rest(sock: socket.socket, body: bytes, per_tick: int, tick: float) -> 
 
 @pytest.mark.single_process  # the workers topology's test proxy buffers whole answers
 def test_a_slow_client_reads_a_whole_download_through_synapse(slow_hs: Synapse) -> None:
-    """About 256 KB/s against a 2 s stall timeout. The old code wrote 1 MiB at a time and
+    """About 256 KB/s against a 2 s stall timeout (a pause now ends once the client took
+    at most 128 KiB, half a second here). The old code wrote 1 MiB at a time and
     needed the client to take each MiB within the timeout (512 KB/s here; 11.6 KB/s with
     the default 90 s): once the kernel's buffers were full it dropped the download (checked
     with 1 MiB writes: 685269 of 2400000 bytes arrived, "took no bytes for 2 seconds")."""

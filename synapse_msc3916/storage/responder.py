@@ -7,10 +7,11 @@ consumer is paused. A client that reads slowly therefore costs an open S3 connec
 never a blocked thread.
 
 A chunk goes to the consumer in ``WRITE_SIZE`` pieces, waiting while the consumer is
-paused. Twisted resumes a producer once its send buffer (64 KiB) has drained, so every
-resume proves the client took bytes: the stall timeout bounds the time *without
-progress* (no resume for ``stall_timeout`` seconds), never the length of a download. A
-1 MiB write would instead need the client to take the whole MiB within the timeout.
+paused. Twisted pauses a producer once more than 64 KiB wait to be sent and resumes it
+once they have all gone to the kernel, so every resume proves the client took bytes: the
+stall timeout bounds the time *without progress* (no resume for ``stall_timeout``
+seconds), never the length of a download. A 1 MiB write would instead need the client
+to take the whole MiB within the timeout.
 
 Content is verified as it streams. The final chunk is held back until the SHA-256 of
 everything before it plus itself matches the index, so a corrupt blob never produces a
@@ -37,7 +38,9 @@ from synapse_msc3916.synapse_adapter import Responder
 logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1 << 20
-WRITE_SIZE = 16 << 10  # as Twisted's FileSender, which Synapse's own responder uses
+# Twisted's transport buffer size: a pause ends once the client has taken at most two
+# writes (128 KiB); smaller writes cost reactor time on fast downloads.
+WRITE_SIZE = 64 << 10
 STALL_TIMEOUT_SECONDS = 90.0
 
 
@@ -158,7 +161,7 @@ class BlobResponder(Responder):
                 return
             assert self._consumer is not None
             self._consumer.write(chunk[start : start + step] if len(chunk) > step else chunk)
-            if not (last and start + step >= len(chunk)):
+            if self._paused and not (last and start + step >= len(chunk)):
                 await self._wait_until_resumed()
 
     def _start_read(self, sent: int, digest: Any) -> defer.Deferred | None:
