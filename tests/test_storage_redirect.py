@@ -39,10 +39,13 @@ MIN_SIZE = 1000  # small enough that a thumbnail redirects, big enough for a 100
 NO_REDIRECT_UA = "NoRedirect/1.0"
 
 
-def redirect_provider(s3: SeaweedFS, **redirect: Any) -> dict[str, Any]:
+def redirect_provider(s3: SeaweedFS, discover_region: bool = False, **redirect: Any) -> dict[str, Any]:
     block = {"enabled": True, "min_size": MIN_SIZE, "expires": 2,
              "exclude_user_agents": ["^NoRedirect/"], **redirect}
-    return provider_entry(s3_config(s3, BUCKET, prefix="r/", redirect=block))
+    config = s3_config(s3, BUCKET, prefix="r/", redirect=block)
+    if discover_region:
+        del config["region_name"]
+    return provider_entry(config)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,8 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
 def hs(tmp_path_factory: pytest.TempPathFactory, s3: SeaweedFS) -> Iterator[Synapse]:
     server = make_synapse(
         tmp_path_factory.mktemp("redirect-hs"), tls=True, name="a",
-        storage_providers=[redirect_provider(s3)],
+        # no region_name: the provider asks the bucket (test_bucket_region_is_discovered...)
+        storage_providers=[redirect_provider(s3, discover_region=True)],
     ).start()
     try:
         yield server
@@ -371,24 +375,19 @@ def test_legacy_endpoints_redirect_only_when_asked(
         hs.stop()
 
 
-def test_bucket_region_is_discovered_when_not_configured(tmp_path: Path, s3: SeaweedFS) -> None:
-    """URLs signed for the wrong region fail on AWS: without region_name, the provider asks
-    the bucket at start-up (SeaweedFS answers GetBucketLocation with no constraint, which
-    is us-east-1) and signs for it. Before the fix no region was asked for (the log line
-    below was missing) and the URLs were signed for whatever boto3 defaulted to."""
-    config = s3_config(s3, BUCKET, prefix="r/", redirect={"enabled": True, "min_size": MIN_SIZE})
-    del config["region_name"]
-    hs = make_synapse(tmp_path / "region", storage_providers=[provider_entry(config)]).start()
-    try:
-        assert "bucket redirects is in region us-east-1 (discovered" in hs.log_file.read_text()
-        token = hs.register("rita")
-        data = os.urandom(1_200_000)
-        resp = hs.get(client_path(hs, "download", hs.upload(token, data)), token)
-        assert resp.status == 307, resp
-        assert "us-east-1" in (resp.header("Location") or "")  # the credential scope
-        assert follow(resp.header("Location") or "")[2] == data
-    finally:
-        hs.stop()
+def test_bucket_region_is_discovered_when_not_configured(hs: Synapse) -> None:
+    """URLs signed for the wrong region fail on AWS: without region_name (as in the ``hs``
+    fixture), the provider asks the bucket at start-up (SeaweedFS answers
+    GetBucketLocation with no constraint, which is us-east-1) and signs for it. Before the
+    fix no region was asked for (the log line below was missing) and URLs were signed for
+    whatever boto3 defaulted to."""
+    assert "bucket redirects is in region us-east-1 (discovered" in hs.log_file.read_text()
+    token = hs.register("rita")
+    data = os.urandom(1_200_000)
+    resp = hs.get(client_path(hs, "download", hs.upload(token, data)), token)
+    assert resp.status == 307, resp
+    assert "%2Fus-east-1%2Fs3%2Faws4_request" in (resp.header("Location") or "")  # its scope
+    assert follow(resp.header("Location") or "")[2] == data
 
 
 @pytest.mark.single_process  # generic_worker prints only "Failed to parse config for module"
