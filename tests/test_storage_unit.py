@@ -475,3 +475,30 @@ def test_migrate_reads_remote_rows_once_per_origin() -> None:
     assert rows.length(index.MediaRef("b", "f1")) == 21
     assert rows.sha256(index.MediaRef("b", "f1")) is None
     assert rows.sha256(index.MediaRef("b", "f1", 32, 32, *thumb)) is None
+
+
+def test_storage_config_repr_hides_secrets() -> None:
+    """Issue 18 item 16: a logged or printed StorageConfig must not leak credentials.
+
+    Before the fix the repr showed all three values (the assertions below failed on the
+    secret access key first)."""
+    config = StorageConfig.parse({
+        "backend": "s3", "bucket": "media", "access_key_id": "AKIAVISIBLE",
+        "secret_access_key": "s3cr3t-access-key", "session_token": "s3cr3t-session",
+        "sse_customer_key": "s3cr3t-sse-customer-key-32-bytes",
+    })
+    text = repr(config)
+    for secret in ("s3cr3t-access-key", "s3cr3t-session", "s3cr3t-sse-customer-key-32-bytes"):
+        assert secret not in text
+    assert "AKIAVISIBLE" in text and "bucket='media'" in text  # the rest still shows
+    assert config.secret_access_key == "s3cr3t-access-key"  # only hidden, not dropped
+
+
+def test_responder_reads_nothing_for_a_head_request() -> None:
+    """A HEAD answer has no body (Twisted drops it): the object is not read for it."""
+    data = os.urandom(3500)
+    reader, consumer, corrupt = FakeReader(data), FakeConsumer(), []
+    consumer.method = b"HEAD"  # type: ignore[attr-defined]
+    responder = _responder(reader, hashlib.sha256(data).hexdigest(), corrupt)
+    done = defer.ensureDeferred(_wrap(responder.write_to_consumer(consumer)))
+    assert done.called and reader.reads == 0 and consumer.chunks == [] and not corrupt

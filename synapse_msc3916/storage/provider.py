@@ -192,6 +192,8 @@ class DedupStorageProvider:
 
     def __init__(self, hs: Any, config: StorageConfig):
         self._hs = hs
+        if config.redirect.enabled and config.region_name is None:
+            config = self._discover_region(config)
         self._config = config
         self._api = sa.storage_module_api(hs)
         self._reactor = sa.storage_reactor(hs)
@@ -286,25 +288,89 @@ class DedupStorageProvider:
                 )
         return parsed
 
+    @staticmethod
+    def _discover_region(config: StorageConfig) -> StorageConfig:
+        """Redirect URLs must be signed for the bucket's region: ask S3 for it at start-up.
+
+        Start-up may block on this (as it may on the schema); a bucket that cannot tell
+        its region stops Synapse with one line naming ``region_name``.
+        """
+        try:
+            region = S3BlobStore(config).bucket_region()
+        except StorageUnavailable as e:
+            why = " ".join(str(e).split())
+            raise sa.storage_config_error(
+                f"synapse_msc3916: region_name: not set, and the region of bucket"
+                f" {config.bucket!r} could not be discovered ({why}); redirect URLs must be"
+                " signed for it: set region_name"
+            ) from None
+        logger.info(
+            "synapse_msc3916: bucket %s is in region %s (discovered; region_name skips the"
+            " lookup)",
+            config.bucket,
+            region,
+        )
+        return attr.evolve(config, region_name=region)
+
     def _install_redirects(self) -> None:
         """Hand large media to S3 (see storage/redirect.py and synapse_adapter/redirect.py)."""
         store = self._store
         assert isinstance(store, S3BlobStore)  # config refuses redirects on backend: file
         expires = self._config.redirect.expires
 
-        def sign(sha256: str, content_type: str | None, disposition: str | None) -> str:
-            return store.presign_get(sha256, expires, content_type, disposition)
+        async def sign(sha256: str, content_type: str | None, disposition: str | None) -> str:
+            # On the pool: botocore may refresh credentials with blocking HTTP here.
+            return str(
+                await self._in_thread(store.presign_get, sha256, expires, content_type, disposition)
+            )
 
         async def locate(path: str) -> Any:
             return await self._db("locate", index.locate_txn, path)
 
-        sign("0" * 64, None, None)  # build the signing client now, not on the first read
-        redirector = Redirector(self._config.redirect, sign, locate, sa.RedirectingResponder)
+        store.signer()  # build the signing client now, not on the first read
+        redirector = Redirector(
+            self._config.redirect, sign, locate, self._object_present, sa.RedirectingResponder
+        )
         sa.install_fetch_hook(redirector.hook)
 
     async def _check_cors(self) -> None:
         """Read the bucket's CORS rules once, off the reactor; only ever logs."""
         await self._in_thread(cors.startup_check, self._store)
+
+    async def _object_present(self, sha256: str, length: int) -> bool:
+        """Before redirecting to an object: is it there, at its length? (see redirect.py)
+
+        A missing object is marked in the index, as a read that finds it missing does, so
+        the read falls back to Synapse and the next store of the content rewrites it. When
+        S3 cannot answer, the index is trusted: the redirect is what it would have been.
+        """
+        try:
+            size = await self._in_thread(self._store.stat, sha256)
+        except StorageUnavailable as e:
+            STORAGE_ERRORS.labels(operation="verify").inc()
+            logger.warning(
+                "synapse_msc3916: could not check object %s before a redirect (%s);"
+                " trusting the index",
+                sha256,
+                e,
+            )
+            return True
+        if size == length:
+            return True
+        if size is not None:
+            self._corrupt(sha256, f"object is {size} bytes, the index says {length}")
+            return False
+        logger.error(
+            "synapse_msc3916: object %s is indexed but missing; not redirecting to it,"
+            " the next store of this content rewrites it",
+            sha256,
+        )
+        STORAGE_DAMAGED.labels(where="redirect", problem="missing").inc()
+        try:
+            await self._db("mark_missing", index.mark_blob_missing_txn, sha256)
+        except Exception:  # best effort: the provider's own read marks it too
+            logger.exception("synapse_msc3916: could not mark %s missing", sha256)
+        return False
 
     # --- plumbing ---
 
@@ -609,6 +675,7 @@ class DedupStorageProvider:
             length=length,
             sha256=sha256,
             on_corrupt=lambda why: self._corrupt(sha256 or "", why),
+            stall_timeout=self._config.stall_timeout_ms / 1000,
         )
 
     @staticmethod

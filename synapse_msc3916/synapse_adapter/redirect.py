@@ -115,6 +115,7 @@ def served_by(consumer: Any) -> Served | None:
         multipart=multipart,
         content_type=content_type,
         disposition=disposition,
+        head=request.method == b"HEAD",
     )
 
 
@@ -149,13 +150,13 @@ def send_redirect(consumer: Any, redirect: Redirect) -> None:
 class RedirectingResponder(Responder):
     """Decides at ``write_to_consumer`` time: a redirect, or Synapse's own responder.
 
-    ``choose(served)`` returns a Redirect or None; ``fetch_as_synapse()`` returns the
+    ``choose(served)`` returns (async) a Redirect or None; ``fetch_as_synapse()`` returns the
     Responder Synapse would have used (local file or the provider's stream).
     """
 
     def __init__(
         self,
-        choose: Callable[[Served], Redirect | None],
+        choose: Callable[[Served], Awaitable[Redirect | None]],
         fetch_as_synapse: Callable[[], Awaitable[Any]],
     ):
         self._choose = choose
@@ -164,7 +165,7 @@ class RedirectingResponder(Responder):
 
     async def write_to_consumer(self, consumer: Any) -> None:
         served = served_by(consumer)
-        redirect = self._choose(served) if served is not None else None
+        redirect = await self._choose(served) if served is not None else None
         if redirect is not None:
             send_redirect(consumer, redirect)
             return
