@@ -465,7 +465,7 @@ def test_a_stalled_deletion_never_loses_an_upload_that_took_its_mark_over(
     if stall == "skew":
         real_now = index.now_ms
         monkeypatch.setattr(index, "now_ms", lambda: real_now() - 60_000)
-    job = DeletionJob(db, in_thread, StallingStore(), 0, clock)
+    job = DeletionJob(db, in_thread, StallingStore(), 0, clock=clock)
     _run(job.run_once())
     monkeypatch.undo()
 
