@@ -26,22 +26,13 @@ from synapse.media._base import Responder
 from synapse.media.media_storage import MediaStorage, MultipartFileConsumer
 
 from synapse_msc3916.storage.redirect import Redirect, Served, multipart_location_body
-from synapse_msc3916.synapse_adapter.probes import Need, method
+from synapse_msc3916.synapse_adapter.probes import Need, method, source_mentions
 
 logger = logging.getLogger(__name__)
 
 
 def _init_sets(*names: str) -> Callable[[Any], bool]:
-    def check(init: Any) -> bool:
-        import inspect
-
-        try:
-            source = inspect.getsource(init)
-        except (OSError, TypeError):
-            return False
-        return all(f"self.{n} =" in source for n in names)
-
-    return check
+    return lambda init: all(source_mentions(init, f"self.{n} =") for n in names)
 
 
 NEEDS = [
