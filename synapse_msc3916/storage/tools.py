@@ -370,6 +370,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             except StorageUnavailable as e:
                 progress.close()
                 raise hc.ToolError(str(e)) from None
+            except index.LostClaim as e:
+                # gc released this run's claim (older than a day) while it stored: the
+                # path is not recorded and the source is kept; a new run starts afresh.
+                progress.close()
+                raise hc.ToolError(f"{path}: {e}; not migrated, source kept: run migrate again") from None
             if outcome in (VERIFIED, RECORDED_MEANWHILE):
                 stats["already"] += 1
             elif outcome == INCOMPLETE:
