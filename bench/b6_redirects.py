@@ -149,8 +149,8 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
             sha = row[0][0]
             key = blob_name(sha)
             # The first read of an object SeaweedFS has just stored is markedly slower than
-            # the next ones (1 GiB: 2.1-2.4 s, then 1.2-1.9 s, in a profile). Without this,
-            # the contender that reads first in round 0 pays for it alone: one untimed read
+            # the next ones (1 GiB, four fresh objects: a median of 2.1 s, then 1.7 s).
+            # Without this, the contender that reads first in round 0 pays for it alone: one untimed read
             # of each object (the redirect bucket's through a redirect, which also fills
             # Synapse's signed-URL cache, as in steady state; the streaming bucket's straight
             # from S3, which is what Synapse reads) before any timing.
