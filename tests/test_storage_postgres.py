@@ -72,10 +72,15 @@ def test_synapse_on_postgres_dedups_and_gc_works(
     db = Database(postgres.connect("synapse_pg"), "postgres")
     try:
 
+        # Every process that loads the provider: the main process, or (workers) each
+        # media worker.
+        workers = getattr(hs, "media_worker_count", 0)
+        expected = {f"media{i + 1}" for i in range(workers)} if workers else {"master"}
+
         def booted() -> bool:
             rows = db.query(f"SELECT instance FROM {index.BOOTS}")
             db.commit()
-            return rows == [("master",)]
+            return {r[0] for r in rows} == expected and len(rows) == len(expected)
 
         wait_for(booted, 30, "the provider's boot row")
         assert db.query(f"SELECT COUNT(*) FROM {index.CLAIMS}") == [(0,)]
