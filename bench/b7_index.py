@@ -1,0 +1,342 @@
+"""B7: the storage index at 10^4, 10^6 and 10^7 rows on PostgreSQL (lookups, deletion batch, stats, tool memory).
+
+A private PostgreSQL gets Synapse's real schema (a Synapse with the provider starts once
+against it, which also creates the index tables, the running totals and the deletion
+triggers, and is stopped). The tables then grow to each size with ``COPY``: local media
+rows in ``local_media_repository``, one index path per media, one blob per distinct
+content (one media in five repeats the content of the one before). After each growth the
+tables are analysed, as autovacuum would, and the provider's own transactions
+(``storage/index.py``) run against the database one after another, each committed:
+
+- store (new content): Synapse's recorded SHA-256, claim, record the path;
+- store (duplicate): claim a known blob (a hit), record the path;
+- fetch / redirect lookup: ``locate_txn``, the one query both the fetch and the redirect
+  hook make;
+- deletion batch: 100 media rows deleted (the triggers write tombstones), then the
+  deletion job's batch: tombstones -> paths removed -> due blobs -> marks -> rows gone;
+- stats: ``stats_txn`` (what ``synapse-msc3916 stats`` runs).
+
+At 10^6 (10^4 in quick mode) each read-only tool runs as a subprocess under
+``/usr/bin/time -v`` for its peak RSS: ``stats``, ``gc`` (dry run), ``scrub`` (no
+``--hash``) and ``migrate --dry-run`` (file backend; no objects and no media files exist,
+so scrub reports every blob missing and migrate walks an empty media store).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from bench.report import Report
+from synapse_msc3916.homeserver_config import Database
+from synapse_msc3916.storage import index
+from synapse_msc3916.synapse_adapter import media_deletions
+from tests.harness import REPO_ROOT, Synapse
+from tests.harness_workers import PostgreSQL
+from tests.storage_helpers import provider_entry
+
+SIZES = [10_000, 1_000_000, 10_000_000]
+QUICK_SIZES = [10_000]
+RSS_AT = 1_000_000
+RSS_GOAL_MIB = 256
+STATS_GOAL_S = 5.0
+LOOKUP_GOAL = 1.5  # p50 at the largest size / p50 at the smallest
+DAY_MS = 24 * 3600 * 1000
+
+
+def _sha(content: int) -> str:
+    return hashlib.sha256(b"b7-%d" % content).hexdigest()
+
+
+def _content(i: int) -> int:
+    """Media ``i`` holds content ``i``, except one in five repeats its predecessor's."""
+    return i - 1 if i % 5 == 4 else i
+
+
+def _length(content: int) -> int:
+    return 1024 + (content * 7919) % (31 * 1024)
+
+
+def _media_id(i: int) -> str:
+    return hashlib.md5(b"m%d" % i).hexdigest()[:24]
+
+
+def _path(media_id: str) -> str:
+    return f"local_content/{media_id[:2]}/{media_id[2:4]}/{media_id[4:]}"
+
+
+class _Lines:
+    """A file-like object over generated COPY lines, so 10^7 rows never sit in memory."""
+
+    def __init__(self, lines: Iterator[str]):
+        self._lines = lines
+        self._buf = b""
+
+    def read(self, size: int = 65536) -> bytes:
+        while len(self._buf) < size:
+            chunk = "".join(line for _, line in zip(range(2000), self._lines, strict=False))
+            if not chunk:
+                break
+            self._buf += chunk.encode()
+        out, self._buf = self._buf[:size], self._buf[size:]
+        return out
+
+
+
+def _grow(pg: PostgreSQL, dbname: str, start: int, stop: int, media_columns: set[str]) -> float:
+    """Add media start..stop-1 (rows, paths, blobs) with COPY; returns seconds taken."""
+    began = time.perf_counter()
+    created = int(time.time() * 1000) - DAY_MS
+    conn = pg.connect(dbname)
+    try:
+        cur = conn.cursor()
+        extra = [c for c in ("sha256", "authenticated") if c in media_columns]
+
+        def media() -> Iterator[str]:
+            for i in range(start, stop):
+                c = _content(i)
+                fields = [_media_id(i), "application/octet-stream", str(_length(c)), str(created),
+                          f"f{i}.bin", "@bench:b7", str(created)]
+                if "sha256" in extra:
+                    fields.append(_sha(c))
+                if "authenticated" in extra:
+                    fields.append("t")
+                yield "\t".join(fields) + "\n"
+
+        cur.copy_expert(
+            "COPY local_media_repository (media_id, media_type, media_length, created_ts,"
+            f" upload_name, user_id, last_access_ts{''.join(', ' + c for c in extra)}) FROM STDIN",
+            _Lines(media()),
+        )
+
+        def paths() -> Iterator[str]:
+            for i in range(start, stop):
+                c, media_id = _content(i), _media_id(i)
+                yield (f"{_path(media_id)}\t{_sha(c)}\t{_length(c)}\t\\N\t{media_id}"
+                       f"\t\\N\t\\N\t\\N\t\\N\t{created}\n")
+
+        cur.copy_expert(
+            f"COPY {index.PATHS} (path, sha256, length, media_origin, file_id, thumbnail_width,"
+            " thumbnail_height, thumbnail_type, thumbnail_method, created_ts) FROM STDIN",
+            _Lines(paths()),
+        )
+
+        def blobs() -> Iterator[str]:
+            for c in range(start, stop):
+                if c % 5 != 4:
+                    yield f"{_sha(c)}\t{_length(c)}\t1\t0\t{created}\t{created}\n"
+
+        cur.copy_expert(
+            f"COPY {index.BLOBS} (sha256, length, stored, corrupt, created_ts, last_ref_ts)"
+            " FROM STDIN",
+            _Lines(blobs()),
+        )
+        conn.commit()
+        conn.autocommit = True
+        cur.execute(f"ANALYZE local_media_repository; ANALYZE {index.PATHS}; ANALYZE {index.BLOBS}")
+    finally:
+        conn.close()
+    return time.perf_counter() - began
+
+
+def _timed(samples: list[float], func: Callable[..., Any], *args: Any) -> Any:
+    t = time.perf_counter()
+    result = func(*args)
+    samples.append(time.perf_counter() - t)
+    return result
+
+
+def _ms(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def _measure(db: Database, rows: int, rounds: int, rng: random.Random) -> dict[str, list[float]]:
+    """Each operation ``rounds`` times on random keys; seconds per operation."""
+    run = index.run_tool_txn
+    out: dict[str, list[float]] = {
+        "store (new content)": [], "store (duplicate)": [], "fetch / redirect lookup": [],
+    }
+    def store(sha: str, length: int, media_id: str, expect: str) -> None:
+        path, ref, now = _path(media_id), index.MediaRef(None, media_id), index.now_ms()
+        claim = index.Claim(uuid.uuid4().hex, path, "b7")
+        assert run(db, index.synapse_sha256_txn, ref) is None
+        decision, _ = run(db, index.claim_blob_txn, sha, length, now, claim)
+        assert decision == expect, decision
+        run(db, index.record_path_txn, path, sha, length, ref, now, True, claim)
+
+    for n in range(rounds):
+        media_id = _media_id(rng.randrange(rows))
+        located = _timed(out["fetch / redirect lookup"], run, db, index.locate_txn, _path(media_id))
+        assert located is not None and located.servable, (media_id, located)
+        new_id = uuid.uuid4().hex[:24]
+        sha = hashlib.sha256(new_id.encode()).hexdigest()
+        _timed(out["store (new content)"], store, sha, 4096 + n, new_id, index.WRITE)
+        _timed(out["store (duplicate)"], store, sha, 4096 + n, uuid.uuid4().hex[:24], index.HIT)
+    return out
+
+
+def _deletion_batches(db: Database, rows: int, batches: int, rng: random.Random) -> list[float]:
+    """Seconds per deletion-job batch of 100 media: tombstones -> paths -> due -> marks."""
+    run = index.run_tool_txn
+    samples = []
+    for _ in range(batches):
+        victims = [_media_id(rng.randrange(rows)) for _ in range(100)]
+        db.execute(
+            f"DELETE FROM local_media_repository WHERE media_id IN ({', '.join('?' * len(victims))})",
+            victims,
+        )
+        db.commit()
+        began = time.perf_counter()
+        batch = run(db, index.apply_tombstones_txn, index.now_ms(), 100)
+        due = run(db, index.due_blobs_txn, index.now_ms(), 50)
+        for sha256, _length, gen in due:
+            mark = index.now_ms()
+            if run(db, index.mark_deleting_txn, sha256, gen, mark):
+                run(db, index.finish_deleting_txn, sha256, mark)
+        samples.append(time.perf_counter() - began)
+        assert batch.paths_removed > 0, batch
+    return samples
+
+
+def _sizes(db: Database) -> dict[str, int]:
+    """Bytes on disk of the index tables (heap + indexes + TOAST)."""
+    out = {}
+    for table in (index.PATHS, index.BLOBS):
+        out[table] = int(db.query("SELECT pg_total_relation_size(?)", (table,))[0][0])
+    return out
+
+
+def _tool_rss(hs: Synapse, *args: str) -> tuple[float, float]:
+    """(peak RSS in MiB, seconds) of one tool run."""
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "synapse_msc3916.cli", *args,
+           "-c", str(hs.config_path), "--json"]
+    began = time.perf_counter()
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=hs.env(), capture_output=True, text=True,
+                            timeout=3600)
+    seconds = time.perf_counter() - began
+    found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)
+    if found is None:
+        raise RuntimeError(f"{args}: no RSS in\n{result.stderr[-2000:]}")
+    if result.returncode not in (0, 1):  # scrub exits 1 when it found problems
+        raise RuntimeError(f"{args} failed ({result.returncode}):\n{result.stderr[-2000:]}")
+    json.loads(result.stdout)  # the tool answered
+    return int(found.group(1)) / 1024, seconds
+
+
+def run(report: Report, workdir: Path, quick: bool = False) -> None:
+    sizes = QUICK_SIZES if quick else SIZES
+    if os.environ.get("B7_SIZES"):  # e.g. B7_SIZES=10000,1000000 for a shorter full run
+        sizes = [int(n) for n in os.environ["B7_SIZES"].split(",")]
+    rss_at = RSS_AT if RSS_AT in sizes else sizes[0]
+    rounds = 200 if quick else 1000
+    if shutil.which("time") is None and not Path("/usr/bin/time").exists():
+        raise RuntimeError("/usr/bin/time is needed (Debian: time)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    pg = PostgreSQL().start()
+    hs = None
+    try:
+        database = pg.create_database("b7")
+        store_dir = workdir / "blobs"
+        hs = Synapse(
+            workdir / "hs",
+            storage_providers=[provider_entry({"backend": "file", "directory": str(store_dir)})],
+            extra_config={"database": database},
+        )
+        hs.start()
+        hs.stop()  # Synapse's schema, the index schema and the triggers exist now
+        conn = pg.connect("b7")
+        db = Database(conn, "postgres")
+        media_columns = {str(r[0]) for r in db.query(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_name = 'local_media_repository'")}
+        db.commit()
+        # The provider creates these on its first use of the database; make sure of them.
+        index.run_tool_txn(db, index.ensure_schema_txn)
+        index.run_tool_txn(db, media_deletions.ensure_deletion_triggers_txn)
+        index.run_tool_txn(db, index.note_tombstones_since_txn, index.now_ms())
+        rng = random.Random(7)
+        have = 0
+        p50: dict[str, dict[int, float]] = {}
+        for size in sizes:
+            load_s = _grow(pg, "b7", have, size, media_columns)
+            have = size
+            print(f"   B7 {size:,} rows loaded in {load_s:.0f}s", flush=True)
+            samples = _measure(db, size, rounds, rng)
+            samples["deletion batch (100 media)"] = _deletion_batches(db, size, 10 if quick else 30, rng)
+            for op, got in samples.items():
+                p50.setdefault(op, {})[size] = _ms(got, 0.5)
+                goal = ""
+                met = None
+                if op != "deletion batch (100 media)" and size == sizes[-1] and size != sizes[0]:
+                    ratio = p50[op][size] / p50[op][sizes[0]]
+                    goal, met = f"p50 <= {LOOKUP_GOAL}x p50 at {sizes[0]:,}", ratio <= LOOKUP_GOAL
+                report.add(
+                    "B7", f"{op} at {size:,}", "PostgreSQL",
+                    ratio=(f"{p50[op][size] / p50[op][sizes[0]]:.2f}x" if size != sizes[0] else "1.00x"),
+                    goal=goal, met=met,
+                    **{"p50 ms": f"{_ms(got, 0.5):.2f}", "p99 ms": f"{_ms(got, 0.99):.2f}",
+                       "samples": str(len(got))},
+                )
+            stats_s: list[float] = []
+            for _ in range(3):
+                result = _timed(stats_s, lambda: index.run_tool_txn(db, index.stats_txn, 10))
+            assert result["paths"] >= size * 0.8, result
+            median = statistics.median(stats_s)
+            report.add(
+                "B7", f"stats at {size:,}", "stats_txn",
+                goal=f"<= {STATS_GOAL_S:.0f} s at 10,000,000" if size == 10_000_000 else "",
+                met=(median <= STATS_GOAL_S) if size == 10_000_000 else None,
+                **{"p50 ms": f"{median * 1000:.1f}", "samples": str(len(stats_s))},
+            )
+            on_disk = _sizes(db)
+            per_million = {t: b / size * 1_000_000 / 2**20 for t, b in on_disk.items()}
+            report.add(
+                "B7", f"index size at {size:,}", "pg_total_relation_size",
+                **{"paths MiB": f"{on_disk[index.PATHS] / 2**20:.0f}",
+                   "blobs MiB": f"{on_disk[index.BLOBS] / 2**20:.0f}",
+                   "MiB per 10^6 media": f"{sum(per_million.values()):.0f}"},
+            )
+            db.commit()
+            if size == rss_at:
+                for args in (["stats"], ["gc"], ["scrub"], ["migrate", "--dry-run"]):
+                    mib, seconds = _tool_rss(hs, *args)
+                    report.add(
+                        "B7", f"{' '.join(args)} at {size:,}", "peak RSS",
+                        goal=f"<= {RSS_GOAL_MIB} MiB", met=mib <= RSS_GOAL_MIB,
+                        **{"RSS MiB": f"{mib:.0f}", "seconds": f"{seconds:.1f}"},
+                    )
+        conn.close()
+        report.note(
+            "B7",
+            "Rows were made with `COPY` into a PostgreSQL whose schema a real Synapse (and the "
+            "provider) created: `local_media_repository`, one index path per media, one blob per "
+            "distinct content (one media in five repeats the previous one's content), then "
+            "`ANALYZE`. Each operation is the provider's own transactions from "
+            "`storage/index.py`, run one after another on one connection, each committed "
+            "(PostgreSQL runs with `fsync=off`, as in the tests, so commits cost no disk flush); "
+            "keys are random. Store = Synapse's recorded SHA-256 + claim + record path (three "
+            "transactions). The fetch and the redirect hook make the same lookup (`locate_txn`). "
+            "Deletion batch = 100 media rows deleted by SQL (the triggers write tombstones), then "
+            "one deletion-job batch: tombstones -> paths -> due blobs -> mark -> row removed "
+            "(no object store involved). Ratios compare each size with the smallest. Tool RSS: "
+            "`/usr/bin/time -v` of the command-line tool against the same database, file backend "
+            "with no objects and an empty media store (so `scrub` reports every blob missing and "
+            "`migrate --dry-run` has nothing to walk).",
+        )
+    finally:
+        if hs is not None:
+            hs.stop()
+        pg.stop()
