@@ -163,7 +163,17 @@ def _ms(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
-def _measure(db: Database, rows: int, rounds: int, rng: random.Random) -> dict[str, list[float]]:
+def _pick(rng: random.Random, rows: int, deleted: set[int]) -> int:
+    """A random media that the deletion batches have not deleted."""
+    while True:
+        i = rng.randrange(rows)
+        if i not in deleted:
+            return i
+
+
+def _measure(
+    db: Database, rows: int, rounds: int, rng: random.Random, deleted: set[int]
+) -> dict[str, list[float]]:
     """Each operation ``rounds`` times on random keys; seconds per operation."""
     run = index.run_tool_txn
     out: dict[str, list[float]] = {
@@ -178,7 +188,7 @@ def _measure(db: Database, rows: int, rounds: int, rng: random.Random) -> dict[s
         run(db, index.record_path_txn, path, sha, length, ref, now, True, claim)
 
     for n in range(rounds):
-        media_id = _media_id(rng.randrange(rows))
+        media_id = _media_id(_pick(rng, rows, deleted))
         located = _timed(out["fetch / redirect lookup"], run, db, index.locate_txn, _path(media_id))
         assert located is not None and located.servable, (media_id, located)
         new_id = uuid.uuid4().hex[:24]
@@ -188,12 +198,16 @@ def _measure(db: Database, rows: int, rounds: int, rng: random.Random) -> dict[s
     return out
 
 
-def _deletion_batches(db: Database, rows: int, batches: int, rng: random.Random) -> list[float]:
+def _deletion_batches(
+    db: Database, rows: int, batches: int, rng: random.Random, deleted: set[int]
+) -> list[float]:
     """Seconds per deletion-job batch of 100 media: tombstones -> paths -> due -> marks."""
     run = index.run_tool_txn
     samples = []
     for _ in range(batches):
-        victims = [_media_id(rng.randrange(rows)) for _ in range(100)]
+        chosen = {_pick(rng, rows, deleted) for _ in range(100)}
+        deleted |= chosen
+        victims = [_media_id(i) for i in sorted(chosen)]
         db.execute(
             f"DELETE FROM local_media_repository WHERE media_id IN ({', '.join('?' * len(victims))})",
             victims,
@@ -268,14 +282,15 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
         index.run_tool_txn(db, media_deletions.ensure_deletion_triggers_txn)
         index.run_tool_txn(db, index.note_tombstones_since_txn, index.now_ms())
         rng = random.Random(7)
+        deleted: set[int] = set()
         have = 0
         p50: dict[str, dict[int, float]] = {}
         for size in sizes:
             load_s = _grow(pg, "b7", have, size, media_columns)
             have = size
             print(f"   B7 {size:,} rows loaded in {load_s:.0f}s", flush=True)
-            samples = _measure(db, size, rounds, rng)
-            samples["deletion batch (100 media)"] = _deletion_batches(db, size, 10 if quick else 30, rng)
+            samples = _measure(db, size, rounds, rng, deleted)
+            samples["deletion batch (100 media)"] = _deletion_batches(db, size, 10 if quick else 30, rng, deleted)
             for op, got in samples.items():
                 p50.setdefault(op, {})[size] = _ms(got, 0.5)
                 goal = ""
