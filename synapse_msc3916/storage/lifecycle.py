@@ -85,6 +85,7 @@ class DeletionJob:
 
     async def run_once(self) -> tuple[int, int]:
         """Returns (paths removed, objects deleted), for tests and the log."""
+        await self._db("compact_totals", index.compact_totals_txn)
         paths = 0
         for _ in range(MAX_BATCHES):
             batch = await self._db(
