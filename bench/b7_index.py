@@ -60,7 +60,8 @@ FETCH, STORE_NEW, STORE_DUP, DELETION = (
     "fetch / redirect lookup", "store (new content)", "store (duplicate)", "deletion batch (100 media)")
 # A server with 10^7 media has more than the default 128 MB of shared buffers; these are
 # modest for one (see docs/scaling.md); fsync stays off as in the tests.
-PG_SETTINGS = {"shared_buffers": "1GB", "maintenance_work_mem": "512MB", "max_wal_size": "4GB"}
+PG_SETTINGS = {"shared_buffers": "1GB", "maintenance_work_mem": "512MB", "max_wal_size": "4GB",
+               "track_io_timing": "on"}
 DAY_MS = 24 * 3600 * 1000
 
 
@@ -267,6 +268,24 @@ def _sizes(db: Database) -> dict[str, int]:
     return out
 
 
+def _io(pg: PostgreSQL, sizes: list[int]) -> dict[int, tuple[int, int, float]]:
+    """Per size: (blocks found in shared buffers, blocks read from outside them, ms spent
+    reading), cumulative for its database."""
+    time.sleep(1.5)  # backends publish their counters when idle for a second
+    conn = pg.connect()
+    try:
+        cur = conn.cursor()
+        out = {}
+        for size in sizes:
+            cur.execute("SELECT blks_hit, blks_read, blk_read_time FROM pg_stat_database"
+                        " WHERE datname = %s", (f"b7_{size}",))
+            hit, read, read_ms = cur.fetchone()
+            out[size] = (int(hit), int(read), float(read_ms))
+        return out
+    finally:
+        conn.close()
+
+
 def _sparse_objects(pg: PostgreSQL, dbname: str, directory: Path) -> int:
     """An object of the right length (sparse: no disk blocks) for every stored blob, so
     that ``scrub`` and ``gc`` walk a store that matches the index; returns how many."""
@@ -355,11 +374,15 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
         rng = random.Random(7)
         deleted: dict[int, set[int]] = {size: set() for size in sizes}
         samples: dict[int, dict[str, list[float]]] = {size: {} for size in sizes}
+        # The order of the sizes changes every round, so that no size always follows
+        # another's cache footprint.
+        io_before = _io(pg, sizes)
         for n in range(rounds):
-            for size in sizes:
+            for size in rng.sample(sizes, len(sizes)):
                 _one_round(dbs[size], size, n, rng, deleted[size], samples[size])
+        io_after = _io(pg, sizes)
         for _ in range(batches):
-            for size in sizes:
+            for size in rng.sample(sizes, len(sizes)):
                 samples[size].setdefault(DELETION, []).append(
                     _deletion_batch(dbs[size], size, rng, deleted[size]))
         smallest, largest = sizes[0], sizes[-1]
@@ -376,6 +399,13 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
                        "samples": str(len(got))},
                 )
 
+        for size in sizes:
+            hit, read, read_ms = (a - b for a, b in zip(io_after[size], io_before[size], strict=True))
+            report.add(
+                "B7", f"buffers per lookup round at {size:,}", "pg_stat_database",
+                **{"shared hits": f"{hit / rounds:.1f}", "reads": f"{read / rounds:.1f}",
+                   "read ms": f"{read_ms / rounds:.3f}"},
+            )
         stats_s: dict[int, list[float]] = {size: [] for size in sizes}
         top_s: dict[int, list[float]] = {size: [] for size in sizes}
         for _ in range(3):
@@ -432,7 +462,10 @@ NOTE = (
     "distinct content (one media in five repeats the previous one's content), indexes built"
     " after the copy, then `VACUUM ANALYZE` (a settled table). Sizes are measured side by "
     "side: every round runs each operation once on each size in turn, on random keys, each "
-    "one the provider's own committed transactions from `storage/index.py`. Store = "
+    "one the provider's own committed transactions from `storage/index.py`; the order of "
+    "the sizes changes every round. Buffers per lookup round: from `pg_stat_database` over "
+    "the rounds (one fetch + two stores each), blocks found in shared buffers, blocks read "
+    "from the OS (its page cache or the disk) and the time those reads took. Store = "
     "Synapse's recorded SHA-256 + claim + record path (three transactions). The fetch and "
     "the redirect hook make the same lookup (`locate_txn`). Deletion batch = 100 media rows"
     " deleted by SQL (the triggers write tombstones), then one deletion-job batch: "
@@ -443,7 +476,7 @@ NOTE = (
     "existing index once. Index size: paths + blobs tables with their indexes, freshly "
     "built (an index grown by inserts in random key order was 14% larger at 10^6). Tool "
     "RSS: `/usr/bin/time -v` of the command-line tool against the 10^6 database, file "
-    "backend holding a sparse object of the right length for every stored blob (a "
-    "store that matches the index) and an empty media store (`migrate --dry-run` has "
-    "nothing to walk)."
+    "backend holding a sparse object of the right length for every stored blob (a store "
+    "that matches the index) and an empty media store (`migrate --dry-run` has nothing to "
+    "walk)."
 )
