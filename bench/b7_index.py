@@ -408,9 +408,10 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
             )
         stats_s: dict[int, list[float]] = {size: [] for size in sizes}
         top_s: dict[int, list[float]] = {size: [] for size in sizes}
-        for _ in range(3):
+        for attempt in range(3):
             for size in sizes:
-                _timed(top_s[size], index.run_tool_txn, dbs[size], index.stats_txn, 10)
+                if attempt == 0:  # a scan of the whole paths table: once is enough
+                    _timed(top_s[size], index.run_tool_txn, dbs[size], index.stats_txn, 10)
                 result = _timed(stats_s[size], index.run_tool_txn, dbs[size], index.stats_txn)
                 recount = index.run_tool_txn(dbs[size], index.count_totals_txn)
                 assert index.run_tool_txn(dbs[size], index.totals_txn) == recount, (result, recount)
