@@ -472,7 +472,7 @@ NOTE = (
     " deleted by SQL (the triggers write tombstones), then one deletion-job batch: "
     "tombstones -> paths -> due blobs -> mark -> row removed (no object store involved). "
     "stats is checked against a full recount each time; by default it lists no largest "
-    "duplicates above 10^6 paths (that list scans the whole index: the `--top 10` rows). "
+    "duplicates above 10^5 paths (that list scans the whole index: the `--top 10` rows). "
     "Totals initialised = the schema step that creates the running totals, scanning an "
     "existing index once. Index size: paths + blobs tables with their indexes, freshly "
     "built (an index grown by inserts in random key order was 14% larger at 10^6). Tool "
