@@ -252,8 +252,8 @@ def _deletion_batch(db: Database, rows: int, rng: random.Random, deleted: set[in
     batch = run(db, index.apply_tombstones_txn, index.now_ms(), 100)
     due = run(db, index.due_blobs_txn, index.now_ms(), 50)
     for sha256, _length, gen in due:
-        mark = index.now_ms()
-        if run(db, index.mark_deleting_txn, sha256, gen, mark):
+        mark = run(db, index.mark_deleting_txn, sha256, gen)
+        if mark is not None:
             run(db, index.finish_deleting_txn, sha256, mark)
     seconds = time.perf_counter() - began
     assert batch.paths_removed > 0, batch
@@ -362,7 +362,7 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
             admin.close()
             loaded, totals = _load(pg, name, size, media_columns)
             print(f"   B7 {size:,} media loaded in {loaded:.0f}s, totals in {totals:.1f}s", flush=True)
-            report.add("B7", f"totals initialised at {size:,}", "schema step 4 (a scan)",
+            report.add("B7", f"totals initialised at {size:,}", f"schema step {index.TOTALS_VERSION} (a scan)",
                        **{"seconds": f"{totals:.1f}"})
             dbs[size] = Database(pg.connect(name), "postgres")
             config = yaml.safe_load(hs.config_path.read_text())

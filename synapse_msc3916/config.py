@@ -266,7 +266,22 @@ class RedirectConfig:
         )
 
 
-_DIRECTORY_KEYS = {"backend", "directory", "redirect", "delete_after"}
+DEFAULT_STALL_TIMEOUT_MS = 90_000
+
+
+def _stall_timeout(block: Mapping[str, Any]) -> int:
+    """``stall_timeout``: how long a streamed download may go without the client taking
+    bytes before its connection is dropped (never a limit on the download's length)."""
+    value = block.get("stall_timeout")
+    if value is None:
+        return DEFAULT_STALL_TIMEOUT_MS
+    ms = parse_duration_ms(value, "stall_timeout")
+    if ms < 1000:
+        raise _fail("stall_timeout", f"must be at least 1s, not {value!r}")
+    return ms
+
+
+_DIRECTORY_KEYS = {"backend", "directory", "redirect", "delete_after", "stall_timeout"}
 _S3_KEYS = {
     "bucket",
     "prefix",
@@ -285,6 +300,7 @@ _S3_KEYS = {
     "legacy_prefix",
     "redirect",
     "delete_after",
+    "stall_timeout",
     # accepted for drop-in compatibility with synapse-s3-storage-provider
     "request_checksum_calculation",
     "response_checksum_validation",
@@ -310,10 +326,11 @@ class StorageConfig:
     endpoint_url: str | None = None
     region_name: str | None = None
     access_key_id: str | None = None
-    secret_access_key: str | None = None
-    session_token: str | None = None
+    # Secrets stay out of the repr: configs end up in logs and tracebacks.
+    secret_access_key: str | None = attr.ib(default=None, repr=False)
+    session_token: str | None = attr.ib(default=None, repr=False)
     storage_class: str = "STANDARD"
-    sse_customer_key: str | None = None
+    sse_customer_key: str | None = attr.ib(default=None, repr=False)
     sse_customer_algo: str = "AES256"
     threadpool_size: int = 40
     max_pool_connections: int = 40
@@ -326,6 +343,8 @@ class StorageConfig:
     redirect: RedirectConfig = attr.ib(factory=RedirectConfig)
     # How long after the last reference goes an object is deleted; None: only by gc.
     delete_after_ms: int | None = DEFAULT_DELETE_AFTER_MS
+    # A streamed download whose client takes no bytes for this long is dropped.
+    stall_timeout_ms: int = DEFAULT_STALL_TIMEOUT_MS
 
     @classmethod
     def parse(cls, block: Any) -> StorageConfig:
@@ -346,7 +365,12 @@ class StorageConfig:
                     "redirect.enabled",
                     "needs backend: s3 (a directory has no URL a client could be sent to)",
                 )
-            return cls(backend="file", directory=directory, delete_after_ms=_delete_after(block))
+            return cls(
+                backend="file",
+                directory=directory,
+                delete_after_ms=_delete_after(block),
+                stall_timeout_ms=_stall_timeout(block),
+            )
 
         _check_keys(block, _S3_KEYS | {"backend"}, "")
         bucket = _str(block, "bucket", None)
@@ -410,4 +434,5 @@ class StorageConfig:
             response_checksum_validation=checksums["response_checksum_validation"],
             redirect=redirect,
             delete_after_ms=_delete_after(block),
+            stall_timeout_ms=_stall_timeout(block),
         )

@@ -6,7 +6,7 @@ serves. Names start with ``synapse_msc3916_`` so that they sort together.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 MEDIA_REQUESTS = Counter(
     "synapse_msc3916_media_requests",
@@ -58,6 +58,11 @@ STORAGE_OBJECTS_DELETED = Counter(
 STORAGE_BYTES_DELETED = Counter(
     "synapse_msc3916_storage_bytes_deleted",
     "Bytes of the objects the deletion job removed from the blob store.",
+)
+STORAGE_DELETION_LEASE_HELD = Gauge(
+    "synapse_msc3916_storage_deletion_lease_held",
+    "1 on the media process that holds the deletion job's lease (the one running the"
+    " job), 0 on the other media processes.",
 )
 STORAGE_HEALS = Counter(
     "synapse_msc3916_storage_heals",

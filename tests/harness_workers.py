@@ -249,6 +249,8 @@ class Deployment:
             "media_instance_running_background_jobs": names[0] if names else None,
         }
         extra.update(self.extra_config)
+        if extra["media_instance_running_background_jobs"] is None:
+            del extra["media_instance_running_background_jobs"]  # unset, not null
         client_port = free_port()
         listeners = [
             {"port": client_port, "bind_addresses": ["127.0.0.1"], "type": "http", "tls": False,
@@ -355,6 +357,8 @@ class WorkerSynapse(Synapse):
         config["enable_media_repo"] = False
         config["media_instance_running_background_jobs"] = names[0]
         config.update(extra)
+        if config["media_instance_running_background_jobs"] is None:
+            del config["media_instance_running_background_jobs"]  # unset, not null
         return config
 
     def start(self, timeout: float = 120.0, app: str = "synapse.app.homeserver") -> WorkerSynapse:

@@ -81,6 +81,71 @@ def test_each_listener_serves_only_its_own_families(synapse_factory) -> None:
 
 @pytest.mark.compat
 @pytest.mark.single_process
+def test_two_listeners_on_one_port_keep_their_own_families(synapse_factory) -> None:
+    """Same port, two bind addresses (127.0.0.1 and ::1), different resources.
+
+    Before the fix the listeners were keyed by port alone, so the second listener's
+    names replaced the first's: the client listener on 127.0.0.1 answered the
+    unstable client path with 404 M_UNRECOGNIZED (it had the federation listener's
+    names)."""
+    port = free_port()
+    client_listener = _listener(port, ["client"])
+    federation_listener = _listener(port, ["federation"])
+    federation_listener["bind_addresses"] = ["::1"]
+    hs = synapse_factory(listeners=[client_listener, federation_listener])
+    hs.port, hs.base_url = port, f"http://127.0.0.1:{port}"
+    hs.start()
+    client, federation = hs.base_url, f"http://[::1]:{port}"
+    token = hs.register("dual")
+    media_id = hs.upload(token, b"one port, two listeners\n", "text/plain", "d.txt")
+    sn = hs.server_name
+    auth = {"Authorization": f"Bearer {token}"}
+
+    unstable_client = f"/_matrix/client/unstable/org.matrix.msc3916/media/download/{sn}/{media_id}"
+    r = request("GET", client, unstable_client, auth)
+    assert (r.status, r.body) == (200, b"one port, two listeners\n"), r
+    r = request("GET", federation, unstable_client, auth)
+    assert r.status == 404 and r.json()["errcode"] == "M_UNRECOGNIZED", r
+
+    unstable_fed = f"/_matrix/federation/unstable/org.matrix.msc3916.v2/media/download/{media_id}"
+    r = request("GET", federation, unstable_fed)
+    assert r.status == 401 and r.json()["errcode"] == "M_UNAUTHORIZED", r
+    r = request("GET", client, unstable_fed)
+    assert r.status == 404 and r.json()["errcode"] == "M_UNRECOGNIZED", r
+    assert "media router installed on 2 listener(s)" in hs.output()
+
+
+def test_listener_names_are_found_by_address_and_port() -> None:
+    """The matching rules on their own: an address spelt differently matches, a port
+    two listeners share never falls back to the other's names, a UNIX socket by path."""
+    from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+
+    from synapse_msc3916.synapse_adapter.listeners import _names_for
+
+    class Port:
+        def __init__(self, host: object) -> None:
+            self.host = host
+
+        def getHost(self) -> object:  # noqa: N802 (Twisted's name)
+            return self.host
+
+    client, federation, media = frozenset({"client"}), frozenset({"federation"}), frozenset({"media"})
+    listeners = {
+        ("127.0.0.1", 8008): client,
+        ("::1", 8008): federation,
+        ("0.0.0.0", 8448): media,
+        (None, "/run/synapse.sock"): client,
+    }
+    assert _names_for(listeners, Port(IPv4Address("TCP", "127.0.0.1", 8008))) == client
+    assert _names_for(listeners, Port(IPv6Address("TCP", "::1", 8008))) == federation
+    # A host the configuration named otherwise: by port, only when one listener has it.
+    assert _names_for(listeners, Port(IPv4Address("TCP", "10.0.0.1", 8448))) == media
+    assert _names_for(listeners, Port(IPv4Address("TCP", "10.0.0.1", 8008))) is None
+    assert _names_for(listeners, Port(UNIXAddress(b"/run/synapse.sock"))) == client
+
+
+@pytest.mark.compat
+@pytest.mark.single_process
 def test_router_hands_everything_else_back_unchanged(synapse_factory) -> None:
     """Same answers, to the byte, as a Synapse without the module on the same layout."""
     with_module, c1, f1 = two_listener_server(synapse_factory, module=True)

@@ -94,10 +94,12 @@ def test_admin_deletions_are_followed_into_the_bucket(
     assert hs.metric_value("synapse_msc3916_storage_bytes_deleted_total") >= 220_000
 
     if TOPOLOGY == "workers":
-        # The job ran in exactly one process: the media background-jobs instance.
-        per_process = {name: _deleted_on(text) for name, text in _process_metrics(hs).items()}
-        runner = hs.config["media_instance_running_background_jobs"]
+        # The job ran in exactly one process: the media worker holding its lease.
+        metrics = _process_metrics(hs)
+        per_process = {name: _deleted_on(text) for name, text in metrics.items()}
+        (runner,) = [name for name, text in metrics.items() if _gauge(text, LEASE_HELD) == 1.0]
         assert per_process.pop(runner) == gone and set(per_process.values()) == {0.0}, per_process
+        _hand_over_the_job(hs, seaweedfs, bucket, admin, runner)
 
     # Deleted content uploaded again is stored and served.
     again = hs.upload(bob, unique)
@@ -112,6 +114,77 @@ def test_admin_deletions_are_followed_into_the_bucket(
     hs.restart()
     _wait_gone(seaweedfs, bucket, {sha(doomed)})
     assert seaweedfs.list_keys(bucket) == [blob_name(sha(unique))]
+
+
+def test_one_media_worker_and_no_background_jobs_instance_runs_the_job(
+    synapse_factory: Callable[..., Synapse], seaweedfs: SeaweedFS
+) -> None:
+    """Workers: one media worker, ``media_instance_running_background_jobs`` unset, the
+    main process with ``enable_media_repo: false`` (it loads no storage provider). Single:
+    one process on SQLite. The media process takes the deletion job's database lease and
+    a deleted media's object goes.
+
+    Before the lease (workers topology) the job ran only on the main process, which has
+    no provider, so it never ran: ``_wait_gone`` timed out after 60 s with the object
+    still in the bucket.
+    """
+    bucket = "lifecycle-lease"
+    seaweedfs.create_bucket(bucket)
+    kwargs: dict[str, Any] = {}
+    if TOPOLOGY == "workers":
+        kwargs = {"media_workers": 1, "extra_config": {"media_instance_running_background_jobs": None}}
+    hs = synapse_factory(
+        storage_providers=[provider_entry(s3_config(seaweedfs, bucket, delete_after="0s"))], **kwargs
+    ).start()
+    if TOPOLOGY == "workers":
+        assert "media_instance_running_background_jobs" not in hs.config
+        assert hs.config["enable_media_repo"] is False
+    admin = hs.register("admin", admin=True)
+    content = os.urandom(30_000)
+    media_id = hs.upload(admin, content)
+    assert blob_name(sha(content)) in seaweedfs.list_keys(bucket)
+    _delete_media(hs, admin, media_id)
+    _wait_gone(seaweedfs, bucket, {sha(content)})
+
+    holder = "media1" if TOPOLOGY == "workers" else "master"
+    assert [r[0] for r in hs.sql("SELECT instance FROM msc3916_storage_leases")] == [holder]
+    assert f"synapse_msc3916: this process ({holder}) took the storage deletion job's lease" in hs.output()
+    if TOPOLOGY == "workers":
+        held = {name: _gauge(text, LEASE_HELD) for name, text in _process_metrics(hs).items()}
+        assert held["media1"] == 1.0 and held["main"] in (None, 0.0), held  # main loads no provider
+    else:
+        assert hs.metric_value(LEASE_HELD) == 1.0
+
+
+LEASE_HELD = "synapse_msc3916_storage_deletion_lease_held"
+
+
+def _hand_over_the_job(hs: Any, seaweedfs: SeaweedFS, bucket: str, admin: str, runner: str) -> None:
+    """The worker running the job stops (a clean shutdown releases its lease): the other
+    media worker takes the job over at its next tick and deletes what is due."""
+    holder = next(w for w in hs.workers if w.name == runner)
+    other = next(w for w in hs.workers if w.name != runner)
+    holder.stop()
+    try:
+        content = os.urandom(25_000)
+        media_id = other.upload(admin, content)  # straight to the live worker, not the proxy
+        r = request("DELETE", other.base_url, f"/_synapse/admin/v1/media/{hs.server_name}/{media_id}",
+                    {"Authorization": f"Bearer {admin}"})
+        assert r.status == 200, r
+        _wait_gone(seaweedfs, bucket, {sha(content)})
+        port = other.config["worker_listeners"][-1]["port"]
+        text = request("GET", f"http://127.0.0.1:{port}", "/_synapse/metrics").body.decode()
+        assert _gauge(text, LEASE_HELD) == 1.0
+        assert f"this process ({other.name}) took the storage deletion job's lease over from {runner}" in hs.output()
+    finally:
+        holder.start()
+
+
+def _gauge(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return None
 
 
 def _process_metrics(hs: Any) -> dict[str, str]:

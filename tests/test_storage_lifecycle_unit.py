@@ -91,7 +91,7 @@ def test_a_reupload_before_the_job_keeps_the_content(txn: SqliteTxn) -> None:
     [(sha, _, gen)] = index.due_blobs_txn(txn, 5000)
     # The same content arrives again before the job marks it: the mark must fail.
     _store(txn, "local_content/new", SHA_A, index.MediaRef(None, "new"), now=5001)
-    assert not index.mark_deleting_txn(txn, sha, gen, 5002)
+    assert index.mark_deleting_txn(txn, sha, gen) is None
     assert index.due_blobs_txn(txn, 10**12) == []
 
 
@@ -116,11 +116,18 @@ def test_gc_trusts_tombstones_for_paths_indexed_after_them(txn: SqliteTxn) -> No
     assert index.orphan_paths_txn(txn, now) == ["local_content/new", "local_content/old"]
 
 
-def test_claims_of_a_previous_life_are_released(txn: SqliteTxn) -> None:
-    index.claim_blob_txn(txn, SHA_A, 1, 1000, index.Claim("t1", "p1", "media1"))
-    index.claim_blob_txn(txn, SHA_B, 1, 1000, index.Claim("t2", "p2", "media2"))
-    assert index.release_stale_claims_txn(txn, 2000, instance="media1", before=1500) == 1
-    assert [d[0] for d in index.due_blobs_txn(txn, 2000)] == [SHA_A]
+def test_claims_of_a_stopped_boot_are_released(txn: SqliteTxn) -> None:
+    """By boot, not by instance name (see test_storage_claims_postgres for the surge)."""
+    assert index.boot_heartbeat_txn(txn, "boot1", "media1") == 0
+    assert index.boot_heartbeat_txn(txn, "boot2", "media1") == 0
+    index.claim_blob_txn(txn, SHA_A, 1, 1000, index.Claim("t1", "p1", "media1", "boot1"))
+    index.claim_blob_txn(txn, SHA_B, 1, 1000, index.Claim("t2", "p2", "media1", "boot2"))
+    txn.execute(
+        f"UPDATE {index.BOOTS} SET seen_ts = seen_ts - ? WHERE boot = 'boot1'",
+        (index.BOOT_STALE_MS + 1,),
+    )
+    assert index.boot_heartbeat_txn(txn, "boot2", "media1") == 1
+    assert [d[0] for d in index.due_blobs_txn(txn, index.now_ms())] == [SHA_A]
 
 
 def test_gc_dry_run_counts_what_apply_does_without_writing(txn: SqliteTxn) -> None:

@@ -12,7 +12,7 @@ import pytest
 from synapse_msc3916.homeserver_config import Database
 from synapse_msc3916.storage import index
 from synapse_msc3916.storage.blobstore import blob_name
-from tests.harness import SeaweedFS, Synapse, request
+from tests.harness import SeaweedFS, Synapse, request, wait_for
 from tests.harness_workers import PostgreSQL
 from tests.storage_helpers import download, provider_entry, s3_config, wipe_local_media
 from tests.test_storage_s3 import run_tool, sha
@@ -68,6 +68,19 @@ def test_synapse_on_postgres_dedups_and_gc_works(
     wipe_local_media(hs)
     for media_id in ids:
         assert download(hs, admin, media_id).body == data
+    # The provider's heartbeat: its claims are held by this boot, not by its name.
+    db = Database(postgres.connect("synapse_pg"), "postgres")
+    try:
+
+        def booted() -> bool:
+            rows = db.query(f"SELECT instance FROM {index.BOOTS}")
+            db.commit()
+            return rows == [("master",)]
+
+        wait_for(booted, 30, "the provider's boot row")
+        assert db.query(f"SELECT COUNT(*) FROM {index.CLAIMS}") == [(0,)]
+    finally:
+        db.close()
 
     resp = request(
         "DELETE",

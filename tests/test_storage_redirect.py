@@ -8,6 +8,7 @@ checks a URL's signature or expiry; these tests run one with an S3 identity file
 from __future__ import annotations
 
 import os
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -19,9 +20,16 @@ from typing import Any
 import pytest
 
 from synapse_msc3916.config import RedirectConfig, StorageConfig
+from synapse_msc3916.storage.blobstore import blob_name
 from synapse_msc3916.storage.redirect import Served, SignedUrls, decide, request_kind
 from tests.harness import TOPOLOGY, SeaweedFS, Synapse, make_synapse, request, wait_for
-from tests.storage_helpers import SignedSeaweedFS, provider_entry, s3_config, wipe_local_media
+from tests.storage_helpers import (
+    SignedSeaweedFS,
+    provider_entry,
+    s3_config,
+    sha,
+    wipe_local_media,
+)
 
 # Every release of the supported range: the seam and both sides of federation.
 pytestmark = pytest.mark.compat
@@ -31,10 +39,13 @@ MIN_SIZE = 1000  # small enough that a thumbnail redirects, big enough for a 100
 NO_REDIRECT_UA = "NoRedirect/1.0"
 
 
-def redirect_provider(s3: SeaweedFS, **redirect: Any) -> dict[str, Any]:
+def redirect_provider(s3: SeaweedFS, discover_region: bool = False, **redirect: Any) -> dict[str, Any]:
     block = {"enabled": True, "min_size": MIN_SIZE, "expires": 2,
              "exclude_user_agents": ["^NoRedirect/"], **redirect}
-    return provider_entry(s3_config(s3, BUCKET, prefix="r/", redirect=block))
+    config = s3_config(s3, BUCKET, prefix="r/", redirect=block)
+    if discover_region:
+        del config["region_name"]
+    return provider_entry(config)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +62,8 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
 def hs(tmp_path_factory: pytest.TempPathFactory, s3: SeaweedFS) -> Iterator[Synapse]:
     server = make_synapse(
         tmp_path_factory.mktemp("redirect-hs"), tls=True, name="a",
-        storage_providers=[redirect_provider(s3)],
+        # no region_name: the provider asks the bucket (test_bucket_region_is_discovered...)
+        storage_providers=[redirect_provider(s3, discover_region=True)],
     ).start()
     try:
         yield server
@@ -175,6 +187,45 @@ def test_refused_requests_never_redirect(hs: Synapse) -> None:
     assert quarantined.status == 404 and quarantined.header("Location") is None
 
 
+def test_head_is_answered_as_synapse_answers_it(hs: Synapse) -> None:
+    """A HEAD is never redirected: a URL presigned for GET answers HEAD with 403 on S3.
+
+    Before the fix (issue 18 item 5) the HEAD got the 307 (``assert head.status == 200``
+    failed with 307), and following it gave SeaweedFS's 403 for the GET signature."""
+    token = hs.register("heidi")
+    image = noise_png(800, 700)
+    assert len(image) >= MIN_SIZE
+    media_id = hs.upload(token, image, "image/png", "head.png")
+    wipe_local_media(hs)  # answered from the provider, as a redirect would have been
+    thumb = "?width=320&height=240&method=scale"
+    for path in (client_path(hs, "download", media_id),
+                 client_path(hs, "download", media_id, "/other.png"),
+                 client_path(hs, "thumbnail", media_id, thumb)):
+        assert hs.get(path, token).status == 307  # a GET of the same media redirects
+        streamed = hs.get(path, token, **{"User-Agent": NO_REDIRECT_UA})
+        assert streamed.status == 200, streamed
+        head = request("HEAD", hs.base_url, path, {"Authorization": f"Bearer {token}"})
+        assert head.status == 200, (path, head)
+        assert head.header("Location") is None and head.body == b""
+        for name in ("Content-Type", "Content-Disposition", "Content-Length", "ETag",
+                     "Cache-Control"):
+            assert head.header(name) == streamed.header(name), (path, name)
+        assert int(head.header("Content-Length") or 0) == len(streamed.body)
+
+
+def test_urls_are_signed_off_the_reactor_thread(hs: Synapse) -> None:
+    """botocore refreshes IAM-role/IRSA/SSO credentials with blocking HTTP inside presign:
+    signing must run on the provider's pool, never on the reactor (issue 18 item 15).
+
+    Before the fix every "presigned ... on thread" line named MainThread."""
+    token = hs.register("ivan")
+    media_id = hs.upload(token, os.urandom(1_100_000), "application/octet-stream")
+    assert hs.get(client_path(hs, "download", media_id), token).status == 307
+    threads = re.findall(r"presigned [0-9a-f]{64} on thread (\S+)", hs.log_file.read_text())
+    assert threads, "no URL was signed"
+    assert all("msc3916-storage" in t for t in threads), set(threads)
+
+
 def test_urls_are_reused_then_expire(hs: Synapse) -> None:
     token = hs.register("carol")
     data = os.urandom(1_500_000)
@@ -234,6 +285,70 @@ def test_federation_peer_follows_the_location_part(
     assert hs.metric_value("synapse_msc3916_storage_redirects_total", kind="federation") == before + 2  # raw + B
 
 
+def test_a_vanished_object_stops_redirecting_and_heals(hs: Synapse, s3: SeaweedFS) -> None:
+    """The object behind an indexed medium disappears (a lifecycle rule, an operator):
+    redirects to it stop within expires/2, the blob is marked missing, and the next upload
+    of the same content rewrites it (issue 18 item 10).
+
+    Before the fix the hook trusted the index: 307 to S3's 404 for ever (the wait_for
+    below timed out)."""
+    token = hs.register("victor")
+    data = os.urandom(1_300_000)
+    media_id = hs.upload(token, data, "application/octet-stream", "gone.bin")
+    wipe_local_media(hs)
+    path = client_path(hs, "download", media_id)
+    first = hs.get(path, token)
+    assert first.status == 307, first
+    s3.client().delete_object(Bucket=BUCKET, Key="r/" + blob_name(sha(data)))
+    assert follow(first.header("Location") or "")[0] == 404  # the redirect leads nowhere now
+
+    wait_for(lambda: hs.get(path, token).status != 307, 30, "redirects to a vanished object to stop")
+    gone = hs.get(path, token)
+    assert gone.status == 404 and gone.json()["errcode"] == "M_NOT_FOUND", gone
+    assert hs.sql(
+        "SELECT corrupt FROM msc3916_storage_blobs WHERE sha256 = ?", (sha(data),)
+    ) == [(1,)]
+
+    again = hs.upload(token, data)  # the same content: the object is written again
+    wipe_local_media(hs)
+    for medium in (again, media_id):
+        resp = hs.get(client_path(hs, "download", medium), token)
+        assert resp.status == 307, resp
+        assert follow(resp.header("Location") or "")[2] == data
+
+
+def test_a_vanished_remote_object_is_fetched_again(
+    hs: Synapse, s3: SeaweedFS, tmp_path: Path
+) -> None:
+    """Remote media whose object vanished from B's bucket: B's redirect check finds it
+    missing, Synapse gets "no responder" and fetches the media from its origin again, which
+    stores it again (issue 18 item 10). Before the fix B redirected to its own S3's 404
+    for ever (the wait_for timed out)."""
+    token = hs.register("wendy")
+    data = os.urandom(1_400_000)
+    media_id = hs.upload(token, data, "application/octet-stream", "remote.bin")
+    b = make_synapse(tmp_path / "b", tls=True, name="b", storage_providers=[
+        provider_entry(s3_config(s3, BUCKET, prefix="b/", redirect={
+            "enabled": True, "min_size": MIN_SIZE, "expires": 2}))]).start()
+    try:
+        bob = b.register("bob")
+        path = f"/_matrix/client/v1/media/download/{hs.server_name}/{media_id}"
+        first = b.get(path, bob)
+        assert first.status == 307, first
+        assert follow(first.header("Location") or "")[2] == data
+        s3.client().delete_object(Bucket=BUCKET, Key="b/" + blob_name(sha(data)))
+        wipe_local_media(b)  # no local copy either: only the origin has it now
+
+        def served_again() -> bool:
+            resp = b.get(path, bob)
+            return resp.status == 307 and follow(resp.header("Location") or "")[2] == data
+
+        wait_for(served_again, 30, "B to fetch the vanished remote media again")
+        assert "b/" + blob_name(sha(data)) in s3.list_keys(BUCKET, "b/")
+    finally:
+        b.stop()
+
+
 def test_legacy_endpoints_redirect_only_when_asked(
     tmp_path: Path, s3: SeaweedFS
 ) -> None:
@@ -258,6 +373,35 @@ def test_legacy_endpoints_redirect_only_when_asked(
             assert resp.status == 200 and resp.body == data, (msc1902, resp)
     finally:
         hs.stop()
+
+
+def test_bucket_region_is_discovered_when_not_configured(hs: Synapse) -> None:
+    """URLs signed for the wrong region fail on AWS: without region_name (as in the ``hs``
+    fixture), the provider asks the bucket at start-up (SeaweedFS answers
+    GetBucketLocation with no constraint, which is us-east-1) and signs for it. Before the
+    fix no region was asked for (the log line below was missing) and URLs were signed for
+    whatever boto3 defaulted to."""
+    assert "bucket redirects is in region us-east-1 (discovered" in hs.log_file.read_text()
+    token = hs.register("rita")
+    data = os.urandom(1_200_000)
+    resp = hs.get(client_path(hs, "download", hs.upload(token, data)), token)
+    assert resp.status == 307, resp
+    assert "%2Fus-east-1%2Fs3%2Faws4_request" in (resp.header("Location") or "")  # its scope
+    assert follow(resp.header("Location") or "")[2] == data
+
+
+@pytest.mark.single_process  # generic_worker prints only "Failed to parse config for module"
+def test_undiscoverable_region_refuses_to_start(tmp_path: Path, s3: SeaweedFS) -> None:
+    """No region_name, redirects on, and the bucket cannot tell its region (here: it does
+    not exist): one line naming region_name. Before the fix Synapse started (the test
+    timed out waiting for it to exit)."""
+    config = s3_config(s3, "no-such-bucket", redirect={"enabled": True})
+    del config["region_name"]
+    hs = make_synapse(tmp_path / "noregion", storage_providers=[provider_entry(config)])
+    code, output = hs.start_expecting_failure()
+    assert code != 0
+    lines = [line for line in output.splitlines() if "synapse_msc3916: region_name:" in line]
+    assert lines and "no-such-bucket" in lines[0], output[-3000:]
 
 
 @pytest.mark.single_process  # generic_worker prints only "Failed to parse config for module"
@@ -302,6 +446,28 @@ def test_bad_redirect_config_names_the_key(block: dict[str, Any], key: str) -> N
     assert message.startswith(f"synapse_msc3916: {key}:") and "\n" not in message
 
 
+def test_bucket_region_from_its_location_constraint() -> None:
+    from synapse_msc3916.storage.blobstore import region_from_location
+
+    # S3's GetBucketLocation: no constraint is us-east-1, and "EU" is an old eu-west-1.
+    assert region_from_location(None) == "us-east-1"
+    assert region_from_location("") == "us-east-1"
+    assert region_from_location("EU") == "eu-west-1"
+    assert region_from_location("eu-central-1") == "eu-central-1"
+
+
+def test_region_name_is_optional_with_redirects() -> None:
+    """Discovered at start-up when absent (see test_bucket_region_is_discovered...)."""
+    assert _parse(enabled=True).region_name is None
+    with_region = StorageConfig.parse({"backend": "s3", "bucket": "media",
+                                       "region_name": "eu-west-3", "redirect": {"enabled": True}})
+    assert with_region.region_name == "eu-west-3"
+    from synapse.module_api.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="^synapse_msc3916: region_name:"):
+        StorageConfig.parse({"backend": "s3", "bucket": "media", "region_name": 3})
+
+
 def test_redirect_config_defaults() -> None:
     config = _parse().redirect
     assert config == RedirectConfig()
@@ -334,31 +500,67 @@ def test_which_requests_redirect() -> None:
     for uri in ("/_matrix/federation/v1/media/download/m",
                 "/_matrix/federation/unstable/org.matrix.msc3916.v2/media/thumbnail/m"):
         assert request_kind(_served(uri, multipart=True), config) == "federation"
+    head = Served(b"/_matrix/client/v1/media/download/s/m", None, False, None, None, head=True)
+    assert request_kind(head, config) is None
     off = _parse(enabled=True, federation=False).redirect
     assert request_kind(_served("/_matrix/federation/v1/media/download/m", True), off) is None
 
-    urls = SignedUrls(10, lambda sha, ct, cd: f"https://s3/{sha}?{ct}&{cd}", clock=lambda: 0.0)
-    assert decide(_served("/_matrix/client/v1/media/download/s/m"), 10, "ab", config, urls) is None
-    got = decide(_served("/_matrix/client/v1/media/download/s/m"), 1 << 20, "ab", config, urls)
+    async def sign(sha: str, ct: str | None, cd: str | None) -> str:
+        return f"https://s3/{sha}?{ct}&{cd}"
+
+    urls = SignedUrls(10, sign, clock=lambda: 0.0)
+    path = "/_matrix/client/v1/media/download/s/m"
+    assert _run(decide(_served(path), 10, "ab", config, urls)) is None
+    got = _run(decide(_served(path), 1 << 20, "ab", config, urls))
     assert got is not None and got[1].url == "https://s3/ab?image/png&inline"
-    assert decide(_served("/_matrix/client/v1/media/download/s/m", agent="NoRedirect/1"),
-                  1 << 20, "ab", config, urls) is None
+    assert _run(decide(_served(path, agent="NoRedirect/1"), 1 << 20, "ab", config, urls)) is None
 
 
 def test_signed_urls_are_reused_for_half_their_life() -> None:
     now = [1000.0]
     signed: list[int] = []
 
-    def sign(sha: str, ct: str | None, cd: str | None) -> str:
+    async def sign(sha: str, ct: str | None, cd: str | None) -> str:
         signed.append(1)
         return f"u{len(signed)}"
 
     urls = SignedUrls(300, sign, clock=lambda: now[0])
-    first = urls.get("a", "t", "d")
+    first = _run(urls.get("a", "t", "d"))
     assert (first.url, first.max_age) == ("u1", 299)
     now[0] += 149
-    again = urls.get("a", "t", "d")
+    again = _run(urls.get("a", "t", "d"))
     assert again.url == "u1" and again.max_age == 150
-    assert urls.get("a", "t", "attachment").url == "u2"  # other headers, other URL
+    assert _run(urls.get("a", "t", "attachment")).url == "u2"  # other headers, other URL
     now[0] += 1
-    assert urls.get("a", "t", "d").url == "u3"  # half the validity gone: signed afresh
+    assert _run(urls.get("a", "t", "d")).url == "u3"  # half the validity gone: signed afresh
+
+
+def _run(coro: Any) -> Any:
+    """Drive a coroutine that never suspends (its awaits complete at once)."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    raise AssertionError("the coroutine suspended")
+
+
+def test_presence_is_checked_once_per_ttl_and_absence_never_cached() -> None:
+    from synapse_msc3916.storage.redirect import PresenceChecks
+
+    now = [0.0]
+    there = {"a": True}
+    asked: list[str] = []
+
+    async def check(sha: str, length: int) -> bool:
+        asked.append(sha)
+        return there.get(sha, False)
+
+    presence = PresenceChecks(1.0, check, clock=lambda: now[0])
+    assert _run(presence.present("a", 5)) and _run(presence.present("a", 5))
+    assert asked == ["a"]  # the second read trusted the first answer
+    there["a"] = False
+    now[0] += 1.0
+    assert not _run(presence.present("a", 5))  # the ttl is over: asked again, gone
+    there["a"] = True  # healed by a store
+    assert _run(presence.present("a", 5))
+    assert asked == ["a", "a", "a"]  # a missing answer is not remembered

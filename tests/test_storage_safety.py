@@ -105,8 +105,9 @@ def test_scrub_on_the_file_backend_finds_missing_and_truncated_objects(
         storage_providers=[provider_entry({"backend": "file", "directory": str(store)})]
     ).start()
     token = hs.register("alice")
-    gone, cut, fine, rowless = (os.urandom(n) for n in (50_000, 60_000, 70_000, 20_000))
-    ids = [hs.upload(token, data) for data in (gone, cut, fine, rowless)]
+    sizes_ = (50_000, 60_000, 70_000, 20_000, 30_000)
+    gone, cut, fine, rowless, unstored = (os.urandom(n) for n in sizes_)
+    ids = [hs.upload(token, data) for data in (gone, cut, fine, rowless, unstored)]
     (store / blob_name(sha(gone))).unlink()
     (store / blob_name(sha(cut))).write_bytes(cut[:1000])
     flipped = bytearray(fine)
@@ -114,21 +115,25 @@ def test_scrub_on_the_file_backend_finds_missing_and_truncated_objects(
     (store / blob_name(sha(fine))).write_bytes(bytes(flipped))  # same size: only --hash sees it
     # What a deletion that lost a race with an upload leaves: paths, an object, no row.
     hs.sql("DELETE FROM msc3916_storage_blobs WHERE sha256 = ?", (sha(rowless),))
+    # What a deletion that lost its mark to an upload left before issue 18: paths, an
+    # object, and a row saying "not stored" (scrub did not see it then: KeyError 'unstored').
+    hs.sql("UPDATE msc3916_storage_blobs SET stored = 0 WHERE sha256 = ?", (sha(unstored),))
 
     sizes = json.loads(run_tool(hs, "scrub", "--json").stdout)
-    assert (sizes["ok"], sizes["missing"], sizes["corrupt"], sizes["unrecorded"]) == (1, 1, 1, 1)
+    counts = ("ok", "missing", "corrupt", "unrecorded", "unstored")
+    assert tuple(sizes[k] for k in counts) == (1, 1, 1, 1, 1)
     hashed = run_tool(hs, "scrub", "--hash", "--json")
     assert hashed.returncode == 1
     assert json.loads(hashed.stdout)["corrupt"] == 2
-    # Synapse still has the local copies: --repair restores all four.
+    # Synapse still has the local copies: --repair restores all five.
     repaired = run_tool(hs, "scrub", "--hash", "--repair")
     assert repaired.returncode == 0, repaired.stdout + repaired.stderr
-    assert "4 repaired" in repaired.stdout
-    for data in (gone, cut, fine, rowless):
+    assert "5 repaired" in repaired.stdout
+    for data in (gone, cut, fine, rowless, unstored):
         assert (store / blob_name(sha(data))).read_bytes() == data
     assert run_tool(hs, "scrub", "--hash").returncode == 0
     wipe_local_media(hs)
-    for media_id, data in zip(ids, (gone, cut, fine, rowless), strict=True):
+    for media_id, data in zip(ids, (gone, cut, fine, rowless, unstored), strict=True):
         resp = download(hs, token, media_id)
         assert resp.status == 200 and resp.body == data
 

@@ -203,3 +203,46 @@ def test_migrate_skips_half_written_files_and_never_replaces_a_recorded_path(
     assert entry(half) == [] and entry(fresh) == []
     assert entry(raced) == saved  # the provider's entry, not migrate's reading
 
+
+
+def test_migrate_whose_claim_gc_released_fails_with_a_clear_error(
+    synapse_factory: Callable[..., Synapse],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``gc`` releases a claim of ``migrate``'s between its claim and its record (a run
+    stalled for over a day): the path is not recorded, and the run ends with one clear
+    line naming the file, not a traceback. The release is forced right after the claim's
+    transaction commits, from another connection.
+
+    Before the fix: ``index.LostClaim`` escaped ``cmd_migrate`` (a traceback).
+    """
+    hs = synapse_factory(
+        storage_providers=[
+            provider_entry({"backend": "file", "directory": str(tmp_path / "blobs")})
+        ]
+    ).start()
+    token = hs.register("alice")
+    media_id = hs.upload(token, os.urandom(30_000))
+    hs.sql(f"DELETE FROM {index.PATHS} WHERE file_id = ?", (media_id,))
+    released: list[int] = []
+    real_run = index.run_tool_txn
+
+    def run_tool_txn(db: Any, func: Any, *args: Any) -> Any:
+        result = real_run(db, func, *args)
+        if func is index.claim_blob_txn:
+            released.extend(
+                r[0] for r in hs.sql(f"SELECT 1 FROM {index.CLAIMS}")
+            )
+            hs.sql(f"DELETE FROM {index.CLAIMS}")  # what gc's stale-claim release does
+        return result
+
+    monkeypatch.setattr(index, "run_tool_txn", run_tool_txn)
+    args = argparse.Namespace(
+        config=str(hs.config_path), json=True, from_legacy_prefix=None, keep_source=False,
+        dry_run=False, min_age=0.0,
+    )
+    with pytest.raises(hc.ToolError, match=f"{media_id[4:]}: .*run migrate again"):
+        tools.cmd_migrate(args)
+    assert released == [1]  # the race happened: migrate's claim was released
+    assert hs.sql(f"SELECT * FROM {index.PATHS} WHERE file_id = ?", (media_id,)) == []

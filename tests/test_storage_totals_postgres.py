@@ -1,7 +1,7 @@
 """The running totals behind ``stats`` on PostgreSQL, interleavings forced by hand.
 
 ``stats`` used to count paths and blobs with full scans (4.9 s at 10^6 paths, B7); it
-now reads totals that triggers keep (schema step 4). What can go wrong with totals is
+now reads totals that triggers keep (schema step ``index.TOTALS_VERSION``). What can go wrong with totals is
 counting a change twice or never: two writers at once, a compaction while writers are
 in flight, two compactions at once, and the step that starts the totals from a scan of
 rows that writers are still changing. Each test holds transactions open on separate
@@ -130,8 +130,8 @@ def test_deletions_and_gc_marks_keep_the_totals_exact(
     db.commit()
     assert index.run_tool_txn(db, index.apply_tombstones_txn, index.now_ms()).paths_removed == 1
     [(sha256, _length, gen)] = index.run_tool_txn(db, index.due_blobs_txn, index.now_ms(), 10)
-    mark = index.now_ms()
-    assert index.run_tool_txn(db, index.mark_deleting_txn, sha256, gen, mark)
+    mark = index.run_tool_txn(db, index.mark_deleting_txn, sha256, gen)
+    assert mark is not None
     assert index.run_tool_txn(db, index.finish_deleting_txn, sha256, mark)
     assert _exact(observer) == (2, 200, 1, 100, 0)
     stats = index.run_tool_txn(observer, index.stats_txn, 10)
@@ -140,14 +140,14 @@ def test_deletions_and_gc_marks_keep_the_totals_exact(
 
 @pytest.fixture
 def old_index(postgres: PostgreSQL, dbname: str) -> Iterator[str]:
-    """An index at schema version 3 (before the totals) holding two paths."""
+    """An index at the schema version before the totals, holding two paths."""
     db = Database(postgres.connect(dbname), "postgres")
     index.run_tool_txn(db, lambda t: _store(db, "local_content/aa/aa/one", SHA_A, 100, "one"))
     index.run_tool_txn(db, lambda t: _store(db, "local_content/aa/aa/two", SHA_A, 100, "two"))
     for table in (index.PATHS, index.BLOBS):
         db.execute(f"DROP TRIGGER msc3916_storage_totals_{table.rsplit('_', 1)[1]} ON {table}")
     db.execute(f"DROP TABLE {index.TOTALS}")
-    db.execute(f"UPDATE {index.SCHEMA} SET version = 3")
+    db.execute(f"UPDATE {index.SCHEMA} SET version = {index.TOTALS_VERSION - 1}")
     db.commit()
     db.close()
     yield dbname
@@ -182,4 +182,4 @@ def test_the_upgrade_refuses_to_scan_at_repeatable_read(
         index.run_tool_txn(upgrader, index.ensure_schema_txn)
     version = observer.query(f"SELECT version FROM {index.SCHEMA}")[0][0]
     observer.commit()
-    assert version == 3
+    assert version == index.TOTALS_VERSION - 1

@@ -131,17 +131,18 @@ def test_gc_never_deletes_a_blob_referenced_again(txn: SqliteTxn) -> None:
     # An upload claims it between the scan and the mark: the mark must fail.
     claim = index.Claim("t1", "local_content/ag/ai/n", "master")
     assert index.claim_blob_txn(txn, SHA, 10, now, claim) == (index.HIT, False)
-    assert not index.mark_deleting_txn(txn, SHA, gen, now)
+    assert index.mark_deleting_txn(txn, SHA, gen) is None
     # The claim alone keeps it out of every deletion, whatever the cutoff ...
     assert index.unreferenced_blobs_txn(txn, now + 10**9) == []
     # ... until the upload fails and releases it.
     index.release_claim_txn(txn, "t1", now)
     [(_, _, gen)] = index.unreferenced_blobs_txn(txn, now + 60_000)
-    assert index.mark_deleting_txn(txn, SHA, gen, now)
+    mark = index.mark_deleting_txn(txn, SHA, gen)
+    assert mark is not None
     # Once marked, a new upload waits instead of trusting the object ...
     assert index.claim_blob_txn(txn, SHA, 10, now + 1)[0] == index.WAIT
     # ... and writes it afresh after the delete finished.
-    assert index.finish_deleting_txn(txn, SHA, now)
+    assert index.finish_deleting_txn(txn, SHA, mark)
     assert index.claim_blob_txn(txn, SHA, 10, now + 2) == (index.WRITE, False)
 
 
@@ -166,6 +167,7 @@ def test_orphan_paths_respect_media_and_thumbnail_rows(txn: SqliteTxn) -> None:
         "remote_content/hs/rk/ee/p": index.MediaRef("hs", "rkeep"),
         "remote_content/hs/rg/on/e": index.MediaRef("hs", "rgone"),
     }
+    index.claim_blob_txn(txn, SHA, 1, old)
     for path, ref in rows.items():
         index.record_path_txn(txn, path, SHA, 1, ref, old, True)
     index.record_path_txn(
@@ -476,7 +478,7 @@ def test_migrate_reads_remote_rows_once_per_origin() -> None:
 
 
 def test_running_totals_equal_a_recount_on_sqlite(txn: SqliteTxn) -> None:
-    """``stats`` reads totals the triggers keep (schema step 4) instead of scanning; on
+    """``stats`` reads totals the triggers keep (schema step ``index.TOTALS_VERSION``) instead of scanning; on
     SQLite they are six triggers of their own, checked here against a full recount
     after every kind of change the index makes. (On PostgreSQL, with concurrent
     writers: tests/test_storage_totals_postgres.py.)"""
@@ -504,8 +506,9 @@ def test_running_totals_equal_a_recount_on_sqlite(txn: SqliteTxn) -> None:
     assert exact() == (2, 140, 2, 140, 1)
     assert index.delete_path_txn(txn, "local_content/aa/bb/two", 10**15)
     [(sha256, _length, gen)] = index.due_blobs_txn(txn, 10**15, 10)
-    assert index.mark_deleting_txn(txn, sha256, gen, 5000)
-    assert index.finish_deleting_txn(txn, sha256, 5000)
+    mark = index.mark_deleting_txn(txn, sha256, gen)
+    assert mark is not None
+    assert index.finish_deleting_txn(txn, sha256, mark)
     assert exact() == (1, 100, 1, 100, 0)
     assert index.compact_totals_txn(txn) > 1
     txn.execute(f"SELECT COUNT(*) FROM {index.TOTALS}", ())
@@ -514,8 +517,35 @@ def test_running_totals_equal_a_recount_on_sqlite(txn: SqliteTxn) -> None:
     assert (stats["paths"], stats["objects"], stats["logical_bytes"]) == (1, 1, 100)
     # An index from before the totals is counted once when the step creates them.
     txn.execute(f"DROP TABLE {index.TOTALS}", ())
-    txn.execute(f"UPDATE {index.SCHEMA} SET version = 3", ())
+    txn.execute(f"UPDATE {index.SCHEMA} SET version = {index.TOTALS_VERSION - 1}", ())
     index.ensure_schema_txn(txn)
     assert exact() == (1, 100, 1, 100, 0)
     txn.execute(f"SELECT COUNT(*) FROM {index.TOTALS}", ())
     assert txn.fetchone()[0] == 1
+
+
+def test_storage_config_repr_hides_secrets() -> None:
+    """Issue 18 item 16: a logged or printed StorageConfig must not leak credentials.
+
+    Before the fix the repr showed all three values (the assertions below failed on the
+    secret access key first)."""
+    config = StorageConfig.parse({
+        "backend": "s3", "bucket": "media", "access_key_id": "AKIAVISIBLE",
+        "secret_access_key": "s3cr3t-access-key", "session_token": "s3cr3t-session",
+        "sse_customer_key": "s3cr3t-sse-customer-key-32-bytes",
+    })
+    text = repr(config)
+    for secret in ("s3cr3t-access-key", "s3cr3t-session", "s3cr3t-sse-customer-key-32-bytes"):
+        assert secret not in text
+    assert "AKIAVISIBLE" in text and "bucket='media'" in text  # the rest still shows
+    assert config.secret_access_key == "s3cr3t-access-key"  # only hidden, not dropped
+
+
+def test_responder_reads_nothing_for_a_head_request() -> None:
+    """A HEAD answer has no body (Twisted drops it): the object is not read for it."""
+    data = os.urandom(3500)
+    reader, consumer, corrupt = FakeReader(data), FakeConsumer(), []
+    consumer.method = b"HEAD"  # type: ignore[attr-defined]
+    responder = _responder(reader, hashlib.sha256(data).hexdigest(), corrupt)
+    done = defer.ensureDeferred(_wrap(responder.write_to_consumer(consumer)))
+    assert done.called and reader.reads == 0 and consumer.chunks == [] and not corrupt

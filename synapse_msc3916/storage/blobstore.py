@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Iterator
 from typing import Any, BinaryIO, Protocol
 
 import attr
 
 from synapse_msc3916.config import StorageConfig
+
+logger = logging.getLogger(__name__)
 
 
 class StorageUnavailable(Exception):
@@ -242,6 +246,14 @@ class _S3Reader:
             pass
 
 
+def region_from_location(constraint: str | None) -> str:
+    """A region from GetBucketLocation's answer: S3 gives no constraint for us-east-1,
+    and the old alias ``EU`` for eu-west-1."""
+    if not constraint:
+        return "us-east-1"
+    return "eu-west-1" if constraint == "EU" else constraint
+
+
 class S3BlobStore:
     """Blobs as objects ``prefix + ab/cd/<sha256>`` in one bucket.
 
@@ -288,14 +300,13 @@ class S3BlobStore:
             ),
         )
 
-    def presign_get(
-        self, sha256: str, expires: int, content_type: str | None, disposition: str | None
-    ) -> str:
-        """A SigV4 presigned GET of a blob, for the endpoint clients reach (no network).
+    def signer(self) -> Any:
+        """The client that presigns URLs, built once.
 
-        The signature covers the Host, so the URL is signed by a second client that
-        knows the public endpoint (``redirect.public_endpoint_url``) when there is one.
-        The response-* overrides make S3 answer with Synapse's own headers.
+        The signature covers the Host, so URLs are signed by a second client that knows
+        the public endpoint (``redirect.public_endpoint_url``) when there is one, and for
+        ``region_name`` (discovered at start-up when not configured): AWS refuses a URL
+        signed for another region.
         """
         signer = self._signer
         if signer is None:
@@ -312,12 +323,59 @@ class S3BlobStore:
                 aws_session_token=self.config.session_token,
                 config=Config(signature_version="s3v4"),
             )
+        return signer
+
+    def presign_get(
+        self, sha256: str, expires: int, content_type: str | None, disposition: str | None
+    ) -> str:
+        """A SigV4 presigned GET of a blob, for the endpoint clients reach.
+
+        No S3 call, but not free of network either: botocore refreshes expiring
+        credentials (IAM role, IRSA, SSO) with blocking HTTP while signing, so this runs
+        on the provider's thread pool. The response-* overrides make S3 answer with
+        Synapse's own headers.
+        """
         params: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key(sha256)}
         if content_type:
             params["ResponseContentType"] = content_type
         if disposition:
             params["ResponseContentDisposition"] = disposition
-        return str(signer.generate_presigned_url("get_object", Params=params, ExpiresIn=expires))
+        url = str(
+            self.signer().generate_presigned_url("get_object", Params=params, ExpiresIn=expires)
+        )
+        # Which thread signed: never the reactor's (see above); the tests read this line.
+        logger.debug("synapse_msc3916: presigned %s on thread %s", sha256,
+                     threading.current_thread().name)
+        return url
+
+    def bucket_region(self) -> str:
+        """The bucket's region, asked of S3 (raises StorageUnavailable when it cannot say).
+
+        AWS names it in ``x-amz-bucket-region`` on every HEAD of the bucket, even one it
+        refuses or redirects; other stores (SeaweedFS, MinIO) answer GetBucketLocation.
+        """
+        from botocore.exceptions import ClientError
+
+        try:
+            answer = self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as e:
+            answer = getattr(e, "response", None) or {}
+            if not answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get(
+                "x-amz-bucket-region"
+            ):
+                raise self._unavailable("HEAD bucket", e) from e
+        except Exception as e:
+            raise self._unavailable("HEAD bucket", e) from e
+        region = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get(
+            "x-amz-bucket-region"
+        )
+        if region:
+            return str(region)
+        try:
+            location = self.client.get_bucket_location(Bucket=self.bucket)
+        except Exception as e:
+            raise self._unavailable("GetBucketLocation", e) from e
+        return region_from_location(location.get("LocationConstraint"))
 
     def describe(self) -> str:
         where = self.config.endpoint_url or "AWS"

@@ -27,19 +27,29 @@ SCHEMA = "msc3916_storage_schema"
 CLAIMS = "msc3916_storage_claims"
 TOMBSTONES = "msc3916_storage_tombstones"
 STATE = "msc3916_storage_state"
+BOOTS = "msc3916_storage_boots"
+LEASES = "msc3916_storage_leases"
 TOTALS = "msc3916_storage_totals"
 
 # Paths with no media row that no tombstone explains (an upload whose media row Synapse
 # then failed to insert) are forgotten by ``gc`` only once they are this old: far longer
 # than the moment between a provider returning and Synapse inserting its row.
 UNEXPLAINED_PATH_MIN_AGE_MS = 60 * 60 * 1000
-# Claims left by a process that died mid-upload are released when that process starts
-# again; ``gc`` releases any claim older than this (a CLI crash, a retired worker).
+# ``gc`` releases any claim older than this (a CLI crash, a claim of no known boot).
 CLAIM_STALE_MS = 24 * 60 * 60 * 1000
+# Every running provider process (one "boot") refreshes its row in ``BOOTS`` this often;
+# a boot not seen for ``BOOT_STALE_MS`` (by the database's clock) is dead, and its claims
+# are released by whichever process notices first. Ten missed beats: a process stalled
+# that long loses its uploads in flight (they fail, see ``record_path_txn``), never data.
+BOOT_HEARTBEAT_MS = 30 * 1000
+BOOT_STALE_MS = 5 * 60 * 1000
 
 # How long a garbage collection may hold a blob in the "deleting" state before an
-# upload of the same content takes the blob over. It bounds how long an upload can wait;
-# a GC deletes one object between marking and unmarking, which takes far less.
+# upload of the same content takes the blob over, measured by the database's clock (the
+# mark's time and the upload's "now" come from the same clock, whatever the processes'
+# clocks say). It bounds how long an upload can wait; a GC deletes one object between
+# marking and unmarking, which takes far less, and never starts a delete it could not
+# finish within this time after marking (``lifecycle.delete_if_in_time``).
 # It must stay shorter than the upload's wait (``provider._WAIT_FOR_GC_SECONDS``, 60 s) so
 # that a gc that died between marking and deleting delays an upload instead of failing
 # it, and longer than a deletion can take (``gc`` deletes with short S3 timeouts,
@@ -123,6 +133,47 @@ def _step_tombstone_media_id(txn: Txn) -> None:
     _add_column(txn, TOMBSTONES, "media_id", "TEXT")
 
 
+def _step_boots(txn: Txn) -> None:
+    """Version 4: claims belong to a process's boot, not to its instance name.
+
+    Two processes with one instance name can run at once (a rolling update with
+    surge), so the name cannot tell a previous life's claims from a live process's.
+    Each boot has a row refreshed by a heartbeat; claims of a boot whose heartbeat
+    stopped are released (:func:`boot_heartbeat_txn`). Claims without a boot (older
+    versions, the CLI) are left to ``gc``'s :data:`CLAIM_STALE_MS`.
+    """
+    _add_column(txn, CLAIMS, "boot", "TEXT")
+    txn.execute(f"CREATE INDEX IF NOT EXISTS {CLAIMS}_boot ON {CLAIMS} (boot)", ())
+    txn.execute(
+        f"""CREATE TABLE IF NOT EXISTS {BOOTS} (
+            boot TEXT NOT NULL PRIMARY KEY,
+            instance TEXT NOT NULL,
+            started_ts BIGINT NOT NULL,
+            seen_ts BIGINT NOT NULL
+        )""",
+        (),
+    )
+
+
+def _step_leases(txn: Txn) -> None:
+    """Version 5: leases, so that one media process at a time runs the deletion job.
+
+    ``owner`` is a process's per-boot id, ``instance`` its Synapse instance name (for
+    the log); times are the database's clock (see ``lease.py``).
+    """
+    txn.execute(
+        f"""CREATE TABLE IF NOT EXISTS {LEASES} (
+            name TEXT NOT NULL PRIMARY KEY,
+            owner TEXT NOT NULL,
+            instance TEXT NOT NULL,
+            taken_ts BIGINT NOT NULL,
+            renewed_ts BIGINT NOT NULL,
+            expires_ts BIGINT NOT NULL
+        )""",
+        (),
+    )
+
+
 # The running totals ``stats`` reads: what ``COUNT``/``SUM`` over the paths and blobs
 # would answer (a full scan took 5 s at 10^6 paths on PostgreSQL, see docs/benchmarks.md
 # B7). Triggers on both tables append a row of changes to TOTALS in the transaction that
@@ -130,6 +181,7 @@ def _step_tombstone_media_id(txn: Txn) -> None:
 # to lock) and a rolled-back change rolls its totals back with it; the table is the sum
 # of its rows, and :func:`compact_totals_txn` folds them into one now and then.
 _TOTAL_COLUMNS = "paths, logical_bytes, objects, stored_bytes, corrupt_objects"
+TOTALS_VERSION = 6  # the schema version that creates them
 _TOTALS_TRIGGER_PATHS = "msc3916_storage_totals_paths"
 _TOTALS_TRIGGER_BLOBS = "msc3916_storage_totals_blobs"
 
@@ -215,7 +267,7 @@ def count_totals_txn(txn: Txn) -> tuple[int, int, int, int, int]:
 
 
 def init_totals_txn(txn: Txn) -> None:
-    """Version 4: running totals for ``stats``, kept by triggers, started from a scan.
+    """Version 6: running totals for ``stats``, kept by triggers, started from a scan.
 
     The scan and the triggers must see the same moment, or a change committed between
     them would be counted twice or never. On PostgreSQL the step therefore locks both
@@ -338,13 +390,27 @@ _STEPS: list[tuple[int, list[Any]]] = [
     ),
     (2, [_step_lifecycle]),
     (3, [_step_tombstone_media_id]),
-    (4, [init_totals_txn]),
+    (4, [_step_boots]),
+    (5, [_step_leases]),
+    (TOTALS_VERSION, [init_totals_txn]),
 ]
 SCHEMA_VERSION = _STEPS[-1][0]
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def db_now_sql(txn: Any) -> str:
+    """SQL for the database's current time in ms: the one clock every process shares.
+
+    Deletion marks and boot heartbeats are judged by it, so that processes whose clocks
+    differ never take a live mark for a dead one (PostgreSQL's ``clock_timestamp()``,
+    not ``now()``, which is the transaction's start).
+    """
+    if is_postgres(txn):
+        return "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
+    return "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
 
 
 # Any fixed number: the key of the advisory lock that serialises schema changes.
@@ -464,17 +530,20 @@ class Claim:
 
     While a claim row exists no deletion can mark the blob, however long the upload
     takes: the protection of an upload in flight is this row, not a grace period.
-    ``instance`` lets a restarted process release the claims its previous life left.
+    ``boot`` is the process's boot (see :func:`boot_heartbeat_txn`): its claims are
+    released once its heartbeat stops; ``instance`` is only for people reading the row.
     """
 
     token: str
     path: str
     instance: str
+    boot: str | None = None
 
 
 class LostClaim(RuntimeError):
-    """The blob row an upload claimed is gone: its claim was released behind its back
-    (a stale-claim cleanup), so the object may have been deleted."""
+    """An upload's claim is no longer held (released behind its back by a stale-claim
+    cleanup), or its blob is gone or being deleted: the object may be deleted, so the
+    upload must fail rather than be acknowledged."""
 
 
 def _lock(txn: Txn) -> str:
@@ -499,7 +568,8 @@ def claim_blob_txn(
     """
     while True:
         txn.execute(
-            f"SELECT stored, corrupt, deleting_ts, gen FROM {BLOBS} WHERE sha256 = ?{_lock(txn)}",
+            f"SELECT stored, corrupt, deleting_ts, gen, {db_now_sql(txn)} FROM {BLOBS}"
+            f" WHERE sha256 = ?{_lock(txn)}",
             (sha256,),
         )
         row = txn.fetchone()
@@ -513,8 +583,8 @@ def claim_blob_txn(
                 _insert_claim(txn, sha256, claim, now)
                 return WRITE, False
             continue  # lost a race with another inserter: decide again on its row
-        stored, corrupt, deleting_ts, gen = row
-        if deleting_ts is not None and now - int(deleting_ts) < DELETING_STALE_MS:
+        stored, corrupt, deleting_ts, gen, db_now = row
+        if deleting_ts is not None and int(db_now) - int(deleting_ts) < DELETING_STALE_MS:
             return WAIT, False
         txn.execute(
             f"UPDATE {BLOBS} SET last_ref_ts = ?, deleting_ts = NULL, unref_ts = NULL,"
@@ -536,8 +606,9 @@ def _insert_claim(txn: Txn, sha256: str, claim: Claim | None, now: int) -> None:
     if claim is None:
         return
     txn.execute(
-        f"INSERT INTO {CLAIMS} (token, sha256, path, instance, created_ts) VALUES (?, ?, ?, ?, ?)",
-        (claim.token, sha256, claim.path, claim.instance, now),
+        f"INSERT INTO {CLAIMS} (token, sha256, path, instance, boot, created_ts)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (claim.token, sha256, claim.path, claim.instance, claim.boot, now),
     )
 
 
@@ -555,40 +626,71 @@ def _mark_unreferenced_txn(txn: Txn, sha256s: Sequence[str], now: int) -> int:
     return marked
 
 
+def _release_claims_txn(txn: Txn, tokens: Sequence[str], now: int) -> int:
+    """Drop the claims among ``tokens`` that still exist; their blobs may be garbage now."""
+    shas = []
+    for token in tokens:
+        txn.execute(f"SELECT sha256 FROM {CLAIMS} WHERE token = ?", (token,))
+        row = txn.fetchone()
+        if row is None:
+            continue
+        txn.execute(f"DELETE FROM {CLAIMS} WHERE token = ?", (token,))
+        if txn.rowcount == 1:  # not recorded or released by someone else meanwhile
+            shas.append(str(row[0]))
+    _mark_unreferenced_txn(txn, shas, now)
+    return len(shas)
+
+
 def release_claim_txn(txn: Txn, token: str, now: int) -> None:
     """An upload failed after claiming: drop its reference (the blob may now be garbage)."""
-    txn.execute(f"SELECT sha256 FROM {CLAIMS} WHERE token = ?", (token,))
-    row = txn.fetchone()
-    if row is None:
-        return
-    txn.execute(f"DELETE FROM {CLAIMS} WHERE token = ?", (token,))
-    _mark_unreferenced_txn(txn, [str(row[0])], now)
+    _release_claims_txn(txn, [token], now)
 
 
-def release_stale_claims_txn(
-    txn: Txn, now: int, instance: str | None = None, before: int | None = None
-) -> int:
-    """Release claims no upload holds any more.
+def boot_heartbeat_txn(txn: Txn, boot: str, instance: str) -> int:
+    """This process (``boot``) is alive; release the claims of boots that are not.
 
-    With ``instance``: the claims that process made before ``before`` (its start
-    time), i.e. in a previous life, since a process that starts has no upload in
-    flight. Without: claims older than :data:`CLAIM_STALE_MS` (what ``gc`` does).
+    Run at start-up and every :data:`BOOT_HEARTBEAT_MS`. A boot is dead once its row was
+    not refreshed for :data:`BOOT_STALE_MS` by the database's clock. A boot is a
+    process's life, not its instance name: a process starting while another with the
+    same name still runs (a surge) leaves that one's claims alone, and a restarted
+    process's previous life is released once its heartbeat is stale. Releasing a live
+    process's claim by mistake (one stalled that long) costs that process its uploads in
+    flight (``record_path_txn`` refuses them), never acknowledged bytes. A boot whose
+    row was removed gets it back with its next beat. Returns the claims released.
     """
-    if instance is not None:
-        assert before is not None
-        txn.execute(
-            f"SELECT token, sha256 FROM {CLAIMS} WHERE instance = ? AND created_ts < ?",
-            (instance, before),
-        )
-    else:
-        txn.execute(
-            f"SELECT token, sha256 FROM {CLAIMS} WHERE created_ts < ?", (now - CLAIM_STALE_MS,)
-        )
-    rows = txn.fetchall()
-    for token, _sha in rows:
-        txn.execute(f"DELETE FROM {CLAIMS} WHERE token = ?", (token,))
-    _mark_unreferenced_txn(txn, [str(r[1]) for r in rows], now)
-    return len(rows)
+    now_sql = db_now_sql(txn)
+    txn.execute(
+        f"INSERT INTO {BOOTS} (boot, instance, started_ts, seen_ts)"
+        f" VALUES (?, ?, {now_sql}, {now_sql})"
+        " ON CONFLICT (boot) DO UPDATE SET seen_ts = excluded.seen_ts",
+        (boot, instance),
+    )
+    return _release_dead_boots_txn(txn, now_ms())
+
+
+def _release_dead_boots_txn(txn: Txn, now: int) -> int:
+    stale = f"seen_ts < {db_now_sql(txn)} - ?"
+    txn.execute(f"SELECT boot FROM {BOOTS} WHERE {stale} ORDER BY boot", (BOOT_STALE_MS,))
+    released = 0
+    for (boot,) in txn.fetchall():
+        # Re-checked on the row: a boot that beat again meanwhile keeps its claims.
+        txn.execute(f"DELETE FROM {BOOTS} WHERE boot = ? AND {stale}", (boot, BOOT_STALE_MS))
+        if txn.rowcount != 1:
+            continue
+        txn.execute(f"SELECT token FROM {CLAIMS} WHERE boot = ? ORDER BY token", (boot,))
+        released += _release_claims_txn(txn, [str(r[0]) for r in txn.fetchall()], now)
+    return released
+
+
+def release_stale_claims_txn(txn: Txn, now: int) -> int:
+    """Release claims no upload holds any more (what ``gc`` does): those of dead boots,
+    and any older than :data:`CLAIM_STALE_MS` (a CLI crash, a claim of no known boot)."""
+    released = _release_dead_boots_txn(txn, now)
+    txn.execute(
+        f"SELECT token FROM {CLAIMS} WHERE created_ts < ? ORDER BY token",
+        (now - CLAIM_STALE_MS,),
+    )
+    return released + _release_claims_txn(txn, [str(r[0]) for r in txn.fetchall()], now)
 
 
 def record_path_txn(
@@ -604,17 +706,25 @@ def record_path_txn(
     """Point ``path`` at ``sha256``; ``stored`` also records that the object now exists.
 
     With ``claim``, the path row replaces the claim in the same transaction, so the
-    blob is referenced without a gap. Raises :class:`LostClaim` if the blob row is gone
-    (the upload must then fail rather than acknowledge bytes that may be deleted).
+    blob is referenced without a gap. Raises :class:`LostClaim` (the upload must then
+    fail rather than acknowledge bytes that may be deleted) unless the claim was still
+    held (its ``DELETE`` removed exactly one row: nobody released it) and the blob row
+    exists and is not marked for deletion. The claim goes first, as in every cleanup
+    (claims, then blobs), so that PostgreSQL row locks are always taken in one order.
     """
+    if claim is not None:
+        txn.execute(f"DELETE FROM {CLAIMS} WHERE token = ?", (claim.token,))
+        if txn.rowcount != 1:
+            raise LostClaim(f"the claim of {path} on {sha256} was released while it was stored")
     txn.execute(
         f"UPDATE {BLOBS} SET "
         + ("stored = 1, corrupt = 0, " if stored else "")
-        + "last_ref_ts = ?, unref_ts = NULL, gen = gen + 1 WHERE sha256 = ?",
+        + "last_ref_ts = ?, unref_ts = NULL, gen = gen + 1"
+        " WHERE sha256 = ? AND deleting_ts IS NULL",
         (now, sha256),
     )
-    if txn.rowcount == 0 and claim is not None:
-        raise LostClaim(f"the blob {sha256} was deleted while {path} was being stored")
+    if txn.rowcount != 1:
+        raise LostClaim(f"the blob {sha256} was deleted (or is being deleted) while {path} was stored")
     txn.execute(f"SELECT sha256 FROM {PATHS} WHERE path = ?", (path,))
     previous = txn.fetchone()
     txn.execute(
@@ -636,8 +746,6 @@ def record_path_txn(
             now,
         ),
     )
-    if claim is not None:
-        txn.execute(f"DELETE FROM {CLAIMS} WHERE token = ?", (claim.token,))
     if previous is not None and str(previous[0]) != sha256:
         # The path was re-stored with other bytes: the old content may be garbage now.
         _mark_unreferenced_txn(txn, [str(previous[0])], now)
@@ -806,6 +914,22 @@ def mark_blob_missing_txn(txn: Txn, sha256: str) -> bool:
     return txn.rowcount == 1
 
 
+def lost_object_txn(txn: Txn, sha256: str, now: int) -> int:
+    """A deletion that lost its mark to an upload found the object gone afterwards: its
+    delete landed after the upload wrote it. Mark the blob missing (the next store
+    rewrites it, reads do not trust it), and release the claims on it, so that an upload
+    that wrote the object but has not recorded its path yet fails instead of being
+    acknowledged (``record_path_txn`` would otherwise clear the mark). Returns the
+    claims released.
+    """
+    txn.execute(
+        f"UPDATE {BLOBS} SET corrupt = 1, gen = gen + 1 WHERE sha256 = ? AND deleting_ts IS NULL",
+        (sha256,),
+    )
+    txn.execute(f"SELECT token FROM {CLAIMS} WHERE sha256 = ? ORDER BY token", (sha256,))
+    return _release_claims_txn(txn, [str(r[0]) for r in txn.fetchall()], now)
+
+
 # --- deletion lifecycle and garbage collection ---------------------------------------
 
 # A path row whose media (or thumbnail) row Synapse no longer has; ``p`` is the path.
@@ -948,10 +1072,13 @@ def tombstone_paths_page_txn(
 
 
 def stale_claims_txn(txn: Txn, now: int) -> list[tuple[str, str]]:
-    """Read-only: (token, sha256) of the claims ``gc`` releases (older than
+    """Read-only: (token, sha256) of the claims ``gc`` releases
+    (:func:`release_stale_claims_txn`: those of dead boots, and any older than
     :data:`CLAIM_STALE_MS`)."""
     txn.execute(
-        f"SELECT token, sha256 FROM {CLAIMS} WHERE created_ts < ?", (now - CLAIM_STALE_MS,)
+        f"SELECT token, sha256 FROM {CLAIMS} WHERE created_ts < ?"
+        f" OR boot IN (SELECT boot FROM {BOOTS} WHERE seen_ts < {db_now_sql(txn)} - ?)",
+        (now - CLAIM_STALE_MS, BOOT_STALE_MS),
     )
     return [(str(r[0]), str(r[1])) for r in txn.fetchall()]
 
@@ -1045,65 +1172,102 @@ def unreferenced_blobs_txn(
     txn.execute(
         f"SELECT b.sha256, b.length, b.gen FROM {BLOBS} b WHERE b.sha256 > ?"
         " AND COALESCE(b.unref_ts, b.last_ref_ts) <= ?"
-        " AND (b.deleting_ts IS NULL OR b.deleting_ts < ?)"
+        f" AND (b.deleting_ts IS NULL OR b.deleting_ts < {db_now_sql(txn)} - ?)"
         f" AND {_UNREFERENCED} ORDER BY b.sha256 LIMIT ?",
-        (after, cutoff, now_ms() - DELETING_STALE_MS, limit),
+        (after, cutoff, DELETING_STALE_MS, limit),
     )
     return [(str(r[0]), int(r[1]), int(r[2])) for r in txn.fetchall()]
 
 
-def mark_deleting_txn(txn: Txn, sha256: str, gen: int, now: int) -> bool:
-    """Start deleting a blob's object; False if anything changed since it was chosen.
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Mark:
+    """A deletion's hold on a blob row: its ``gen`` and ``deleting_ts`` as marking left
+    them. Any change of the row (an upload taking a dead mark over, another deletion)
+    changes ``gen``, so a deletion acts on the row only while both still match."""
+
+    gen: int
+    ts: int
+
+
+def _mark_of_txn(txn: Txn, sha256: str) -> Mark:
+    txn.execute(f"SELECT gen, deleting_ts FROM {BLOBS} WHERE sha256 = ?", (sha256,))
+    gen, ts = txn.fetchone()
+    return Mark(int(gen), int(ts))
+
+
+def mark_deleting_txn(txn: Txn, sha256: str, gen: int) -> Mark | None:
+    """Start deleting a blob's object; None if anything changed since it was chosen.
 
     One conditional statement: ``gen`` unchanged (no claim, path or other deletion
     touched the row since the scan, checked again by PostgreSQL on the locked row if a
     claim holds it), and no path or claim references it. The row is updated, not
     deleted, so that an upload of the same content arriving now waits instead of
-    trusting an object that is about to vanish.
+    trusting an object that is about to vanish. The mark's time is the database's, as
+    is the time an upload judges it by (:func:`claim_blob_txn`).
     """
+    now = db_now_sql(txn)
     txn.execute(
-        f"UPDATE {BLOBS} SET deleting_ts = ?, gen = gen + 1 WHERE sha256 = ? AND gen = ?"
-        " AND (deleting_ts IS NULL OR deleting_ts < ?)"
+        f"UPDATE {BLOBS} SET deleting_ts = {now}, gen = gen + 1 WHERE sha256 = ? AND gen = ?"
+        f" AND (deleting_ts IS NULL OR deleting_ts < {now} - ?)"
         f" AND NOT EXISTS (SELECT 1 FROM {PATHS} p WHERE p.sha256 = ?)"
         f" AND NOT EXISTS (SELECT 1 FROM {CLAIMS} c WHERE c.sha256 = ?)",
-        (now, sha256, gen, now - DELETING_STALE_MS, sha256, sha256),
+        (sha256, gen, DELETING_STALE_MS, sha256, sha256),
     )
-    return txn.rowcount == 1
+    if txn.rowcount != 1:
+        return None
+    return _mark_of_txn(txn, sha256)
 
 
-def mark_orphan_object_deleting_txn(txn: Txn, sha256: str, length: int, now: int) -> bool:
+def mark_orphan_object_deleting_txn(txn: Txn, sha256: str, length: int, now: int) -> Mark | None:
     """Claim an object that has no index row at all, so it can be deleted safely."""
     txn.execute(
         f"INSERT INTO {BLOBS} (sha256, length, stored, corrupt, deleting_ts, created_ts,"
-        " last_ref_ts) VALUES (?, ?, 1, 0, ?, ?, 0) ON CONFLICT (sha256) DO NOTHING",
-        (sha256, length, now, now),
+        f" last_ref_ts) VALUES (?, ?, 1, 0, {db_now_sql(txn)}, ?, 0)"
+        " ON CONFLICT (sha256) DO NOTHING",
+        (sha256, length, now),
+    )
+    if txn.rowcount != 1:
+        return None
+    return _mark_of_txn(txn, sha256)
+
+
+def finish_deleting_txn(txn: Txn, sha256: str, mark: Mark) -> bool:
+    """The object is deleted: drop the blob row if the deletion still holds its mark.
+
+    Compare-and-set on the mark: if an upload took it over meanwhile, the row is the
+    upload's and is left alone (it may describe an object the upload wrote again after
+    the delete). False then: the caller must check the object, which this deletion may
+    have removed after the upload rewrote it (see ``lifecycle.check_after_lost_mark``).
+    """
+    txn.execute(
+        f"DELETE FROM {BLOBS} WHERE sha256 = ? AND gen = ? AND deleting_ts = ?",
+        (sha256, mark.gen, mark.ts),
     )
     return txn.rowcount == 1
 
 
-def finish_deleting_txn(txn: Txn, sha256: str, deleting_ts: int) -> bool:
-    """The object is deleted: drop the blob row if the deletion still holds its mark.
-
-    If an upload took the mark over meanwhile (a mark older than
-    ``DELETING_STALE_MS``), the row must not go on claiming an object this deletion
-    may just have removed: it is set back to "not stored", so the next store of the
-    content writes it again. Returns whether the mark was still held.
-    """
-    txn.execute(f"DELETE FROM {BLOBS} WHERE sha256 = ? AND deleting_ts = ?", (sha256, deleting_ts))
-    if txn.rowcount == 1:
-        return True
-    txn.execute(f"UPDATE {BLOBS} SET stored = 0, gen = gen + 1 WHERE sha256 = ?", (sha256,))
-    return False
-
-
-def abort_deleting_txn(txn: Txn, sha256: str, deleting_ts: int) -> None:
+def abort_deleting_txn(txn: Txn, sha256: str, mark: Mark) -> bool:
     """A deletion failed half-way: release the mark, and since the object may or may not
-    exist any more, record it as not stored (the next store writes it again)."""
+    exist any more, record it as not stored (the next store writes it again). Nothing
+    references a marked row, so no path is left pointing at "not stored". False if the
+    mark was lost (the caller then checks the object, as after :func:`finish_deleting_txn`)."""
     txn.execute(
         f"UPDATE {BLOBS} SET deleting_ts = NULL, stored = 0, gen = gen + 1"
-        " WHERE sha256 = ? AND deleting_ts = ?",
-        (sha256, deleting_ts),
+        " WHERE sha256 = ? AND gen = ? AND deleting_ts = ?",
+        (sha256, mark.gen, mark.ts),
     )
+    return txn.rowcount == 1
+
+
+def unmark_deleting_txn(txn: Txn, sha256: str, mark: Mark) -> bool:
+    """A deletion gave up before touching the object: release the mark, nothing else
+    (the blob stays due; the next pass tries again)."""
+    txn.execute(
+        f"UPDATE {BLOBS} SET deleting_ts = NULL, gen = gen + 1"
+        " WHERE sha256 = ? AND gen = ? AND deleting_ts = ?",
+        (sha256, mark.gen, mark.ts),
+    )
+    return txn.rowcount == 1
 
 
 def known_blobs_page_txn(txn: Txn, after: str, limit: int) -> list[str]:

@@ -15,8 +15,10 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import attr
 from twisted.python.threadpool import ThreadPool
 
 from synapse_msc3916 import synapse_adapter as sa
@@ -35,7 +37,13 @@ from synapse_msc3916.metrics import (
 )
 from synapse_msc3916.storage import cors, index
 from synapse_msc3916.storage.blobstore import S3BlobStore, StorageUnavailable, make_blobstore
-from synapse_msc3916.storage.lifecycle import DeletionJob, gc_storage_config, tick_interval_ms
+from synapse_msc3916.storage.lease import DELETION_JOB, JobLease
+from synapse_msc3916.storage.lifecycle import (
+    DELETE_MAX_MS,
+    DeletionJob,
+    gc_storage_config,
+    tick_interval_ms,
+)
 from synapse_msc3916.storage.redirect import Redirector
 from synapse_msc3916.storage.responder import CHUNK_SIZE, BlobResponder
 
@@ -77,6 +85,89 @@ def _open_and_read_small(store: Any, sha256: str, length: int) -> tuple[Any, Any
     return reader, (data, hashlib.sha256(data))
 
 
+TRIGGERS_STEP = "deletion_triggers"
+CLAIMS_STEP = "release_claims"
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class StartupStep:
+    """One piece of start-up work: one transaction, failing on its own."""
+
+    name: str  # for the log and the transaction's description
+    func: Callable[[Any], Any]  # func(txn)
+    if_failed: str  # what a failure means, for the admin reading the log
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class StepResult:
+    ok: bool
+    value: Any = None  # what the step returned
+    permanent: bool = False  # failed with a RuntimeError saying why: retrying cannot help
+
+
+def startup_steps(instance: str, boot: str) -> list[StartupStep]:
+    """What a starting process does once the index schema exists, independent steps."""
+
+    def triggers_txn(txn: Any) -> list[str]:
+        index.schema_lock_txn(txn)
+        created = sa.ensure_deletion_triggers_txn(txn)
+        index.note_tombstones_since_txn(txn, index.now_ms())
+        return created
+
+    def first_heartbeat_txn(txn: Any) -> int:
+        # Records this boot (its claims are held while it beats) and releases the
+        # claims of boots that stopped beating: a previous life of this process's.
+        return index.boot_heartbeat_txn(txn, boot, instance)
+
+    return [
+        StartupStep(
+            TRIGGERS_STEP,
+            triggers_txn,
+            "media deletions are not followed into the store; run `synapse-msc3916 gc` to free space",
+        ),
+        StartupStep(
+            CLAIMS_STEP,
+            first_heartbeat_txn,
+            "this process's heartbeat retries every 30 s; until it succeeds, claims of"
+            " uploads of stopped processes keep their content",
+        ),
+    ]
+
+
+async def run_startup_steps(
+    steps: list[StartupStep],
+    run: Callable[[str, Callable[[Any], Any]], Awaitable[Any]],
+    sleep: Callable[[float], Awaitable[Any]],
+    attempts: int = 5,
+) -> dict[str, StepResult]:
+    """Run each step in its own transaction (``run(name, func)``), whatever the others did.
+
+    A step is retried a few times (two processes starting at once can collide on
+    PostgreSQL's catalogue); a ``RuntimeError`` is a problem the step has explained, not
+    retried. Each failure is one ERROR naming the step and what it means.
+    """
+    results: dict[str, StepResult] = {}
+    for step in steps:
+        for attempt in range(attempts):
+            try:
+                results[step.name] = StepResult(True, await run(step.name, step.func))
+                break
+            except RuntimeError as e:
+                logger.error("synapse_msc3916: start-up step %s failed: %s; %s", step.name, e, step.if_failed)
+                results[step.name] = StepResult(False, permanent=True)
+                break
+            except Exception as e:
+                if attempt == attempts - 1:
+                    logger.error(
+                        "synapse_msc3916: start-up step %s failed %d times (last: %s: %s); %s",
+                        step.name, attempts, type(e).__name__, e, step.if_failed, exc_info=True,
+                    )
+                    results[step.name] = StepResult(False)
+                    break
+                await sleep(0.2 * (attempt + 1))
+    return results
+
+
 def media_ref(file_info: Any) -> index.MediaRef:
     thumb = file_info.thumbnail
     if thumb is None:
@@ -101,6 +192,8 @@ class DedupStorageProvider:
 
     def __init__(self, hs: Any, config: StorageConfig):
         self._hs = hs
+        if config.redirect.enabled and config.region_name is None:
+            config = self._discover_region(config)
         self._config = config
         self._api = sa.storage_module_api(hs)
         self._reactor = sa.storage_reactor(hs)
@@ -134,26 +227,44 @@ class DedupStorageProvider:
                 self._reactor.callWhenRunning(
                     sa.run_as_background_process, hs, "msc3916_storage_cors_check", self._check_cors
                 )
-        # Claims this process made in a previous life are released at start-up: they are
-        # the ones made before this instant by this instance name.
+        # This process's claims belong to this boot; its heartbeat keeps them held and
+        # releases those of boots that stopped beating (see index.boot_heartbeat_txn).
         self._instance = sa.instance_name(hs)
-        self._started_ms = index.now_ms()
+        self._boot = uuid.uuid4().hex
+        sa.media_deletions_looping_call(
+            self._api, self._heartbeat, index.BOOT_HEARTBEAT_MS, "msc3916_storage_heartbeat"
+        )
         self._deletion_job: DeletionJob | None = None
-        if config.delete_after_ms is not None and sa.runs_media_background_jobs(hs):
+        self._lease: JobLease | None = None
+        if config.delete_after_ms is not None:
+            # Every process that loads the provider (a media process) may run the job;
+            # one at a time does, the one holding its lease in the database.
+            tick = tick_interval_ms(config.delete_after_ms)
+            self._lease = JobLease(
+                self._db, DELETION_JOB, self._boot, self._instance, tick, DELETE_MAX_MS
+            )
             # Deletions use short S3 timeouts, like gc's, so that none can still land
-            # after an upload took a stale mark over (see lifecycle.GC_DELETE_TIMEOUTS).
+            # after an upload took a stale mark over (see lifecycle.GC_DELETE_TIMEOUTS),
+            # and a thread of their own: a delete queued behind uploads in the shared
+            # pool could start after its mark was taken over.
+            deletion_pool = ThreadPool(1, 1, name="msc3916-storage-deletions")
+            self._reactor.callWhenRunning(deletion_pool.start)
+            self._reactor.addSystemEventTrigger("during", "shutdown", deletion_pool.stop)
+
+            async def in_deletion_thread(f: Any, *args: Any) -> Any:
+                return await sa.defer_to_threadpool(hs, deletion_pool, f, *args)
+
             self._deletion_job = DeletionJob(
                 self._db,
-                self._in_thread,
+                in_deletion_thread,
                 make_blobstore(gc_storage_config(config)),
                 config.delete_after_ms,
+                self._lease,
             )
             sa.media_deletions_looping_call(
-                self._api,
-                self._deletion_tick,
-                tick_interval_ms(config.delete_after_ms),
-                "msc3916_storage_deletions",
+                self._api, self._deletion_tick, tick, "msc3916_storage_deletions"
             )
+            self._reactor.addSystemEventTrigger("before", "shutdown", self._release_lease)
         logger.info("synapse_msc3916: dedup storage provider on %s", self._store.describe())
 
     def __str__(self) -> str:
@@ -177,25 +288,89 @@ class DedupStorageProvider:
                 )
         return parsed
 
+    @staticmethod
+    def _discover_region(config: StorageConfig) -> StorageConfig:
+        """Redirect URLs must be signed for the bucket's region: ask S3 for it at start-up.
+
+        Start-up may block on this (as it may on the schema); a bucket that cannot tell
+        its region stops Synapse with one line naming ``region_name``.
+        """
+        try:
+            region = S3BlobStore(config).bucket_region()
+        except StorageUnavailable as e:
+            why = " ".join(str(e).split())
+            raise sa.storage_config_error(
+                f"synapse_msc3916: region_name: not set, and the region of bucket"
+                f" {config.bucket!r} could not be discovered ({why}); redirect URLs must be"
+                " signed for it: set region_name"
+            ) from None
+        logger.info(
+            "synapse_msc3916: bucket %s is in region %s (discovered; region_name skips the"
+            " lookup)",
+            config.bucket,
+            region,
+        )
+        return attr.evolve(config, region_name=region)
+
     def _install_redirects(self) -> None:
         """Hand large media to S3 (see storage/redirect.py and synapse_adapter/redirect.py)."""
         store = self._store
         assert isinstance(store, S3BlobStore)  # config refuses redirects on backend: file
         expires = self._config.redirect.expires
 
-        def sign(sha256: str, content_type: str | None, disposition: str | None) -> str:
-            return store.presign_get(sha256, expires, content_type, disposition)
+        async def sign(sha256: str, content_type: str | None, disposition: str | None) -> str:
+            # On the pool: botocore may refresh credentials with blocking HTTP here.
+            return str(
+                await self._in_thread(store.presign_get, sha256, expires, content_type, disposition)
+            )
 
         async def locate(path: str) -> Any:
             return await self._db("locate", index.locate_txn, path)
 
-        sign("0" * 64, None, None)  # build the signing client now, not on the first read
-        redirector = Redirector(self._config.redirect, sign, locate, sa.RedirectingResponder)
+        store.signer()  # build the signing client now, not on the first read
+        redirector = Redirector(
+            self._config.redirect, sign, locate, self._object_present, sa.RedirectingResponder
+        )
         sa.install_fetch_hook(redirector.hook)
 
     async def _check_cors(self) -> None:
         """Read the bucket's CORS rules once, off the reactor; only ever logs."""
         await self._in_thread(cors.startup_check, self._store)
+
+    async def _object_present(self, sha256: str, length: int) -> bool:
+        """Before redirecting to an object: is it there, at its length? (see redirect.py)
+
+        A missing object is marked in the index, as a read that finds it missing does, so
+        the read falls back to Synapse and the next store of the content rewrites it. When
+        S3 cannot answer, the index is trusted: the redirect is what it would have been.
+        """
+        try:
+            size = await self._in_thread(self._store.stat, sha256)
+        except StorageUnavailable as e:
+            STORAGE_ERRORS.labels(operation="verify").inc()
+            logger.warning(
+                "synapse_msc3916: could not check object %s before a redirect (%s);"
+                " trusting the index",
+                sha256,
+                e,
+            )
+            return True
+        if size == length:
+            return True
+        if size is not None:
+            self._corrupt(sha256, f"object is {size} bytes, the index says {length}")
+            return False
+        logger.error(
+            "synapse_msc3916: object %s is indexed but missing; not redirecting to it,"
+            " the next store of this content rewrites it",
+            sha256,
+        )
+        STORAGE_DAMAGED.labels(where="redirect", problem="missing").inc()
+        try:
+            await self._db("mark_missing", index.mark_blob_missing_txn, sha256)
+        except Exception:  # best effort: the provider's own read marks it too
+            logger.exception("synapse_msc3916: could not mark %s missing", sha256)
+        return False
 
     # --- plumbing ---
 
@@ -227,45 +402,67 @@ class DedupStorageProvider:
                 if attempt == 4:
                     raise
                 await self._api.sleep(0.2 * (attempt + 1))
-        await self._ensure_deletion_triggers()
+        await self._startup()
 
-    async def _ensure_deletion_triggers(self) -> None:
-        """Check and (re)create the tombstone triggers; release our stale claims.
+    async def _startup(self) -> None:
+        """The start-up work after the schema, each step in its own transaction.
 
-        A problem here does not stop uploads: deletions are then not followed (an
-        ERROR says why) and ``gc`` remains the way to free space.
+        A problem here does not stop uploads, and one step's failure does not take
+        the others down (a trigger that could not be created once also left the
+        claims of a previous life unreleased): each failure is logged with what it
+        means.
         """
-        for attempt in range(5):
-            try:
-                created = await self._api.run_db_interaction(
-                    "msc3916_storage_triggers", self._startup_txn
-                )
-                if created:
-                    logger.info("synapse_msc3916: created deletion triggers %s", ", ".join(created))
-                return
-            except RuntimeError as e:
-                logger.error("synapse_msc3916: %s; run `synapse-msc3916 gc` to free space", e)
-                self._deletion_job = None  # its timer then does nothing
-                return
-            except Exception:
-                if attempt == 4:
-                    logger.exception("synapse_msc3916: could not create the deletion triggers")
-                    return
-                await self._api.sleep(0.2 * (attempt + 1))
+        results = await run_startup_steps(
+            startup_steps(self._instance, self._boot),
+            lambda desc, func: self._api.run_db_interaction(f"msc3916_storage_{desc}", func),
+            self._api.sleep,
+        )
+        triggers = results[TRIGGERS_STEP]
+        if triggers.ok and triggers.value:
+            logger.info("synapse_msc3916: created deletion triggers %s", ", ".join(triggers.value))
+        elif triggers.permanent:
+            self._deletion_job = None  # its timer then only watches the lease
+        claims = results[CLAIMS_STEP]
+        if claims.ok and claims.value:
+            logger.info("synapse_msc3916: released %d claim(s) of stopped processes", claims.value)
 
     async def _deletion_tick(self) -> None:
-        job = self._deletion_job
-        if job is not None:
-            await job.tick()
+        job, lease = self._deletion_job, self._lease
+        if lease is None:
+            return
+        try:
+            if job is None or job.running:
+                # This process cannot run the job now; it can still tell if nobody does.
+                await lease.check()
+            else:
+                await job.tick()
+        except Exception:
+            logger.exception("synapse_msc3916: could not check the storage deletion job's lease")
 
-    def _startup_txn(self, txn: Any) -> list[str]:
-        index.schema_lock_txn(txn)
-        created = sa.ensure_deletion_triggers_txn(txn)
-        index.note_tombstones_since_txn(txn, index.now_ms())
-        index.release_stale_claims_txn(
-            txn, index.now_ms(), instance=self._instance, before=self._started_ms
-        )
-        return created
+    async def _heartbeat(self) -> None:
+        try:
+            released = await self._db(
+                "heartbeat", index.boot_heartbeat_txn, self._boot, self._instance
+            )
+        except Exception:
+            logger.exception("synapse_msc3916: the storage heartbeat failed; retrying later")
+            return
+        if released:
+            logger.info("synapse_msc3916: released %d claim(s) of stopped processes", released)
+
+    def _release_lease(self) -> Any:
+        """Before shutdown: hand the job on at once (a Deferred the reactor waits for)."""
+        lease = self._lease
+        if lease is None:
+            return None
+
+        async def release() -> None:
+            try:
+                await lease.release()
+            except Exception:  # it then expires by itself
+                logger.exception("synapse_msc3916: could not release the storage deletion job's lease")
+
+        return sa.run_as_background_process(self._hs, "msc3916_storage_lease_release", release)
 
     def _unavailable(self, operation: str, e: Exception) -> Exception:
         STORAGE_ERRORS.labels(operation=operation).inc()
@@ -325,7 +522,7 @@ class DedupStorageProvider:
 
         # The claim is this upload's reference on the content until its path is
         # recorded: no deletion can take the object meanwhile, however long this takes.
-        claim = index.Claim(uuid.uuid4().hex, path, self._instance)
+        claim = index.Claim(uuid.uuid4().hex, path, self._instance, self._boot)
         deadline = time.monotonic() + _WAIT_FOR_GC_SECONDS
         while True:
             decision, overwrite = await self._db(
@@ -375,17 +572,21 @@ class DedupStorageProvider:
                     )
                 except StorageUnavailable as e:
                     raise self._unavailable("store", e) from e
-            await self._db(
-                "record_path",
-                index.record_path_txn,
-                path,
-                sha256,
-                length,
-                ref,
-                index.now_ms(),
-                True,
-                claim,
-            )
+            try:
+                await self._db(
+                    "record_path",
+                    index.record_path_txn,
+                    path,
+                    sha256,
+                    length,
+                    ref,
+                    index.now_ms(),
+                    True,
+                    claim,
+                )
+            except index.LostClaim as e:
+                # Acknowledging would promise bytes a deletion may be taking: fail it.
+                raise self._unavailable("store", e) from e
         except BaseException:
             await self._release_claim(claim)
             raise
@@ -405,7 +606,8 @@ class DedupStorageProvider:
         try:
             await self._db("release_claim", index.release_claim_txn, claim.token, index.now_ms())
         except Exception:
-            # Released at this process's next start, or by gc after CLAIM_STALE_MS.
+            # Released when this boot stops beating (index.BOOT_STALE_MS after it ends),
+            # or by gc after CLAIM_STALE_MS.
             logger.exception("synapse_msc3916: could not release the claim of %s", claim.path)
 
     # --- fetch ---
@@ -475,6 +677,7 @@ class DedupStorageProvider:
             length=length,
             sha256=sha256,
             on_corrupt=lambda why: self._corrupt(sha256 or "", why),
+            stall_timeout=self._config.stall_timeout_ms / 1000,
         )
 
     @staticmethod

@@ -7,13 +7,14 @@ Synapse in sight, whether that read becomes a redirect:
 
 * the request: which endpoint it came in on (by its *original* URI, before the module's
   router rewrote an unstable path to its stable twin), ``allow_redirect`` on the legacy
-  endpoints, the User-Agent;
+  endpoints, the User-Agent; never a HEAD (the URL is signed for GET only);
 * the media: only content the index knows, present and not corrupt, of at least
-  ``min_size`` bytes;
-* the URL: signed for ``public_endpoint_url`` with Synapse's own Content-Type and
-  Content-Disposition as response overrides, and reused for ``expires / 2`` so browser
-  and CDN caches of the S3 answer keep hitting (matrix-media-repo's PR #623 found that a
-  fresh signature on every request defeats them).
+  ``min_size`` bytes, whose object a HEAD found there in the last ``expires / 2``;
+* the URL: signed (on the provider's thread pool) for ``public_endpoint_url`` with
+  Synapse's own Content-Type and Content-Disposition as response overrides, and reused
+  for ``expires / 2`` so browser and CDN caches of the S3 answer keep hitting
+  (matrix-media-repo's PR #623 found that a fresh signature on every request defeats
+  them).
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ class Served:
     multipart: bool  # a federation multipart/mixed answer rather than a plain body
     content_type: str | None
     disposition: str | None
+    # A HEAD is answered as Synapse answers it: a URL presigned for GET is refused for
+    # HEAD by S3 (403), where Synapse answers 200 with the file's headers.
+    head: bool = False
 
 
 def request_kind(served: Served, config: RedirectConfig) -> str | None:
@@ -64,6 +68,8 @@ def request_kind(served: Served, config: RedirectConfig) -> str | None:
     The original URI decides, not the path Synapse's servlet matched: the module's router
     rewrites MSC1902 paths to the legacy endpoints, and those must keep streaming.
     """
+    if served.head:
+        return None
     try:
         target = served.uri.decode("ascii")
     except UnicodeDecodeError:
@@ -97,9 +103,13 @@ class Redirect:
 
 
 class SignedUrls:
-    """Presigned URLs reused for half their validity, so repeated reads share one URL."""
+    """Presigned URLs reused for half their validity, so repeated reads share one URL.
 
-    def __init__(self, expires: int, sign: Callable[[str, str | None, str | None], str],
+    ``sign`` is async: it runs on the provider's thread pool, since botocore may refresh
+    credentials with blocking HTTP while it signs.
+    """
+
+    def __init__(self, expires: int, sign: Callable[[str, str | None, str | None], Awaitable[str]],
                  clock: Callable[[], float] = time.time):
         self._expires = expires
         self._sign = sign
@@ -108,7 +118,7 @@ class SignedUrls:
             collections.OrderedDict()
         )
 
-    def get(self, sha256: str, content_type: str | None, disposition: str | None) -> Redirect:
+    async def get(self, sha256: str, content_type: str | None, disposition: str | None) -> Redirect:
         key = (sha256, content_type, disposition)
         now = self._clock()
         hit = self._cache.get(key)
@@ -116,7 +126,10 @@ class SignedUrls:
             self._cache.move_to_end(key)
             url, signed_at = hit
         else:
-            url, signed_at = self._sign(sha256, content_type, disposition), now
+            # The clock before signing: the URL is valid at least until then + expires.
+            signed_at = now
+            url = await self._sign(sha256, content_type, disposition)
+            now = self._clock()
             self._cache[key] = (url, signed_at)
             self._cache.move_to_end(key)
             while len(self._cache) > _CACHE_MAX:
@@ -126,7 +139,7 @@ class SignedUrls:
         return Redirect(url, max(0, remaining))
 
 
-def decide(
+async def decide(
     served: Served, length: int, sha256: str, config: RedirectConfig, urls: SignedUrls
 ) -> tuple[str, Redirect] | None:
     """(metric kind, redirect) for a read of indexed content, or None to stream it."""
@@ -135,7 +148,7 @@ def decide(
     kind = request_kind(served, config)
     if kind is None or excluded_agent(served.user_agent, config):
         return None
-    return kind, urls.get(sha256, served.content_type, served.disposition)
+    return kind, await urls.get(sha256, served.content_type, served.disposition)
 
 
 def multipart_location_body(boundary: bytes, json_part: bytes, url: str) -> bytes:
@@ -157,6 +170,37 @@ def multipart_location_body(boundary: bytes, json_part: bytes, url: str) -> byte
     )
 
 
+class PresenceChecks:
+    """Whether a blob's object is really there, asked of S3 at most once per ``ttl``.
+
+    The index can be wrong behind the provider's back (a lifecycle rule, an operator, a
+    lost race removed the object); a redirect would then send clients to S3's 404 for
+    ever, and Synapse's own "no responder: fetch it again" would never run. Only
+    positive answers are remembered: ``check`` marks a missing object in the index
+    itself, so the next lookup no longer finds it servable.
+    """
+
+    def __init__(self, ttl: float, check: Callable[[str, int], Awaitable[bool]],
+                 clock: Callable[[], float] = time.time):
+        self._ttl = ttl
+        self._check = check
+        self._clock = clock
+        self._seen: collections.OrderedDict[str, float] = collections.OrderedDict()
+
+    async def present(self, sha256: str, length: int) -> bool:
+        seen = self._seen.get(sha256)
+        if seen is not None and self._clock() - seen < self._ttl:
+            return True
+        self._seen.pop(sha256, None)
+        checked_at = self._clock()
+        if not await self._check(sha256, length):
+            return False
+        self._seen[sha256] = checked_at
+        while len(self._seen) > _CACHE_MAX:
+            self._seen.popitem(last=False)
+        return True
+
+
 class Redirector:
     """The provider's side of the redirect seam: index lookup, then the choice per consumer.
 
@@ -164,18 +208,27 @@ class Redirector:
     the adapter's ``RedirectingResponder``. Media the index does not know, or marks
     missing, corrupt or being deleted, or smaller than ``min_size``, go back to Synapse's
     own ``fetch_media`` untouched (legacy_prefix objects included: streamed as today).
+    ``check(sha256, length)`` asks the store whether the object is there (and marks it
+    missing in the index when not); it runs at most once per ``expires / 2`` per object,
+    so a vanished object is redirected to for at most that long, and then reads go back
+    to Synapse, which fetches remote media again and answers 404 for lost local media
+    until the same content is stored again.
     """
 
     def __init__(
         self,
         config: RedirectConfig,
-        sign: Callable[[str, str | None, str | None], str],
+        sign: Callable[[str, str | None, str | None], Awaitable[str]],
         locate: Callable[[str], Awaitable[Any]],
-        make_responder: Callable[[Callable[[Served], Redirect | None], Callable[[], Awaitable[Any]]], Any],
+        check: Callable[[str, int], Awaitable[bool]],
+        make_responder: Callable[
+            [Callable[[Served], Awaitable[Redirect | None]], Callable[[], Awaitable[Any]]], Any
+        ],
         clock: Callable[[], float] = time.time,
     ):
         self._config = config
         self._urls = SignedUrls(config.expires, sign, clock)
+        self._presence = PresenceChecks(config.expires / 2, check, clock)
         self._locate = locate
         self._make_responder = make_responder
 
@@ -186,9 +239,11 @@ class Redirector:
         if located is None or not located.servable or located.length < self._config.min_size:
             return await fetch_as_synapse()
         sha256, length = located.sha256, located.length
+        if not await self._presence.present(sha256, length):
+            return await fetch_as_synapse()
 
-        def choose(served: Served) -> Redirect | None:
-            decision = decide(served, length, sha256, self._config, self._urls)
+        async def choose(served: Served) -> Redirect | None:
+            decision = await decide(served, length, sha256, self._config, self._urls)
             if decision is None:
                 return None
             kind, redirect = decision

@@ -6,6 +6,13 @@ pool, one chunk ahead of the one being sent, and no further read starts while th
 consumer is paused. A client that reads slowly therefore costs an open S3 connection,
 never a blocked thread.
 
+A chunk goes to the consumer in ``WRITE_SIZE`` pieces, waiting while the consumer is
+paused. Twisted pauses a producer once more than 64 KiB wait to be sent and resumes it
+once they have all gone to the kernel, so every resume proves the client took bytes: the
+stall timeout bounds the time *without progress* (no resume for ``stall_timeout``
+seconds), never the length of a download. A 1 MiB write would instead need the client
+to take the whole MiB within the timeout.
+
 Content is verified as it streams. The final chunk is held back until the SHA-256 of
 everything before it plus itself matches the index, so a corrupt blob never produces a
 complete, well-formed response: the connection is dropped instead, the blob is marked
@@ -31,7 +38,10 @@ from synapse_msc3916.synapse_adapter import Responder
 logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1 << 20
-RESUME_TIMEOUT_SECONDS = 90.0
+# Twisted's transport buffer size: a pause ends once the client has taken at most two
+# writes (128 KiB); smaller writes cost reactor time on fast downloads.
+WRITE_SIZE = 64 << 10
+STALL_TIMEOUT_SECONDS = 90.0
 
 
 class CorruptBlob(Exception):
@@ -60,6 +70,8 @@ class BlobResponder(Responder):
         on_corrupt: Callable[[str], None],
         chunk_size: int = CHUNK_SIZE,
         prefetched: tuple[bytes, Any] | None = None,
+        stall_timeout: float = STALL_TIMEOUT_SECONDS,
+        write_size: int = WRITE_SIZE,
     ):
         """``sha256=None`` streams without verification (legacy objects, whose content
         nothing recorded). ``prefetched`` is the start of the blob already read, with
@@ -73,6 +85,8 @@ class BlobResponder(Responder):
         self._sha256 = sha256
         self._on_corrupt = on_corrupt
         self._chunk_size = chunk_size
+        self._stall_timeout = stall_timeout
+        self._write_size = write_size
         # A twisted IConsumer (typed Any: mypy cannot check zope interfaces)
         self._consumer: Any = None
         self._paused = False
@@ -85,6 +99,11 @@ class BlobResponder(Responder):
     # --- Responder ---
 
     def write_to_consumer(self, consumer: Any) -> Awaitable[Any]:
+        if getattr(consumer, "method", None) == b"HEAD":
+            # Twisted sends a HEAD answer's headers and drops its body: reading the
+            # object from S3 only to throw it away would cost its whole length.
+            self._done.callback(None)
+            return self._make_yieldable(self._done)
         self._consumer = consumer
         consumer.registerProducer(self, True)
         self._run_in_background(self._pump)
@@ -121,13 +140,29 @@ class BlobResponder(Responder):
     # --- the loop ---
 
     async def _wait_until_resumed(self) -> None:
+        """Wait while paused; each wait is timed afresh, as a resume is progress."""
         while self._paused and not self._stopped:
             self._resume = defer.Deferred()
-            self._resume.addTimeout(RESUME_TIMEOUT_SECONDS, self._reactor)
+            self._resume.addTimeout(self._stall_timeout, self._reactor)
             try:
                 await self._make_yieldable(self._resume)
             except defer.TimeoutError:
-                raise TimeoutError("consumer did not resume in time") from None
+                raise TimeoutError(
+                    f"the client took no bytes for {self._stall_timeout:g} seconds"
+                ) from None
+
+    async def _send(self, chunk: bytes, last: bool) -> None:
+        """Write ``chunk`` in pieces, each once the consumer is ready for more, and (unless
+        it is the last) wait until the consumer is ready for the next chunk: no read
+        starts beyond the one already ahead while the client is slow."""
+        step = self._write_size
+        for start in range(0, len(chunk), step):
+            if self._stopped:
+                return
+            assert self._consumer is not None
+            self._consumer.write(chunk[start : start + step] if len(chunk) > step else chunk)
+            if self._paused and not (last and start + step >= len(chunk)):
+                await self._wait_until_resumed()
 
     def _start_read(self, sent: int, digest: Any) -> defer.Deferred | None:
         """Start reading (and hashing) the chunk after ``sent`` bytes on the pool."""
@@ -172,12 +207,9 @@ class BlobResponder(Responder):
                 # overlap the reactor's socket writes. At most two chunks are in memory.
                 if sent < self._length:
                     pending = self._start_read(sent, digest)
-                if chunk:
-                    assert self._consumer is not None
-                    self._consumer.write(chunk)
+                await self._send(chunk, last=sent >= self._length)
                 if sent >= self._length:
                     break
-                await self._wait_until_resumed()
             self._finish(None)
         except CorruptBlob as e:
             self._on_corrupt(str(e))

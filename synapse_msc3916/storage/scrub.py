@@ -35,6 +35,10 @@ OK, MISSING, CORRUPT = "ok", "missing", "corrupt"
 # Paths pointing at content with no blob row at all (a deletion that lost a race with an
 # upload): reads of them fail although the object may be there.
 UNRECORDED = "unrecorded"
+# Paths pointing at a blob row that says "not stored": reads of them fail although the
+# object may be there (what a deletion that lost its mark to an upload left before
+# issue 18, or a store that failed after its path was recorded).
+UNSTORED = "unstored"
 _PAGE = 1000
 # Checks run in parallel: a HEAD costs a round trip, and a million of them one after
 # the other would take hours.
@@ -62,6 +66,20 @@ def _unrecorded_page_txn(
         f" WHERE p.sha256 > ? AND NOT EXISTS"
         f" (SELECT 1 FROM {index.BLOBS} b WHERE b.sha256 = p.sha256)"
         " GROUP BY p.sha256 ORDER BY p.sha256 LIMIT ?",
+        (after, limit),
+    )
+    return [(str(r[0]), int(r[1]), False) for r in txn.fetchall()]
+
+
+def _unstored_page_txn(
+    txn: index.Txn, after: str, limit: int
+) -> list[tuple[str, int, bool]]:
+    """Blob rows that paths reference but that say "not stored", in hash order."""
+    txn.execute(
+        f"SELECT b.sha256, b.length FROM {index.BLOBS} b"
+        " WHERE b.sha256 > ? AND b.stored = 0 AND b.deleting_ts IS NULL AND EXISTS"
+        f" (SELECT 1 FROM {index.PATHS} p WHERE p.sha256 = b.sha256)"
+        " ORDER BY b.sha256 LIMIT ?",
         (after, limit),
     )
     return [(str(r[0]), int(r[1]), False) for r in txn.fetchall()]
@@ -107,7 +125,8 @@ def _rows(db: Any, page_txn: Any) -> Iterator[tuple[str, int, bool]]:
 
 
 def _record_existing(db: Any, store: Any, sha256: str, length: int) -> str | None:
-    """Give content whose object is sound but which has no blob row its row back."""
+    """Give content whose object is sound but which has no blob row (or one that says
+    "not stored") its row back."""
     paths = index.run_tool_txn(db, _paths_of_txn, sha256)
     ref = index.parse_media_path(paths[0]) if paths else None
     if ref is None:
@@ -164,6 +183,7 @@ def cmd_scrub(args: argparse.Namespace) -> int:
         "missing": 0,
         "corrupt": 0,
         "unrecorded": 0,
+        "unstored": 0,
         "repaired": 0,
         "marked": 0,
         "broken": [],
@@ -174,11 +194,13 @@ def cmd_scrub(args: argparse.Namespace) -> int:
         index.run_tool_txn(db, index.ensure_schema_txn)
         total = index.run_tool_txn(db, _count_stored_txn)
         bar = Progress("scrub", total, unit="object")
-        page: list[tuple[str, int, bool | None]] = []
-        # Every blob row that says "stored", then every content paths use without a row.
+        page: list[tuple[str, int, bool | str | None]] = []
+        # Every blob row that says "stored", then every content paths use without a row,
+        # then every content paths use whose row says "not stored".
         rows = itertools.chain(
             _rows(db, _stored_blobs_page_txn),
             ((sha, n, None) for sha, n, _ in _rows(db, _unrecorded_page_txn)),
+            ((sha, n, UNSTORED) for sha, n, _ in _rows(db, _unstored_page_txn)),
         )
         while True:
             page = [row for _, row in zip(range(_PAGE), rows, strict=False)]
@@ -194,7 +216,9 @@ def cmd_scrub(args: argparse.Namespace) -> int:
             for (sha256, length, marked), (state, why) in zip(page, results, strict=True):
                 bar.step()
                 stats["checked"] += 1
-                if state == OK and marked:
+                if state == OK and marked == UNSTORED:
+                    state, why = UNSTORED, "paths use it but the index says it is not stored"
+                elif state == OK and marked is True:
                     # The object looks sound but a read found it damaged: trust the read.
                     state, why = CORRUPT, "marked damaged by an earlier read"
                 elif state == OK and marked is None:
@@ -207,7 +231,7 @@ def cmd_scrub(args: argparse.Namespace) -> int:
                 entry["paths"] = index.run_tool_txn(db, _paths_of_txn, sha256)
                 if args.repair:
                     try:
-                        if state == UNRECORDED:
+                        if state in (UNRECORDED, UNSTORED):
                             used = _record_existing(db, ctx.store, sha256, length)
                         else:
                             used = repair(db, ctx.store, ctx.media_store, sha256, length)
@@ -225,7 +249,8 @@ def cmd_scrub(args: argparse.Namespace) -> int:
                 stats["broken"].append(entry)
         bar.close()
     still_broken = (
-        stats["missing"] + stats["corrupt"] + stats["unrecorded"] - stats["repaired"]
+        stats["missing"] + stats["corrupt"] + stats["unrecorded"] + stats["unstored"]
+        - stats["repaired"]
     )
     stats["still_broken"] = still_broken
     _print(stats, args)
@@ -247,6 +272,7 @@ def _print(stats: dict[str, Any], args: argparse.Namespace) -> None:
     print(
         f"scrub: {stats['checked']} checked, {stats['ok']} ok, {stats['missing']} missing,"
         f" {stats['corrupt']} corrupt, {stats['unrecorded']} unrecorded,"
+        f" {stats['unstored']} unstored,"
         f" {stats['repaired']} repaired"
         + (" (content hashed)" if stats["hash"] else " (sizes only; --hash reads content)")
     )

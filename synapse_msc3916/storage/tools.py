@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import socket
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from synapse_msc3916 import homeserver_config as hc
-from synapse_msc3916.config import StorageConfig
+from synapse_msc3916.config import ConfigError, StorageConfig, parse_duration_ms
 from synapse_msc3916.storage import index
 from synapse_msc3916.storage.blobstore import (
     S3BlobStore,
@@ -33,22 +32,23 @@ from synapse_msc3916.storage.blobstore import (
 from synapse_msc3916.storage.lifecycle import (  # noqa: F401 (GC_DELETE_TIMEOUTS re-exported)
     GC_DELETE_TIMEOUTS,
     TOMBSTONE_BATCH,
+    delete_if_in_time,
     gc_storage_config,
+    object_missing_after_lost_mark,
 )
 from synapse_msc3916.storage.progress import Progress
 from synapse_msc3916.storage.provider import hash_file
 
 MEDIA_DIRS = ("local_content", "local_thumbnails", "remote_content", "remote_thumbnail")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def parse_duration(text: str) -> float:
-    """``30s``, ``15m``, ``24h``, ``7d``, ``2w`` or plain seconds, as seconds."""
-    match = _DURATION.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a duration like 24h or 30m: {text!r}")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+    """A command-line duration, as seconds: what the provider's config takes (``30s``,
+    ``15m``, ``24h``, ``7d``, ``2w`` or plain seconds), by the same parser."""
+    try:
+        return parse_duration_ms(text, "duration") / 1000
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("synapse_msc3916: duration: ")) from None
 
 
 def _human(n: float) -> str:
@@ -370,6 +370,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             except StorageUnavailable as e:
                 progress.close()
                 raise hc.ToolError(str(e)) from None
+            except index.LostClaim as e:
+                # gc released this run's claim (older than a day) while it stored: the
+                # path is not recorded and the source is kept; a new run starts afresh.
+                progress.close()
+                raise hc.ToolError(f"{path}: {e}; not migrated, source kept: run migrate again") from None
             if outcome in (VERIFIED, RECORDED_MEANWHILE):
                 stats["already"] += 1
             elif outcome == INCOMPLETE:
@@ -533,6 +538,13 @@ def _gc_dry_run(
         deleted.append(sha256)
 
 
+def _check_after_lost_mark(db: Any, store: Any, sha256: str) -> None:
+    """An upload took this deletion's mark over: if the object is gone, say so in the
+    index, so that the next store of the content rewrites it (``index.lost_object_txn``)."""
+    if object_missing_after_lost_mark(store, sha256):
+        index.run_tool_txn(db, index.lost_object_txn, sha256, index.now_ms())
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     """Forget paths whose media Synapse deleted, then delete objects nothing references.
 
@@ -589,16 +601,21 @@ def cmd_gc(args: argparse.Namespace) -> int:
             )
             for sha256, length, gen in candidates:
                 progress.step()
-                mark = index.now_ms()
-                if not index.run_tool_txn(db, index.mark_deleting_txn, sha256, gen, mark):
+                started = time.monotonic()
+                mark = index.run_tool_txn(db, index.mark_deleting_txn, sha256, gen)
+                if mark is None:
                     continue  # referenced again since the scan
                 try:
-                    ctx.store.delete(sha256)
+                    if not delete_if_in_time(ctx.store, sha256, started):
+                        index.run_tool_txn(db, index.unmark_deleting_txn, sha256, mark)
+                        continue  # the database stalled that long: left for the next run
                 except StorageUnavailable as e:
                     # Never leave the row claiming an object that may be gone.
-                    index.run_tool_txn(db, index.abort_deleting_txn, sha256, mark)
+                    if not index.run_tool_txn(db, index.abort_deleting_txn, sha256, mark):
+                        _check_after_lost_mark(db, ctx.store, sha256)
                     raise hc.ToolError(str(e)) from None
-                index.run_tool_txn(db, index.finish_deleting_txn, sha256, mark)
+                if not index.run_tool_txn(db, index.finish_deleting_txn, sha256, mark):
+                    _check_after_lost_mark(db, ctx.store, sha256)
                 stats["objects_deleted"] += 1
                 stats["bytes_freed"] += length
                 deleted.append(sha256)
@@ -606,17 +623,18 @@ def cmd_gc(args: argparse.Namespace) -> int:
             for sha, info in _objects_without_row(db, ctx.store):
                 if info.mtime * 1000 >= cutoff:
                     continue
-                mark = index.now_ms()
-                if not index.run_tool_txn(
-                    db, index.mark_orphan_object_deleting_txn, sha, info.size, mark
-                ):
+                orphan_mark = index.run_tool_txn(
+                    db, index.mark_orphan_object_deleting_txn, sha, info.size, index.now_ms()
+                )
+                if orphan_mark is None:
                     continue
                 try:
                     ctx.store.delete(sha)
                 except StorageUnavailable as e:
-                    index.run_tool_txn(db, index.abort_deleting_txn, sha, mark)
+                    index.run_tool_txn(db, index.abort_deleting_txn, sha, orphan_mark)
                     raise hc.ToolError(str(e)) from None
-                index.run_tool_txn(db, index.finish_deleting_txn, sha, mark)
+                if not index.run_tool_txn(db, index.finish_deleting_txn, sha, orphan_mark):
+                    _check_after_lost_mark(db, ctx.store, sha)
                 stats["orphan_objects_deleted"] += 1
                 stats["bytes_freed"] += info.size
                 deleted.append(sha)

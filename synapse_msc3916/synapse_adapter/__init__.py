@@ -13,7 +13,7 @@ it. Those are internal APIs, so each seam declares the internals it uses (``NEED
     multipart.py   the zero-byte multipart/mixed fix
     storage.py     database pool, media config and Responder for the storage provider
     redirect.py    where Synapse starts sending a media file: presigned redirects
-    media_deletions.py  tombstone triggers on Synapse's media tables; the background-jobs process
+    media_deletions.py  tombstone triggers on Synapse's media tables; the deletion job's timer
     probes.py      the start-up checks and the tested release range
 
 The names below are imported from their seam on first use, so that importing the
@@ -52,7 +52,7 @@ _EXPORTS = {
     "redirect": ("install_fetch_hook", "RedirectingResponder"),
     "media_deletions": (
         "ensure_deletion_triggers_txn", "deletion_triggers_present_txn",
-        "runs_media_background_jobs", "instance_name", "media_deletions_looping_call",
+        "instance_name", "media_deletions_looping_call",
     ),
 }
 _SEAM_OF = {name: seam for seam, names in _EXPORTS.items() for name in names}
@@ -70,7 +70,7 @@ __all__ = [
     "defer_to_threadpool", "media_tables_have_sha256",
     "install_fetch_hook", "RedirectingResponder",
     "ensure_deletion_triggers_txn", "deletion_triggers_present_txn",
-    "runs_media_background_jobs", "instance_name", "media_deletions_looping_call",
+    "instance_name", "media_deletions_looping_call",
 ]
 
 if TYPE_CHECKING:
@@ -86,7 +86,6 @@ if TYPE_CHECKING:
         ensure_deletion_triggers_txn,
         instance_name,
         media_deletions_looping_call,
-        runs_media_background_jobs,
     )
     from synapse_msc3916.synapse_adapter.media_gate import Access, Read, gate_decided, install_media_gate
     from synapse_msc3916.synapse_adapter.multipart import fix_zero_byte_multipart

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -26,8 +27,9 @@ NEEDS = [
     Need("synapse.config.workers.WorkerConfig.read_config", "a worker's listeners (hs.config.worker)",
          check=lambda read_config: source_mentions(read_config, "self.worker_listeners")
          and source_mentions(read_config, "self.worker_app")),
-    Need("synapse.config.server.TCPListenerConfig", "each listener's type, port and resource names",
-         check=lambda cls: _has_fields(cls, "type", "port", "http_options")),
+    Need("synapse.config.server.TCPListenerConfig",
+         "each listener's type, bind addresses, port and resource names",
+         check=lambda cls: _has_fields(cls, "type", "port", "bind_addresses", "http_options")),
     Need("synapse.config.server.HttpListenerConfig", "the resource names a listener serves",
          check=lambda cls: _has_fields(cls, "resources")),
     Need("synapse.config.server.HttpResourceConfig", "the resource names a listener serves",
@@ -69,7 +71,7 @@ def install_routers(hs: HomeServer, make_router: RouterFactory) -> None:
             root = getattr(site, "resource", None)
             if root is None or not hasattr(root, "children"):
                 continue
-            names = listeners.get(_port_key(port))
+            names = _names_for(listeners, port)
             if names is None:
                 continue
             matrix = root.children.get(b"_matrix")
@@ -84,29 +86,69 @@ def install_routers(hs: HomeServer, make_router: RouterFactory) -> None:
     reactor.callLater(0, _install)  # type: ignore[arg-type]
 
 
-def _port_key(port: Any) -> Any:
+# A listener is known by where it listens: (address, port) for TCP, (None, path) for a
+# UNIX socket. Several listeners may share a port on different addresses (127.0.0.1 and
+# ::1, a public and a private interface), each with its own resources.
+ListenerKey = tuple[Any, Any]
+
+
+def _address(text: Any) -> Any:
+    """One spelling per address, so that a configured ``::0001`` matches the bound ``::1``."""
+    try:
+        return ipaddress.ip_address(str(text).split("%")[0]).compressed
+    except ValueError:
+        return text  # a host name: compared as written
+
+
+def _port_key(port: Any) -> ListenerKey | None:
     try:
         host = port.getHost()
     except Exception:
         return None
-    return getattr(host, "port", None) or getattr(host, "name", None)
+    number = getattr(host, "port", None)
+    if number is not None:
+        return _address(getattr(host, "host", None)), number
+    name = getattr(host, "name", None)
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    return None, name
 
 
-def _http_listener_configs(hs: HomeServer) -> dict[Any, ListenerNames]:
+def _names_for(listeners: dict[ListenerKey, ListenerNames], port: Any) -> ListenerNames | None:
+    """The resource names of the listener ``port`` belongs to.
+
+    Exact (address, port) first; a socket bound to an address the configuration spells
+    differently (a host name) falls back to its port number, but only when one listener
+    alone uses that port, so two listeners sharing it never borrow each other's names.
+    """
+    key = _port_key(port)
+    if key is None:
+        return None
+    if key in listeners:
+        return listeners[key]
+    same_port = {names for (_, number), names in listeners.items() if number == key[1]}
+    return same_port.pop() if len(same_port) == 1 else None
+
+
+def _http_listener_configs(hs: HomeServer) -> dict[ListenerKey, ListenerNames]:
     configs = (
         hs.config.worker.worker_listeners
         if hs.config.worker.worker_app
         else hs.config.server.listeners
     )
-    result: dict[Any, ListenerNames] = {}
+    result: dict[ListenerKey, ListenerNames] = {}
     for listener in configs:
         if listener.type != "http" or listener.http_options is None:
             continue
         names = frozenset(
             name for res in listener.http_options.resources for name in res.names
         )
-        key = getattr(listener, "port", None) or getattr(listener, "path", None)
-        result[key] = names
+        port = getattr(listener, "port", None)
+        if port is None:  # a UNIX socket listener
+            result[(None, getattr(listener, "path", None))] = names
+            continue
+        for address in getattr(listener, "bind_addresses", ()):
+            result[(_address(address), port)] = names
     return result
 
 

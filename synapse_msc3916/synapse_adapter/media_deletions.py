@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from synapse_msc3916.storage.index import is_postgres
 from synapse_msc3916.synapse_adapter.probes import method
 
 NEEDS = [
@@ -93,17 +94,10 @@ def probe_tables_txn(txn: Any) -> list[str]:
         except Exception as e:  # the engines raise their own OperationalError/ProgrammingError
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             problems.append(f"{table}({', '.join(columns)}): {first_line}")
-            if _is_postgres(txn):
+            if is_postgres(txn):
                 # PostgreSQL aborts the transaction on an error; nothing else can run.
                 break
     return problems
-
-
-def _is_postgres(txn: Any) -> bool:
-    if getattr(txn, "engine", None) == "postgres":
-        return True
-    engine = getattr(txn, "database_engine", None)
-    return type(engine).__name__.startswith("Postgres")
 
 
 def ensure_deletion_triggers_txn(txn: Any) -> list[str]:
@@ -120,7 +114,7 @@ def ensure_deletion_triggers_txn(txn: Any) -> list[str]:
             + "; ".join(problems)
         )
     created: list[str] = []
-    postgres = _is_postgres(txn)
+    postgres = is_postgres(txn)
     for table, origin, file_id, thumb in MEDIA_TABLES:
         name = trigger_name(table)
         for old in _old_trigger_names(table):
@@ -173,7 +167,7 @@ def ensure_deletion_triggers_txn(txn: Any) -> list[str]:
 def deletion_triggers_present_txn(txn: Any) -> list[str]:
     """The tombstone triggers that exist (for tests and ``stats``)."""
     names = [trigger_name(t) for t, *_ in MEDIA_TABLES]
-    if _is_postgres(txn):
+    if is_postgres(txn):
         txn.execute(
             "SELECT tgname FROM pg_trigger WHERE tgname IN (?, ?, ?, ?) AND tgenabled <> 'D'",
             tuple(names),
@@ -186,24 +180,6 @@ def deletion_triggers_present_txn(txn: Any) -> list[str]:
     return sorted(str(r[0]) for r in txn.fetchall())
 
 
-def is_main_process(hs: Any) -> bool:
-    return getattr(hs.config.worker, "worker_app", None) is None
-
-
-def runs_media_background_jobs(hs: Any) -> bool:
-    """Whether this process is the one Synapse runs media background jobs on.
-
-    ``media_instance_running_background_jobs`` names it; unset, Synapse assumes a
-    single media process, which for the deletion job means the main process (so that
-    a deployment with several media workers and the option unset still runs the job
-    once, not on every worker).
-    """
-    named = getattr(hs.config.media, "media_instance_running_background_jobs", None)
-    if named is None:
-        return is_main_process(hs)
-    return bool(named == hs.get_instance_name())
-
-
 def instance_name(hs: Any) -> str:
     return str(hs.get_instance_name())
 
@@ -213,7 +189,8 @@ def media_deletions_looping_call(api: Any, f: Any, msec: float, desc: str) -> No
 
     ``ModuleApi.looping_background_call`` (1.39+) wraps each call in a background
     process with its own logcontext on every supported release; the module decides
-    itself which process runs the job, hence ``run_on_all_instances``.
+    itself which process runs the job (a lease in the database, ``storage/lease.py``),
+    hence ``run_on_all_instances``.
     """
     api.looping_background_call(f, msec, desc=desc, run_on_all_instances=True)
 

@@ -26,22 +26,13 @@ from synapse.media._base import Responder
 from synapse.media.media_storage import MediaStorage, MultipartFileConsumer
 
 from synapse_msc3916.storage.redirect import Redirect, Served, multipart_location_body
-from synapse_msc3916.synapse_adapter.probes import Need, method
+from synapse_msc3916.synapse_adapter.probes import Need, method, source_mentions
 
 logger = logging.getLogger(__name__)
 
 
 def _init_sets(*names: str) -> Callable[[Any], bool]:
-    def check(init: Any) -> bool:
-        import inspect
-
-        try:
-            source = inspect.getsource(init)
-        except (OSError, TypeError):
-            return False
-        return all(f"self.{n} =" in source for n in names)
-
-    return check
+    return lambda init: all(source_mentions(init, f"self.{n} =") for n in names)
 
 
 NEEDS = [
@@ -115,6 +106,7 @@ def served_by(consumer: Any) -> Served | None:
         multipart=multipart,
         content_type=content_type,
         disposition=disposition,
+        head=request.method == b"HEAD",
     )
 
 
@@ -149,13 +141,13 @@ def send_redirect(consumer: Any, redirect: Redirect) -> None:
 class RedirectingResponder(Responder):
     """Decides at ``write_to_consumer`` time: a redirect, or Synapse's own responder.
 
-    ``choose(served)`` returns a Redirect or None; ``fetch_as_synapse()`` returns the
+    ``choose(served)`` returns (async) a Redirect or None; ``fetch_as_synapse()`` returns the
     Responder Synapse would have used (local file or the provider's stream).
     """
 
     def __init__(
         self,
-        choose: Callable[[Served], Redirect | None],
+        choose: Callable[[Served], Awaitable[Redirect | None]],
         fetch_as_synapse: Callable[[], Awaitable[Any]],
     ):
         self._choose = choose
@@ -164,7 +156,7 @@ class RedirectingResponder(Responder):
 
     async def write_to_consumer(self, consumer: Any) -> None:
         served = served_by(consumer)
-        redirect = self._choose(served) if served is not None else None
+        redirect = await self._choose(served) if served is not None else None
         if redirect is not None:
             send_redirect(consumer, redirect)
             return
