@@ -37,6 +37,7 @@ BENCHMARKS = {
     "B4": "bench.b4_freeze",
     "B5": "bench.b5_tools",
     "B6": "bench.b6_redirects",
+    "B7": "bench.b7_index",
 }
 
 

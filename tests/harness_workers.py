@@ -32,7 +32,8 @@ def _pg_bin(name: str) -> str:
 
 
 class PostgreSQL:
-    def __init__(self) -> None:
+    def __init__(self, settings: dict[str, str] | None = None) -> None:
+        self.settings = dict(settings or {})  # extra ``-c name=value`` (the benchmarks)
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="msc3916-pg-"))
         self.data = self.dir / "data"
@@ -53,7 +54,8 @@ class PostgreSQL:
         self.proc = subprocess.Popen(
             self._as_user + [_pg_bin("postgres"), "-D", str(self.data), "-h", "127.0.0.1",
                              "-p", str(self.port), "-k", str(self.dir), "-c", "fsync=off",
-                             "-c", "max_connections=200"],
+                             "-c", "max_connections=200"]
+            + [arg for name, value in self.settings.items() for arg in ("-c", f"{name}={value}")],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )

@@ -477,6 +477,53 @@ def test_migrate_reads_remote_rows_once_per_origin() -> None:
     assert rows.sha256(index.MediaRef("b", "f1", 32, 32, *thumb)) is None
 
 
+def test_running_totals_equal_a_recount_on_sqlite(txn: SqliteTxn) -> None:
+    """``stats`` reads totals the triggers keep (schema step ``index.TOTALS_VERSION``) instead of scanning; on
+    SQLite they are six triggers of their own, checked here against a full recount
+    after every kind of change the index makes. (On PostgreSQL, with concurrent
+    writers: tests/test_storage_totals_postgres.py.)"""
+    other = "cd" * 32
+
+    def exact() -> tuple[int, ...]:
+        totals = index.totals_txn(txn)
+        assert totals == index.count_totals_txn(txn)
+        return totals
+
+    def store(path: str, sha256: str, length: int) -> None:
+        claim = index.Claim(path, path, "test")
+        index.claim_blob_txn(txn, sha256, length, 1000, claim)
+        index.record_path_txn(
+            txn, path, sha256, length, index.parse_media_path(path) or index.MediaRef(None, "x"),
+            1000, True, claim,
+        )
+
+    store("local_content/aa/bb/one", SHA, 100)
+    store("local_content/aa/bb/two", SHA, 100)
+    assert exact() == (2, 200, 1, 100, 0)
+    store("local_content/aa/bb/two", other, 40)  # the same path stored with other bytes
+    assert exact() == (2, 140, 2, 140, 0)
+    index.mark_corrupt_txn(txn, other)
+    assert exact() == (2, 140, 2, 140, 1)
+    assert index.delete_path_txn(txn, "local_content/aa/bb/two", 10**15)
+    [(sha256, _length, gen)] = index.due_blobs_txn(txn, 10**15, 10)
+    mark = index.mark_deleting_txn(txn, sha256, gen)
+    assert mark is not None
+    assert index.finish_deleting_txn(txn, sha256, mark)
+    assert exact() == (1, 100, 1, 100, 0)
+    assert index.compact_totals_txn(txn) > 1
+    txn.execute(f"SELECT COUNT(*) FROM {index.TOTALS}", ())
+    assert txn.fetchone()[0] == 1
+    stats = index.stats_txn(txn)
+    assert (stats["paths"], stats["objects"], stats["logical_bytes"]) == (1, 1, 100)
+    # An index from before the totals is counted once when the step creates them.
+    txn.execute(f"DROP TABLE {index.TOTALS}", ())
+    txn.execute(f"UPDATE {index.SCHEMA} SET version = {index.TOTALS_VERSION - 1}", ())
+    index.ensure_schema_txn(txn)
+    assert exact() == (1, 100, 1, 100, 0)
+    txn.execute(f"SELECT COUNT(*) FROM {index.TOTALS}", ())
+    assert txn.fetchone()[0] == 1
+
+
 def test_storage_config_repr_hides_secrets() -> None:
     """Issue 18 item 16: a logged or printed StorageConfig must not leak credentials.
 

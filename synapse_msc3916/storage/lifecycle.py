@@ -158,6 +158,7 @@ class DeletionJob:
 
     async def run_once(self) -> tuple[int, int]:
         """Returns (paths removed, objects deleted), for tests and the log."""
+        await self._db("compact_totals", index.compact_totals_txn)
         done = [0, 0]
         await self._work(done)
         paths, deleted = done

@@ -16,7 +16,7 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
 import attr
 from twisted.python.threadpool import ThreadPool
@@ -391,8 +391,10 @@ class DedupStorageProvider:
             return
         for attempt in range(5):
             try:
-                await self._api.run_db_interaction(
-                    "msc3916_storage_schema", cast(Any, index.ensure_schema_txn)
+                # READ COMMITTED: a step that scans (the running totals) must see
+                # every change committed before it locked the tables.
+                await sa.run_db_read_committed(
+                    self._hs, "msc3916_storage_schema", index.ensure_schema_txn
                 )
                 self._schema_ready = True
                 break

@@ -662,6 +662,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"stored bytes:    {_human(stats['stored_bytes'])}")
     print(f"saved bytes:     {_human(stats['saved_bytes'])}")
     print(f"dedup ratio:     {stats['dedup_ratio']}")
+    if stats["duplicates_skipped"]:
+        print(
+            f"largest duplicates: not listed above {index.DUPLICATES_SCAN_MAX_PATHS:,} paths"
+            " (a scan of the whole index); ask with --top N"
+        )
     if stats["largest_duplicates"]:
         print("largest duplicates:")
         for dup in stats["largest_duplicates"]:
@@ -731,7 +736,13 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("stats", help="objects, logical vs stored bytes, dedup ratio")
     common(p)
-    p.add_argument("--top", type=int, default=10, help="how many largest duplicates to list")
+    p.add_argument(
+        "--top",
+        type=int,
+        default=None,
+        help="how many largest duplicates to list (default: 10, none above"
+        f" {index.DUPLICATES_SCAN_MAX_PATHS:,} paths: the list scans the whole index)",
+    )
     p.set_defaults(func=cmd_stats)
 
 
