@@ -267,7 +267,7 @@ def test_five_media_workers_starting_at_once_create_the_schema_once(
         # One tombstone trigger per media table, whoever of the five created it.
         names = sorted(media_deletions.trigger_name(t) for t, *_ in media_deletions.MEDIA_TABLES)
         wait_for(lambda: sorted(r[0] for r in db.query(
-            "synapse", "SELECT tgname FROM pg_trigger WHERE tgname LIKE %s", ("msc3916%",))) == names,
+            "synapse", "SELECT tgname FROM pg_trigger WHERE tgname LIKE %s", ("msc3916_tombstone%",))) == names,
             30, "deletion triggers")
         for w in workers:
             out = w.output()
