@@ -27,6 +27,7 @@ SCHEMA = "msc3916_storage_schema"
 CLAIMS = "msc3916_storage_claims"
 TOMBSTONES = "msc3916_storage_tombstones"
 STATE = "msc3916_storage_state"
+TOOL_RUNS = "msc3916_storage_tool_runs"
 
 # Paths with no media row that no tombstone explains (an upload whose media row Synapse
 # then failed to insert) are forgotten by ``gc`` only once they are this old: far longer
@@ -122,6 +123,29 @@ def _step_tombstone_media_id(txn: Txn) -> None:
     _add_column(txn, TOMBSTONES, "media_id", "TEXT")
 
 
+def _step_tool_runs(txn: Txn) -> None:
+    """Version 4: one row per offline tool (``migrate``, ``scrub``, ``gc``): who runs it
+    (``owner``, ``heartbeat_ts``), how far it got (``cursor``, a key of the tool's
+    ordered walk, and ``done``/``stats`` so far), so that a killed run resumes there and
+    a second run refuses while the first is alive (see ``storage/runs.py``)."""
+    real = "DOUBLE PRECISION" if is_postgres(txn) else "REAL"
+    txn.execute(
+        f"""CREATE TABLE IF NOT EXISTS {TOOL_RUNS} (
+            tool TEXT NOT NULL PRIMARY KEY,
+            args TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            cursor TEXT,
+            done BIGINT NOT NULL DEFAULT 0,
+            stats TEXT,
+            started_ts BIGINT NOT NULL,
+            heartbeat_ts BIGINT NOT NULL,
+            finished_ts BIGINT,
+            rate {real}
+        )""",
+        (),
+    )
+
+
 # Each step is idempotent (IF NOT EXISTS) so that two processes upgrading at the same
 # moment both succeed; the version row then only records how far the schema has got.
 _STEPS: list[tuple[int, list[Any]]] = [
@@ -154,6 +178,7 @@ _STEPS: list[tuple[int, list[Any]]] = [
     ),
     (2, [_step_lifecycle]),
     (3, [_step_tombstone_media_id]),
+    (4, [_step_tool_runs]),
 ]
 SCHEMA_VERSION = _STEPS[-1][0]
 
