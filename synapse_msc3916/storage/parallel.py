@@ -35,8 +35,9 @@ R = TypeVar("R")
 DEFAULT_JOBS = {"s3": 16, "file": 4}
 # Objects in flight per worker: enough that a worker never waits for the coordinator.
 _IN_FLIGHT_PER_JOB = 4
-# Seconds between two cursor commits (and at the end): what a killed run redoes.
-CHECKPOINT_SECONDS = 2.0
+# Seconds between two cursor commits (and at the end): what a killed run redoes. The
+# environment variable exists for tests, which kill runs shorter than that.
+CHECKPOINT_SECONDS = float(os.environ.get("MSC3916_CHECKPOINT_SECONDS", "2") or 2)
 
 # Test hook, never set in production: ``MSC3916_TEST_KILL_AT=k`` makes the process
 # SIGKILL itself at the k-th ``kill_point()`` (several per object, between the steps

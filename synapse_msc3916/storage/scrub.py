@@ -33,6 +33,7 @@ from synapse_msc3916.storage.tools import (
     Context,
     Timer,
     _counters,
+    _resumed,
     add_parallel_arguments,
     parallel_defaults,
 )
@@ -216,8 +217,7 @@ def cmd_scrub(args: argparse.Namespace) -> int:
         run = ToolRun(ctx.config, db, "scrub", options or "sizes", args.restart)
         resume = run.start()
         try:
-            if resume.stats:
-                stats.update({k: v for k, v in resume.stats.items() if k in stats})
+            _resumed("scrub", resume, stats)
             total = index.run_tool_txn(db, _count_stored_txn)
             bar = Progress("scrub", total, unit="object", initial=resume.done)
             phase, after = (resume.cursor or "b:").split(":", 1)

@@ -107,6 +107,18 @@ class Timer:
         return rate
 
 
+def _resumed(tool: str, resume: Resume, stats: dict[str, Any]) -> None:
+    """Take the counters of the interrupted run over and say where this one starts."""
+    stats["resumed_from"] = resume.cursor
+    if resume.cursor:
+        stats.update({k: v for k, v in (resume.stats or {}).items() if k in stats})
+        Progress.write(
+            f"{tool}: resuming an interrupted run after {resume.cursor}"
+            f" ({resume.done} objects were done)",
+            file=sys.stderr,
+        )
+
+
 def _counters(stats: dict[str, Any]) -> dict[str, Any]:
     """What a checkpoint keeps of a tool's stats: the numbers (lists stay in memory)."""
     return {k: v for k, v in stats.items() if isinstance(v, int | float) and not isinstance(v, bool)}
@@ -450,13 +462,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         run = None if args.dry_run else ToolRun(ctx.config, db, "migrate", signature, args.restart)
         resume = run.start() if run else Resume(None, 0, None, last_rate(db, "migrate"))
         try:
-            if resume.stats:
-                stats.update({k: v for k, v in resume.stats.items() if k in stats})
-            if resume.cursor:
-                Progress.write(
-                    f"migrate: resuming after {resume.cursor} ({resume.done} files done)",
-                    file=sys.stderr,
-                )
+            _resumed("migrate", resume, stats)
             total = index.run_tool_txn(db, _synapse_media_count_txn)
             progress = Progress("migrate", total, initial=resume.done)
             probe: list[Source] = []
@@ -871,8 +877,7 @@ def _gc_apply(
     conns = Connections(ctx.config)
     limiter = RateLimiter(args.max_rate)
     try:
-        if resume.stats:
-            stats.update({k: v for k, v in resume.stats.items() if k in stats})
+        _resumed("gc", resume, stats)
         index.run_tool_txn(db, index.release_stale_claims_txn, now)
         while True:
             batch = index.run_tool_txn(
