@@ -101,8 +101,8 @@ def test_migrate_killed_at_random_points_resumes_and_never_loses_a_source(
 
     kills, stderr = 0, ""
     for seed in SEEDS:
-        result = tool(hs, "migrate", "--from-legacy-prefix", "--json",
-                      kill_at=random.Random(seed).randint(1, 12))
+        result = tool(hs, "migrate", "--from-legacy-prefix", "--jobs", "4", "--json",
+                      kill_at=random.Random(seed).randint(12, 24))
         kills += killed(result)
         stderr += result.stderr
         assert killed(result) or result.returncode == 0, result.stderr
@@ -151,7 +151,7 @@ def test_scrub_repair_and_gc_apply_killed_at_random_points_lose_nothing(
             client.put_object(Bucket=bucket, Key=blob_name(sha(data)), Body=data[:-10])
     kills = 0
     for seed in SEEDS:
-        result = tool(hs, "scrub", "--hash", "--repair", "--json",
+        result = tool(hs, "scrub", "--hash", "--repair", "--jobs", "4", "--json",
                       kill_at=random.Random(seed).randint(1, 12))
         kills += killed(result)
     assert kills >= 2
@@ -181,7 +181,7 @@ def test_scrub_repair_and_gc_apply_killed_at_random_points_lose_nothing(
 
     kills = 0
     for seed in SEEDS:
-        result = tool(hs, "gc", "--grace", "0s", "--apply", "--json",
+        result = tool(hs, "gc", "--grace", "0s", "--apply", "--jobs", "4", "--json",
                       kill_at=random.Random(seed).randint(1, 12))
         kills += killed(result)
         assert killed(result) or result.returncode == 0, result.stderr
