@@ -10,10 +10,12 @@ that a path still names; at the end every acknowledged media reads back byte-ide
 through Synapse. Real Synapse (SQLite, or PostgreSQL in the workers topology), real
 SeaweedFS.
 
-Before this work the tools had no resume point (a killed run started over from the
-first object: ``resumed_from`` did not exist in the report, which the asserts on it
-show), no ``--max-rate`` (``unrecognized arguments: --max-rate``) and no guard against
-a second run (it ran alongside the first).
+How they failed before this work (run against the unchanged code): the migrate and
+scrub/gc tests with ``synapse-msc3916: error: unrecognized arguments: --jobs 4`` (and,
+without that option, ``assert 0 >= 2``: no run could be interrupted at a chosen point,
+a killed run started over from the first object), the third with ``AttributeError:
+module 'synapse_msc3916.storage.index' has no attribute 'TOOL_RUNS'`` (no record of a
+run, so nothing to refuse a second run with; ``--max-rate`` did not exist either).
 """
 
 from __future__ import annotations
