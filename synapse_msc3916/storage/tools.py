@@ -901,9 +901,8 @@ def _gc_apply(
             total = index.run_tool_txn(db, _count_unreferenced_txn, unref_cutoff)
         progress = Progress("gc", total, unit="object")
         # Chunks big enough for few DeleteObjects calls, small enough to keep every
-        # worker busy
-        # (at least 100: each chunk is also a transaction marking its rows).
-        size = min(_DELETE_BATCH, max(100, -(-total // ctx.jobs)))
+        # worker busy.
+        size = max(1, min(_DELETE_BATCH, -(-total // ctx.jobs) if total else _DELETE_BATCH))
 
         def work(chunk: list[tuple[str, int, int | None]]) -> list[tuple[str, int]]:
             return _delete_chunk(conns.get(), ctx.store, chunk)
