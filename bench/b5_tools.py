@@ -1,36 +1,51 @@
-"""B5: `synapse-msc3916 migrate` and `gc` throughput on 10,000 media (S3 backend on SeaweedFS).
+"""B5: the offline tools' throughput, --jobs 1 against the default, with and without latency.
 
-A Synapse creates its database and is stopped; then 10,000 local media (1,000 in quick
-mode) are written straight into its media store and `local_media_repository`, as Synapse
-would have left them (including the `sha256` column Synapse records). One in five repeats
-an earlier content. `migrate` loads the store into the bucket; then the rows of every
-other media are deleted (as an admin deletion would) and `gc --grace 0s --apply` runs.
-Reported: files/s and MiB/s, no goal.
+A Synapse creates its database and is stopped; then local media are written straight
+into its media store and `local_media_repository`, as Synapse would have left them
+(including the `sha256` column Synapse records): small media (1-32 KiB, one in five
+repeating an earlier content) and big ones (8 MiB). A copy of that database is restored
+before each configuration, and each configuration writes into a bucket of its own.
+
+Each configuration runs `migrate`, `scrub --hash` and (small media) `gc --grace 0s
+--apply` after deleting the rows of half the media, with `--jobs 1` and with the
+backend's default, on bare loopback and through a loopback proxy adding 20 ms of
+round-trip time in front of SeaweedFS (`bench/latency_proxy.py`). For the big media a
+raw parallel S3 read of every object (boto3, as many threads as the tool's default
+jobs, through the same endpoint) is the limit `scrub --hash` is compared with.
+
+Sizes: `B5_SMALL` / `B5_BIG` (environment) override the defaults.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bench.latency_proxy import LatencyProxy
 from bench.report import Report
+from synapse_msc3916.storage.blobstore import blob_name
+from synapse_msc3916.storage.parallel import DEFAULT_JOBS
 from tests.harness import REPO_ROOT, SeaweedFS, Synapse
 from tests.storage_helpers import provider_entry, s3_config
 
 MIB = 1024 * 1024
+RTT = 0.020
 
 
 def _tool(hs: Synapse, *args: str) -> tuple[float, dict[str, Any]]:
     start = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-m", "synapse_msc3916.cli", *args, "-c", str(hs.config_path), "--json"],
-        cwd=REPO_ROOT, env=hs.env(), capture_output=True, text=True, timeout=1800,
+        cwd=REPO_ROOT, env=hs.env(), capture_output=True, text=True, timeout=7200,
     )
     seconds = time.perf_counter() - start
     if result.returncode != 0:
@@ -38,11 +53,12 @@ def _tool(hs: Synapse, *args: str) -> tuple[float, dict[str, Any]]:
     return seconds, json.loads(result.stdout)
 
 
-def _create_media(hs: Synapse, count: int) -> tuple[list[str], int]:
+def _create_media(hs: Synapse, count: int, sizes: tuple[int, int], dup_every: int, seed: int,
+                  tag: str) -> tuple[list[str], int]:
     """Files in the media store plus their rows; returns the media ids and total bytes."""
     import sqlite3
 
-    rng = random.Random(5)
+    rng = random.Random(seed)
     contents: list[bytes] = []
     ids: list[str] = []
     total = 0
@@ -50,12 +66,13 @@ def _create_media(hs: Synapse, count: int) -> tuple[list[str], int]:
     columns = {row[1] for row in hs.sql("PRAGMA table_info(local_media_repository)")}
     rows = []
     for n in range(count):
-        if contents and n % 5 == 4:
+        if contents and dup_every and n % dup_every == dup_every - 1:
             data = rng.choice(contents)
         else:
-            data = rng.randbytes(rng.randint(1024, 32 * 1024))
-            contents.append(data)
-        media_id = "".join(rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(24))
+            data = rng.randbytes(rng.randint(*sizes))
+            if dup_every:
+                contents.append(data)
+        media_id = tag + "".join(rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(22))
         path = hs.media_store / "local_content" / media_id[0:2] / media_id[2:4] / media_id[4:]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
@@ -80,54 +97,139 @@ def _create_media(hs: Synapse, count: int) -> tuple[list[str], int]:
     return ids, total
 
 
+def _raw_read(weed: SeaweedFS, endpoint: str, bucket: str, keys: list[str], jobs: int) -> float:
+    """MiB/s of reading every object once with ``jobs`` threads: the store's limit."""
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.session.Session().client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1",
+        aws_access_key_id=weed.ACCESS_KEY, aws_secret_access_key=weed.SECRET_KEY,
+        config=Config(max_pool_connections=jobs),
+    )
+
+    def read(key: str) -> int:
+        body = client.get_object(Bucket=bucket, Key=key)["Body"]
+        n = 0
+        while chunk := body.read(1 << 20):
+            n += len(chunk)
+        return n
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(jobs) as pool:
+        total = sum(pool.map(read, keys))
+    return total / MIB / (time.perf_counter() - start)
+
+
+def _rate(report: dict[str, Any], count: int) -> float:
+    return count / max(float(report["elapsed_seconds"]), 1e-6)
+
+
 def run(report: Report, workdir: Path, quick: bool = False) -> None:
-    count = 1000 if quick else 10_000
+    small = int(os.environ.get("B5_SMALL", 300 if quick else 5000))
+    big = int(os.environ.get("B5_BIG", 8 if quick else 50))
+    default = DEFAULT_JOBS["s3"]
     workdir.mkdir(parents=True, exist_ok=True)
     weed = SeaweedFS(workdir / "seaweedfs")
-    hs = Synapse(workdir / "hs", storage_providers=[provider_entry(s3_config(weed, "b5-media"))])
+    hs = Synapse(workdir / "hs", storage_providers=[provider_entry(s3_config(weed, "b5-setup"))])
+    proxy: LatencyProxy | None = None
     try:
         weed.start()
-        weed.create_bucket("b5-media")
+        weed.create_bucket("b5-setup")
         hs.start()
         hs.stop()  # the database exists now; the tools run against it with Synapse stopped
-        ids, total = _create_media(hs, count)
+        port = int(weed.endpoint_url.rsplit(":", 1)[1])
+        proxy = LatencyProxy("127.0.0.1", port, RTT).start()
+        networks = {"loopback": weed.endpoint_url, "20 ms RTT": f"http://127.0.0.1:{proxy.port}"}
+        db = hs.dir / "homeserver.db"
+        empty = hs.dir / "empty.db"
+        shutil.copy(db, empty)
+        media_store = hs.media_store
 
-        seconds, migrated = _tool(hs, "migrate", "--min-age", "0s")  # just uploaded
-        assert migrated["files"] == count, migrated
-        report.add(
-            "B5", f"migrate {count:,} local media", "synapse-msc3916 migrate",
-            **{"files": f"{migrated['files']:,}", "objects written": f"{migrated['written']:,}",
-               "MiB": f"{migrated['bytes'] / MIB:.0f}", "seconds": f"{seconds:.1f}",
-               "files/s": f"{count / seconds:.0f}", "MiB/s": f"{migrated['bytes'] / MIB / seconds:.1f}"},
-        )
-
-        gone = ids[::2]
-        hs.sql(
-            f"DELETE FROM local_media_repository WHERE media_id IN ({', '.join('?' * len(gone))})",
-            tuple(gone),
-        )
-        seconds, collected = _tool(hs, "gc", "--grace", "0s", "--apply")
-        freed = collected["bytes_freed"]
-        report.add(
-            "B5", f"gc after deleting {len(gone):,} media", "synapse-msc3916 gc --apply",
-            **{"files": f"{collected['paths_removed']:,}",
-               "objects deleted": f"{collected['objects_deleted'] + collected['orphan_objects_deleted']:,}",
-               "MiB": f"{freed / MIB:.0f}", "seconds": f"{seconds:.1f}",
-               "files/s": f"{collected['paths_removed'] / seconds:.0f}",
-               "MiB/s": f"{freed / MIB / seconds:.1f}"},
-        )
+        for kind, count, sizes, dup in (
+            ("small", small, (1024, 32 * 1024), 5),
+            ("8 MiB", big, (8 * MIB, 8 * MIB), 0),
+        ):
+            shutil.copy(empty, db)
+            shutil.rmtree(media_store / "local_content", ignore_errors=True)
+            ids, total = _create_media(hs, count, sizes, dup, 5, "s" if kind == "small" else "b")
+            ready = hs.dir / f"{kind[0]}.db"
+            shutil.copy(db, ready)
+            base: dict[tuple[str, str], float] = {}
+            for net, endpoint in networks.items():
+                for jobs in (1, default):
+                    shutil.copy(ready, db)
+                    bucket = f"b5-{'s' if kind == 'small' else 'b'}-{'l' if net == 'loopback' else 'p'}-{jobs}"
+                    weed.create_bucket(bucket)
+                    config = s3_config(weed, bucket)
+                    config["endpoint_url"] = endpoint
+                    hs.config["media_storage_providers"] = [provider_entry(config)]
+                    hs.write_config()
+                    label = f"{kind}, {net}"
+                    j = ["--jobs", str(jobs)]
+                    _s, migrated = _tool(hs, "migrate", "--min-age", "0s", *j)
+                    assert migrated["files"] == count, migrated
+                    _s, scrubbed = _tool(hs, "scrub", "--hash", *j)
+                    assert scrubbed["still_broken"] == 0, scrubbed
+                    objects = scrubbed["checked"]
+                    cases = [("migrate", migrated, count, total),
+                             ("scrub --hash", scrubbed, objects, None)]
+                    if kind == "small":
+                        gone = ids[::2]
+                        for start in range(0, len(gone), 500):
+                            part = gone[start:start + 500]
+                            hs.sql(f"DELETE FROM local_media_repository WHERE media_id IN"
+                                   f" ({', '.join('?' * len(part))})", tuple(part))
+                        _s, collected = _tool(hs, "gc", "--grace", "0s", "--apply", *j)
+                        deleted = collected["objects_deleted"] + collected["orphan_objects_deleted"]
+                        cases.append(("gc --apply", collected, deleted, collected["bytes_freed"]))
+                    for tool, data, n, nbytes in cases:
+                        rate = _rate(data, n)
+                        key = (tool, net)
+                        ratio, goal, met = "", "", None
+                        if jobs == 1:
+                            base[key] = rate
+                        else:
+                            ratio = f"{rate / base[key]:.1f}x --jobs 1"
+                            if kind == "small" and net != "loopback":
+                                goal, met = ">= 10x --jobs 1", rate >= 10 * base[key]
+                        mib = "" if nbytes is None else f"{nbytes / MIB / float(data['elapsed_seconds']):.1f}"
+                        if tool == "scrub --hash" and kind != "small":
+                            mib = f"{count * 8 / float(data['elapsed_seconds']):.1f}"
+                        report.add(
+                            "B5", f"{tool}, {label}", f"--jobs {jobs}", ratio=ratio, goal=goal,
+                            met=met, **{"objects": f"{n:,}", "seconds": f"{float(data['elapsed_seconds']):.1f}",
+                                        "objects/s": f"{rate:.0f}", "MiB/s": mib},
+                        )
+                        if kind != "small" and tool == "scrub --hash" and jobs == default:
+                            keys = [blob_name(str(r[0])) for r in hs.sql(
+                                "SELECT DISTINCT sha256 FROM local_media_repository")]
+                            raw = _raw_read(weed, endpoint, bucket, keys, default)
+                            scrub_mib = count * 8 / float(data["elapsed_seconds"])
+                            report.add(
+                                "B5", f"{tool}, {label}", f"raw parallel S3 read ({default} threads)",
+                                **{"objects": f"{len(keys):,}", "MiB/s": f"{raw:.1f}"},
+                            )
+                            report.add(
+                                "B5", f"{tool}, {label}", f"--jobs {jobs} vs raw read",
+                                ratio=f"{scrub_mib / raw:.0%} of raw", goal=">= 80% of raw",
+                                met=scrub_mib >= 0.8 * raw,
+                            )
+            report.note(
+                "B5",
+                f"{kind}: {count:,} media, {total / MIB:.0f} MiB"
+                + (", one in five a duplicate of an earlier content." if dup else "."),
+            )
         report.note(
             "B5",
-            f"The {count:,} media (1-32 KiB each, {total / MIB:.0f} MiB, one in five a duplicate of an "
-            "earlier content) were created directly: files written into the media store and rows "
-            "inserted into `local_media_repository` of a database Synapse created, with the "
-            "`sha256` Synapse records for its uploads, so `migrate` copies without re-hashing. "
-            "Going through Synapse's upload API would have measured the provider's upload path "
-            "(B3) instead. Both tools run as `python -m synapse_msc3916.cli … --json` against the "
-            "SQLite database with Synapse stopped; times are wall-clock including the tool's "
-            "start-up. `gc` files = index paths removed (their media rows were deleted); "
-            "MiB = object bytes freed; objects deleted counts contents no remaining path shares.",
+            "Rates are the tool's own `objects_per_second` basis: objects / `elapsed_seconds` of "
+            "the `--json` summary (the work, without the Python start-up). `gc` objects = objects "
+            "deleted (DeleteObjects, up to 1,000 keys a call, chunks shared by the workers). "
+            f"Default jobs = {default} (S3). The proxy delays every chunk by 10 ms each way "
+            "(20 ms round trip), as a real S3 region does per request.",
         )
     finally:
+        if proxy is not None:
+            proxy.stop()
         hs.stop()
         weed.stop()

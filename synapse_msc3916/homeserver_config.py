@@ -79,6 +79,16 @@ class Database:
 
 @contextmanager
 def open_database(config: dict[str, Any]) -> Iterator[Database]:
+    database = connect(config)
+    try:
+        yield database
+    finally:
+        database.close()
+
+
+def connect(config: dict[str, Any]) -> Database:
+    """A new connection to Synapse's database (the caller closes it): the parallel tools
+    open one per worker thread."""
     db = config.get("database") or {}
     name = db.get("name", "sqlite3")
     args = dict(db.get("args") or {})
@@ -104,7 +114,4 @@ def open_database(config: dict[str, Any]) -> Iterator[Database]:
         database = Database(conn, "postgres")
     else:
         raise ToolError(f"unsupported database engine {name!r}")
-    try:
-        yield database
-    finally:
-        database.close()
+    return database

@@ -79,7 +79,10 @@ class BlobStore(Protocol):
 
     def delete(self, sha256: str) -> None: ...
 
-    def list_blobs(self) -> Iterator[ObjectInfo]: ...
+    def delete_many(self, sha256s: list[str]) -> dict[str, str]:
+        """Delete several objects; the ones that failed, with why (missing is success)."""
+
+    def list_blobs(self, after: str = "") -> Iterator[ObjectInfo]: ...
 
     def describe(self) -> str: ...
 
@@ -205,11 +208,30 @@ class FileBlobStore:
             # again later, instead of leaving a mark nobody retries.
             raise StorageUnavailable(f"cannot delete blob {sha256}: {e.strerror}") from e
 
-    def list_blobs(self) -> Iterator[ObjectInfo]:
-        """Every blob, in hash order (as S3 lists keys), so ``gc`` can merge with the index."""
+    def delete_many(self, sha256s: list[str]) -> dict[str, str]:
+        """One unlink each (a directory has no batch delete); failures by hash."""
+        failed: dict[str, str] = {}
+        for sha256 in sha256s:
+            try:
+                self.delete(sha256)
+            except StorageUnavailable as e:
+                failed[sha256] = str(e)
+        return failed
+
+    def list_blobs(self, after: str = "") -> Iterator[ObjectInfo]:
+        """Every blob, in hash order (as S3 lists keys), so ``gc`` can merge with the index;
+        only hashes greater than ``after`` (where a resumed ``gc`` goes on)."""
         for root, dirs, files in os.walk(self.directory):
             dirs.sort()
+            if after:
+                # Skip the ab/ and ab/cd/ directories wholly before ``after``.
+                rel_root = os.path.relpath(root, self.directory)
+                level = "" if rel_root == "." else rel_root.replace(os.sep, "")
+                if len(level) < 4:
+                    dirs[:] = [d for d in dirs if level + d >= after[: len(level) + len(d)]]
             for name in sorted(files):
+                if after and name <= after:
+                    continue
                 rel = os.path.relpath(os.path.join(root, name), self.directory)
                 if sha_from_name(rel.replace(os.sep, "/")) is None:
                     continue
@@ -483,11 +505,37 @@ class S3BlobStore:
     def delete(self, sha256: str) -> None:
         self.delete_key(self.key(sha256))
 
-    def list_keys(self, prefix: str) -> Iterator[ObjectInfo]:
-        """Objects under ``prefix``, named relative to it."""
+    def delete_keys(self, keys: list[str]) -> dict[str, str]:
+        """``DeleteObjects``, 1,000 keys a call (S3's limit): the keys that failed, with
+        why. A missing key is deleted as far as S3 is concerned (no error)."""
+        failed: dict[str, str] = {}
+        for start in range(0, len(keys), 1000):
+            batch = keys[start : start + 1000]
+            try:
+                response = self.client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+                )
+            except Exception as e:
+                raise self._unavailable("DeleteObjects", e) from e
+            for error in response.get("Errors", []):
+                if str(error.get("Code", "")) not in _MISSING:
+                    failed[str(error.get("Key"))] = (
+                        f"{error.get('Code')}: {error.get('Message', '')}"
+                    )
+        return failed
+
+    def delete_many(self, sha256s: list[str]) -> dict[str, str]:
+        failed = self.delete_keys([self.key(s) for s in sha256s])
+        return {s: failed[self.key(s)] for s in sha256s if self.key(s) in failed}
+
+    def list_keys(self, prefix: str, start_after: str = "") -> Iterator[ObjectInfo]:
+        """Objects under ``prefix``, named relative to it, in key order; only those after
+        ``prefix + start_after`` when given (where a resumed tool goes on)."""
+        extra = {"StartAfter": prefix + start_after} if start_after else {}
         try:
             paginator = self.client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, **extra):
                 for obj in page.get("Contents", []):
                     yield ObjectInfo(
                         obj["Key"][len(prefix) :],
@@ -499,8 +547,8 @@ class S3BlobStore:
         except Exception as e:
             raise self._unavailable("LIST", e) from e
 
-    def list_blobs(self) -> Iterator[ObjectInfo]:
-        for info in self.list_keys(self.prefix):
+    def list_blobs(self, after: str = "") -> Iterator[ObjectInfo]:
+        for info in self.list_keys(self.prefix, blob_name(after) if after else ""):
             if sha_from_name(info.name) is not None:
                 yield info
 

@@ -30,6 +30,7 @@ STATE = "msc3916_storage_state"
 BOOTS = "msc3916_storage_boots"
 LEASES = "msc3916_storage_leases"
 TOTALS = "msc3916_storage_totals"
+TOOL_RUNS = "msc3916_storage_tool_runs"
 
 # Paths with no media row that no tombstone explains (an upload whose media row Synapse
 # then failed to insert) are forgotten by ``gc`` only once they are this old: far longer
@@ -169,6 +170,29 @@ def _step_leases(txn: Txn) -> None:
             taken_ts BIGINT NOT NULL,
             renewed_ts BIGINT NOT NULL,
             expires_ts BIGINT NOT NULL
+        )""",
+        (),
+    )
+
+
+def _step_tool_runs(txn: Txn) -> None:
+    """Version 7: one row per offline tool (``migrate``, ``scrub``, ``gc``): who runs it
+    (``owner``, ``heartbeat_ts``), how far it got (``cursor``, a key of the tool's
+    ordered walk, and ``done``/``stats`` so far), so that a killed run resumes there and
+    a second run refuses while the first is alive (see ``storage/runs.py``)."""
+    real = "DOUBLE PRECISION" if is_postgres(txn) else "REAL"
+    txn.execute(
+        f"""CREATE TABLE IF NOT EXISTS {TOOL_RUNS} (
+            tool TEXT NOT NULL PRIMARY KEY,
+            args TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            cursor TEXT,
+            done BIGINT NOT NULL DEFAULT 0,
+            stats TEXT,
+            started_ts BIGINT NOT NULL,
+            heartbeat_ts BIGINT NOT NULL,
+            finished_ts BIGINT,
+            rate {real}
         )""",
         (),
     )
@@ -393,6 +417,7 @@ _STEPS: list[tuple[int, list[Any]]] = [
     (4, [_step_boots]),
     (5, [_step_leases]),
     (TOTALS_VERSION, [init_totals_txn]),
+    (7, [_step_tool_runs]),
 ]
 SCHEMA_VERSION = _STEPS[-1][0]
 

@@ -19,13 +19,24 @@ LOG_INTERVAL = 10.0
 
 class Progress(tqdm):  # type: ignore[misc]
     """``Progress(label, total)``: a tqdm bar on stderr; ``total`` 0 or None counts
-    open-endedly (no ETA). ``step()`` is ``update(1)``."""
+    open-endedly (no ETA). ``step()`` is ``update(1)``; ``initial`` is what a resumed
+    run had done before."""
 
-    def __init__(self, label: str, total: int | None = None, unit: str = "file", stream: Any = None):
+    def __init__(
+        self,
+        label: str,
+        total: int | None = None,
+        unit: str = "file",
+        stream: Any = None,
+        initial: int = 0,
+    ):
         stream = stream or sys.stderr
         tty = bool(getattr(stream, "isatty", lambda: False)())
         if tty:
-            super().__init__(total=total or None, desc=label, unit=unit, file=stream, dynamic_ncols=True)
+            super().__init__(
+                total=total or None, desc=label, unit=unit, file=stream, dynamic_ncols=True,
+                initial=initial,
+            )
             return
         # ``ncols=0`` drops the bar graphic, ``ascii`` keeps log files plain, and the
         # intervals pace the lines.
@@ -36,6 +47,7 @@ class Progress(tqdm):  # type: ignore[misc]
             file=_LineStream(stream),
             ncols=0,
             ascii=True,
+            initial=initial,
             mininterval=LOG_INTERVAL,
             maxinterval=LOG_INTERVAL,
             miniters=1,

@@ -16,20 +16,27 @@ broken, so that a cron job or a monitoring check can alert on it.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sys
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from synapse_msc3916 import homeserver_config as hc
 from synapse_msc3916.storage import index
 from synapse_msc3916.storage.blobstore import StorageUnavailable, hash_blob
+from synapse_msc3916.storage.parallel import Connections, RateLimiter, kill_point, run_ordered
 from synapse_msc3916.storage.progress import Progress
 from synapse_msc3916.storage.provider import hash_file
-from synapse_msc3916.storage.tools import Context
+from synapse_msc3916.storage.runs import ToolRun
+from synapse_msc3916.storage.tools import (
+    Context,
+    Timer,
+    _counters,
+    _resumed,
+    add_parallel_arguments,
+    parallel_defaults,
+)
 
 OK, MISSING, CORRUPT = "ok", "missing", "corrupt"
 # Paths pointing at content with no blob row at all (a deletion that lost a race with an
@@ -40,9 +47,6 @@ UNRECORDED = "unrecorded"
 # issue 18, or a store that failed after its path was recorded).
 UNSTORED = "unstored"
 _PAGE = 1000
-# Checks run in parallel: a HEAD costs a round trip, and a million of them one after
-# the other would take hours.
-_WORKERS = 16
 
 
 def _stored_blobs_page_txn(
@@ -114,8 +118,7 @@ def check_object(store: Any, sha256: str, length: int, content: bool) -> tuple[s
     return OK, ""
 
 
-def _rows(db: Any, page_txn: Any) -> Iterator[tuple[str, int, bool]]:
-    after = ""
+def _rows(db: Any, page_txn: Any, after: str = "") -> Iterator[tuple[str, int, bool]]:
     while True:
         rows = index.run_tool_txn(db, page_txn, after, _PAGE)
         yield from rows
@@ -162,7 +165,9 @@ def repair(db: Any, store: Any, media_store: str, sha256: str, length: int) -> s
         )
         if decision == index.WAIT:
             return None  # a gc is deleting it: nothing references it any more
+        kill_point()
         store.put_file(sha256, local, length, True)
+        kill_point()
         if hash_blob(store, sha256) != (sha256, length):
             return None
         ref = index.parse_media_path(path)
@@ -175,8 +180,45 @@ def repair(db: Any, store: Any, media_store: str, sha256: str, length: int) -> s
     return None
 
 
+# sha256, length, marked corrupt (None: no blob row; UNSTORED: a row saying "not stored")
+Row = tuple[str, int, "bool | str | None"]
+
+
+def _scrub_one(
+    db: Any, store: Any, media_store: str, row: Row, args: argparse.Namespace
+) -> tuple[str, dict[str, Any] | None]:
+    """Check (and with ``--repair`` mend) one object, in a worker thread."""
+    sha256, length, marked = row
+    state, why = check_object(store, sha256, length, args.hash)
+    if state == OK and marked == UNSTORED:
+        state, why = UNSTORED, "paths use it but the index says it is not stored"
+    elif state == OK and marked is True:
+        # The object looks sound but a read found it damaged: trust the read.
+        state, why = CORRUPT, "marked damaged by an earlier read"
+    elif state == OK and marked is None:
+        state, why = UNRECORDED, "paths use it but the index has no blob row"
+    if state == OK:
+        return OK, None
+    entry: dict[str, Any] = {"sha256": sha256, "problem": state, "detail": why}
+    entry["paths"] = index.run_tool_txn(db, _paths_of_txn, sha256)
+    if args.repair:
+        if state in (UNRECORDED, UNSTORED):
+            used = _record_existing(db, store, sha256, length)
+        else:
+            used = repair(db, store, media_store, sha256, length)
+        entry["repaired_from"] = used
+        if used is None:
+            entry["marked"] = bool(index.run_tool_txn(db, index.mark_blob_missing_txn, sha256))
+    return state, entry
+
+
 def cmd_scrub(args: argparse.Namespace) -> int:
-    ctx = Context(args.config)
+    """Every blob row that says "stored", then every content paths use without a row,
+    then every content paths use whose row says "not stored", each in hash order,
+    ``--jobs`` objects at once; resumable from the cursor kept in the database (a run
+    with other options starts over)."""
+    parallel_defaults(args)
+    ctx = Context(args.config, args.jobs)
     stats: dict[str, Any] = {
         "checked": 0,
         "ok": 0,
@@ -190,64 +232,64 @@ def cmd_scrub(args: argparse.Namespace) -> int:
         "hash": bool(args.hash),
         "repair": bool(args.repair),
     }
-    with hc.open_database(ctx.config) as db, ThreadPoolExecutor(_WORKERS) as pool:
+    conns = Connections(ctx.config)
+    limiter = RateLimiter(args.max_rate)
+    timer = Timer()
+    options = " ".join(o for o, on in (("--hash", args.hash), ("--repair", args.repair)) if on)
+    with hc.open_database(ctx.config) as db:
         index.run_tool_txn(db, index.ensure_schema_txn)
-        total = index.run_tool_txn(db, _count_stored_txn)
-        bar = Progress("scrub", total, unit="object")
-        page: list[tuple[str, int, bool | str | None]] = []
-        # Every blob row that says "stored", then every content paths use without a row,
-        # then every content paths use whose row says "not stored".
-        rows = itertools.chain(
-            _rows(db, _stored_blobs_page_txn),
-            ((sha, n, None) for sha, n, _ in _rows(db, _unrecorded_page_txn)),
-            ((sha, n, UNSTORED) for sha, n, _ in _rows(db, _unstored_page_txn)),
-        )
-        while True:
-            page = [row for _, row in zip(range(_PAGE), rows, strict=False)]
-            if not page:
-                break
+        run = ToolRun(ctx.config, db, "scrub", options or "sizes", args.restart)
+        resume = run.start()
+        try:
+            _resumed("scrub", resume, stats)
+            total = index.run_tool_txn(db, _count_stored_txn)
+            bar = Progress("scrub", total, unit="object", initial=resume.done)
+            phase, after = (resume.cursor or "b:").split(":", 1)
+
+            def rows() -> Iterator[tuple[str, Row]]:
+                if phase == "b":
+                    for sha, n, corrupt in _rows(db, _stored_blobs_page_txn, after):
+                        yield f"b:{sha}", (sha, n, corrupt)
+                if phase in ("b", "u"):
+                    for sha, n, _ in _rows(db, _unrecorded_page_txn, after if phase == "u" else ""):
+                        yield f"u:{sha}", (sha, n, None)
+                for sha, n, _ in _rows(db, _unstored_page_txn, after if phase == "s" else ""):
+                    yield f"s:{sha}", (sha, n, UNSTORED)
+
+            def done(_row: Row, result: tuple[str, dict[str, Any] | None]) -> None:
+                state, entry = result
+                bar.step()
+                timer.count += 1
+                stats["checked"] += 1
+                stats[state] += 1
+                if entry is None:
+                    return
+                if "repaired_from" in entry:
+                    if entry["repaired_from"] is not None:
+                        stats["repaired"] += 1
+                    else:
+                        stats["marked"] += int(entry.pop("marked"))
+                stats["broken"].append(entry)
+
             try:
-                results = list(
-                    pool.map(lambda r: check_object(ctx.store, r[0], r[1], args.hash), page)
+                run_ordered(
+                    rows(),
+                    lambda row: _scrub_one(conns.get(), ctx.store, ctx.media_store, row, args),
+                    ctx.jobs,
+                    limiter,
+                    done,
+                    lambda key: run.checkpoint(key, resume.done + timer.count, _counters(stats)),
                 )
             except StorageUnavailable as e:
-                bar.close()
                 raise hc.ToolError(str(e)) from None
-            for (sha256, length, marked), (state, why) in zip(page, results, strict=True):
-                bar.step()
-                stats["checked"] += 1
-                if state == OK and marked == UNSTORED:
-                    state, why = UNSTORED, "paths use it but the index says it is not stored"
-                elif state == OK and marked is True:
-                    # The object looks sound but a read found it damaged: trust the read.
-                    state, why = CORRUPT, "marked damaged by an earlier read"
-                elif state == OK and marked is None:
-                    state, why = UNRECORDED, "paths use it but the index has no blob row"
-                if state == OK:
-                    stats["ok"] += 1
-                    continue
-                stats[state] += 1
-                entry: dict[str, Any] = {"sha256": sha256, "problem": state, "detail": why}
-                entry["paths"] = index.run_tool_txn(db, _paths_of_txn, sha256)
-                if args.repair:
-                    try:
-                        if state in (UNRECORDED, UNSTORED):
-                            used = _record_existing(db, ctx.store, sha256, length)
-                        else:
-                            used = repair(db, ctx.store, ctx.media_store, sha256, length)
-                    except StorageUnavailable as e:
-                        bar.close()
-                        raise hc.ToolError(str(e)) from None
-                    if used is not None:
-                        stats["repaired"] += 1
-                        entry["repaired_from"] = used
-                    else:
-                        stats["marked"] += int(
-                            index.run_tool_txn(db, index.mark_blob_missing_txn, sha256)
-                        )
-                        entry["repaired_from"] = None
-                stats["broken"].append(entry)
-        bar.close()
+            finally:
+                bar.close()
+        except BaseException:
+            run.stop()
+            raise
+        finally:
+            conns.close()
+        run.finish(timer.summary(stats, args, ctx.jobs))
     still_broken = (
         stats["missing"] + stats["corrupt"] + stats["unrecorded"] + stats["unstored"]
         - stats["repaired"]
@@ -286,6 +328,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("-c", "--config", required=True, help="Synapse's homeserver.yaml")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_parallel_arguments(p)
     p.add_argument("--hash", action="store_true", help="read every object and check its SHA-256")
     p.add_argument(
         "--repair",

@@ -20,6 +20,8 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import attr
+
 from synapse_msc3916 import homeserver_config as hc
 from synapse_msc3916.config import ConfigError, StorageConfig, parse_duration_ms
 from synapse_msc3916.storage import index
@@ -31,13 +33,21 @@ from synapse_msc3916.storage.blobstore import (
 )
 from synapse_msc3916.storage.lifecycle import (  # noqa: F401 (GC_DELETE_TIMEOUTS re-exported)
     GC_DELETE_TIMEOUTS,
+    START_DELETE_WITHIN_SECONDS,
     TOMBSTONE_BATCH,
-    delete_if_in_time,
     gc_storage_config,
     object_missing_after_lost_mark,
 )
+from synapse_msc3916.storage.parallel import (
+    Connections,
+    RateLimiter,
+    default_jobs,
+    kill_point,
+    run_ordered,
+)
 from synapse_msc3916.storage.progress import Progress
 from synapse_msc3916.storage.provider import hash_file
+from synapse_msc3916.storage.runs import Resume, ToolRun, last_rate
 
 MEDIA_DIRS = ("local_content", "local_thumbnails", "remote_content", "remote_thumbnail")
 
@@ -60,7 +70,7 @@ def _human(n: float) -> str:
 
 
 class Context:
-    def __init__(self, config_path: str):
+    def __init__(self, config_path: str, jobs: int | None = None):
         self.config = hc.load(config_path)
         entry = hc.provider_entry(self.config)
         if entry is None:
@@ -72,7 +82,46 @@ class Context:
         except Exception as e:  # ConfigError names the key
             raise hc.ToolError(str(e)) from None
         self.media_store = str(self.config.get("media_store_path") or "media_store")
+        # ``--jobs`` workers, each with its own S3 connection (boto3 discards, and
+        # warns about, connections beyond its pool).
+        self.jobs = jobs or default_jobs(self.storage.backend)
+        if self.storage.max_pool_connections < self.jobs:
+            self.storage = attr.evolve(self.storage, max_pool_connections=self.jobs)
         self.store = make_blobstore(self.storage)
+
+
+class Timer:
+    """Elapsed time and rate of this process's share of a run, for ``--json``."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.count = 0
+
+    def summary(self, stats: dict[str, Any], args: argparse.Namespace, jobs: int) -> float | None:
+        elapsed = time.monotonic() - self.start
+        rate = self.count / elapsed if elapsed > 0 and self.count else None
+        stats["elapsed_seconds"] = round(elapsed, 3)
+        stats["objects_per_second"] = None if rate is None else round(rate, 1)
+        stats["jobs"] = jobs
+        stats["max_rate"] = getattr(args, "max_rate", None)
+        return rate
+
+
+def _resumed(tool: str, resume: Resume, stats: dict[str, Any]) -> None:
+    """Take the counters of the interrupted run over and say where this one starts."""
+    stats["resumed_from"] = resume.cursor
+    if resume.cursor:
+        stats.update({k: v for k, v in (resume.stats or {}).items() if k in stats})
+        Progress.write(
+            f"{tool}: resuming an interrupted run after {resume.cursor}"
+            f" ({resume.done} objects were done)",
+            file=sys.stderr,
+        )
+
+
+def _counters(stats: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint keeps of a tool's stats: the numbers (lists stay in memory)."""
+    return {k: v for k, v in stats.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def _open(ctx: Context) -> Any:
@@ -82,14 +131,30 @@ def _open(ctx: Context) -> Any:
 # --- migrate -------------------------------------------------------------------------
 
 
-def _iter_media_store(root: str) -> Iterable[tuple[str, str, int]]:
+def _iter_media_store(root: str, after: str = "") -> Iterator[tuple[str, str, int]]:
+    """Every file of the media store, in path order (name by name, so that a cursor is
+    a path), only those after ``after``: a resumed run skips whole directories."""
+    cursor = after.split("/") if after else None
+
+    def walk(folder: str, parts: list[str]) -> Iterator[tuple[str, str, int]]:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            here = [*parts, entry.name]
+            if entry.is_dir(follow_symlinks=False):
+                if cursor is None or here >= cursor[: len(here)]:
+                    yield from walk(entry.path, here)
+            elif cursor is None or here > cursor:
+                try:
+                    size = os.path.getsize(entry.path)
+                except OSError:
+                    continue
+                yield "/".join(here), entry.path, size
+
     for top in MEDIA_DIRS:
-        base = os.path.join(root, top)
-        for folder, _dirs, files in os.walk(base):
-            for name in sorted(files):
-                full = os.path.join(folder, name)
-                rel = os.path.relpath(full, root).replace(os.sep, "/")
-                yield rel, full, os.path.getsize(full)
+        yield from walk(os.path.join(root, top), [top])
 
 
 # What became of one source file: only the first three allow deleting a legacy source.
@@ -210,6 +275,7 @@ def _store_one(
             time.sleep(0.25)
         else:
             raise hc.ToolError(f"{sha256} stayed locked by another gc for a minute")
+        kill_point()
         try:
             if decision == index.HIT and store.stat(sha256) != length:
                 # The index says stored, the store disagrees: heal it from this source.
@@ -218,6 +284,7 @@ def _store_one(
             written = False
             if decision == index.WRITE:
                 written = store.put_file(sha256, local_file, length, overwrite)
+                kill_point()
             if legacy_key is not None and not _verify_copy(store, sha256, length):
                 index.run_tool_txn(db, index.mark_blob_missing_txn, sha256)
                 Progress.write(
@@ -296,37 +363,78 @@ def _download(store: S3BlobStore, key: str) -> str:
     return tmp
 
 
+Source = tuple[str, "str | None", int, "str | None"]  # path, local file, size, legacy key
+
+
+def _synapse_media_count_txn(txn: index.Txn) -> int:
+    """How many files Synapse's media tables describe: the progress bar's total (an
+    estimate: a media only in a provider, or a file with no row, counts differently)."""
+    total = 0
+    for table in (
+        "local_media_repository",
+        "local_media_repository_thumbnails",
+        "remote_media_cache",
+        "remote_media_cache_thumbnails",
+    ):
+        txn.execute(f"SELECT COUNT(*) FROM {table}", ())
+        total += int(txn.fetchone()[0])
+    return total
+
+
+def _duplicate_bytes_txn(txn: index.Txn) -> int:
+    """Bytes that de-duplication saves among the originals whose SHA-256 Synapse recorded
+    (1.128+; thumbnails and older media are not counted): one aggregate query."""
+    saved = 0
+    for table in ("local_media_repository", "remote_media_cache"):
+        txn.execute(
+            f"SELECT COALESCE(SUM(n * len - len), 0) FROM (SELECT COUNT(*) AS n,"
+            f" MAX(media_length) AS len FROM {table} WHERE sha256 IS NOT NULL"
+            " GROUP BY sha256) AS d",
+            (),
+        )
+        saved += int(txn.fetchone()[0] or 0)
+    return saved
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Load an existing media store or synapse-s3-storage-provider prefix into the store.
 
-    Resumable: a path already in the index is skipped, so an interrupted run is simply
-    run again. A file of the local media store is migrated only once complete (as long
-    as its Synapse row says, not modified for ``--min-age``), and never over a path the
-    provider recorded meanwhile. Safe by default: a legacy source object is deleted only once its copy
+    Resumable: a path already in the index is skipped, and the run's cursor (the last
+    source path before which everything is done, in listing order) is kept in the
+    database, so a killed run started again goes on where it stopped. A file of the
+    local media store is migrated only once complete (as long as its Synapse row says,
+    not modified for ``--min-age``), and never over a path the provider recorded
+    meanwhile. Safe by default: a legacy source object is deleted only once its copy
     has been read back with the right SHA-256 (for an already indexed path too, so a
     destination object lost since the first run is restored from the source, never
     deleted with it), and a source whose bytes do not match the SHA-256 Synapse
-    recorded is not migrated at all. Exit code 1 when some file was left unmigrated.
+    recorded is not migrated at all. ``--jobs`` sources are migrated at once, each by a
+    worker with its own database connection. Exit code 1 when some file was left
+    unmigrated.
     """
-    ctx = Context(args.config)
+    parallel_defaults(args)
+    ctx = Context(args.config, args.jobs)
     legacy = args.from_legacy_prefix
+    prefix: str | None = None
     if legacy is not None:
         if not isinstance(ctx.store, S3BlobStore):
             raise hc.ToolError("--from-legacy-prefix needs backend: s3")
         prefix = legacy if isinstance(legacy, str) else ctx.storage.legacy_prefix
         if prefix is None:
             raise hc.ToolError("no prefix given and legacy_prefix is not configured")
-        # Blob names (ab/cd/<sha256>) never parse as media paths, so a legacy prefix
-        # that also contains the blobs is safe: only media paths are migrated.
-        sources: list[tuple[str, str | None, int, str | None]] = [
-            (info.name, None, info.size, prefix + info.name) for info in ctx.store.list_keys(prefix)
-        ]
-    else:
-        sources = [
-            (rel, full, size, None) for rel, full, size in _iter_media_store(ctx.media_store)
-        ]
 
-    stats = {
+    def sources(after: str) -> Iterator[tuple[str, Source]]:
+        if prefix is not None:
+            # Blob names (ab/cd/<sha256>) never parse as media paths, so a legacy prefix
+            # that also contains the blobs is safe: only media paths are migrated.
+            assert isinstance(ctx.store, S3BlobStore)
+            for info in ctx.store.list_keys(prefix, after):
+                yield info.name, (info.name, None, info.size, prefix + info.name)
+        else:
+            for rel, full, size in _iter_media_store(ctx.media_store, after):
+                yield rel, (rel, full, size, None)
+
+    stats: dict[str, Any] = {
         "files": 0,
         "already": 0,
         "skipped": 0,
@@ -340,62 +448,66 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         "skipped_incomplete": 0,
         "skipped_recent": 0,
     }
+    if args.dry_run:
+        stats.update(pending=0, pending_bytes=0)
+    limiter = RateLimiter(args.max_rate)
+    conns = Connections(ctx.config)
+    timer = Timer()
     with _open(ctx) as db:
         index.run_tool_txn(db, index.ensure_schema_txn)
-        rows = SynapseRows(db, _has_sha256_column(db))
-        progress = Progress("migrate", len(sources))
-        for path, local_file, size, legacy_key in sources:
-            progress.step()
-            ref = index.parse_media_path(path)
-            if ref is None:
-                stats["skipped"] += 1
-                continue
-            stats["files"] += 1
-            stats["bytes"] += size
-            located = index.run_tool_txn(db, index.locate_txn, path)
-            expected: int | None = None
-            if local_file is not None and located is None:
-                skip, expected = _check_local_file(rows, path, ref, local_file, args.min_age)
-                if skip is not None:
-                    stats[skip] += 1
-                    continue
-            if args.dry_run:
-                stats["already"] += int(located is not None)
-                continue
+        has_sha = _has_sha256_column(db)
+        signature = f"legacy:{prefix}" if prefix is not None else "local"
+        if args.keep_source:
+            signature += " keep-source"
+        run = None if args.dry_run else ToolRun(ctx.config, db, "migrate", signature, args.restart)
+        resume = run.start() if run else Resume(None, 0, None, last_rate(db, "migrate"))
+        try:
+            _resumed("migrate", resume, stats)
+            total = index.run_tool_txn(db, _synapse_media_count_txn)
+            progress = Progress("migrate", total, initial=resume.done)
+            probe: list[Source] = []
+
+            def work(item: Source) -> list[str]:
+                local = conns.local()
+                if getattr(local, "rows", None) is None:
+                    local.rows = SynapseRows(conns.get(), has_sha)
+                return _migrate_item(conns.get(), ctx.store, local.rows, item, args)
+
+            def done(item: Source, keys: list[str]) -> None:
+                progress.step()
+                timer.count += 1
+                for key in keys:
+                    stats[key] += 1
+                if "files" in keys:
+                    stats["bytes"] += item[2]
+                if "pending" in keys:
+                    stats["pending_bytes"] += item[2]
+                    if len(probe) < _PROBE:
+                        probe.append(item)
+
+            def checkpoint(key: str) -> None:
+                if run is not None:
+                    run.checkpoint(key, resume.done + timer.count, _counters(stats))
+
             try:
-                outcome = _migrate_one(
-                    db, ctx.store, path, ref, local_file, legacy_key, located, rows,
-                    expected,
+                run_ordered(
+                    sources(resume.cursor or ""), work, ctx.jobs, limiter, done, checkpoint
                 )
             except StorageUnavailable as e:
-                progress.close()
                 raise hc.ToolError(str(e)) from None
-            except index.LostClaim as e:
-                # gc released this run's claim (older than a day) while it stored: the
-                # path is not recorded and the source is kept; a new run starts afresh.
+            finally:
                 progress.close()
-                raise hc.ToolError(f"{path}: {e}; not migrated, source kept: run migrate again") from None
-            if outcome in (VERIFIED, RECORDED_MEANWHILE):
-                stats["already"] += 1
-            elif outcome == INCOMPLETE:
-                stats[INCOMPLETE] += 1
-                continue
-            elif outcome in (WRITTEN, DEDUPLICATED) and located is not None:
-                # The index pointed at a missing or damaged object: it is whole again,
-                # from this source, but the source stays until a later run finds the
-                # index and the store agreeing on their own.
-                stats["restored"] += 1
-                continue
-            elif outcome in (WRITTEN, DEDUPLICATED):
-                stats[outcome] += 1
-            else:
-                stats[MISMATCH if outcome == MISMATCH else "legacy_kept_unverified"] += 1
-                continue  # never delete a source whose copy is not verified
-            if legacy_key is not None and not args.keep_source:
-                assert isinstance(ctx.store, S3BlobStore)
-                ctx.store.delete_key(legacy_key)
-                stats["legacy_deleted"] += 1
-        progress.close()
+            rate = timer.summary(stats, args, ctx.jobs)
+            if args.dry_run:
+                _estimate(ctx, stats, probe, resume.last_rate, db, conns)
+        except BaseException:
+            if run is not None:
+                run.stop()
+            raise
+        finally:
+            conns.close()
+        if run is not None:
+            run.finish(rate)
     _report("migrate", stats, args)
     failed = (
         stats["legacy_kept_unverified"]
@@ -412,6 +524,101 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+# Sources a dry run reads and hashes to measure a rate when no migrate finished before.
+_PROBE = 100
+
+
+def _estimate(
+    ctx: Context,
+    stats: dict[str, Any],
+    probe: list[Source],
+    rate: float | None,
+    db: Any,
+    conns: Connections,
+) -> None:
+    """A dry run's plan: what is left, the bytes duplicates save, and the time it takes at
+    the rate of the last finished ``migrate`` (or, before any, of a probe that reads and
+    hashes a few pending sources and looks up their objects: the read half of a
+    migration, so a lower bound of the time)."""
+    stats["estimated_bytes_saved"] = index.run_tool_txn(db, _duplicate_bytes_txn)
+    basis = "last migrate run"
+    if rate is None and probe:
+        start = time.monotonic()
+
+        def read(item: Source) -> None:
+            _path, local_file, _size, legacy_key = item
+            tmp = None
+            try:
+                if local_file is None:
+                    assert legacy_key is not None and isinstance(ctx.store, S3BlobStore)
+                    tmp = local_file = _download(ctx.store, legacy_key)
+                sha256, _length = hash_file(local_file)
+                ctx.store.stat(sha256)
+            except (OSError, StorageUnavailable):
+                pass
+            finally:
+                if tmp is not None:
+                    os.unlink(tmp)
+
+        run_ordered(
+            ((str(n), item) for n, item in enumerate(probe)), read, ctx.jobs,
+            RateLimiter(None), lambda _i, _r: None, lambda _k: None,
+        )
+        rate = len(probe) / max(time.monotonic() - start, 1e-6)
+        basis = f"probe of {len(probe)} files (reads only)"
+    stats["estimated_rate"] = None if rate is None else round(rate, 1)
+    stats["estimated_rate_basis"] = basis if rate is not None else None
+    stats["estimated_seconds"] = (
+        None if not rate else round(stats["pending"] / rate, 1)
+    )
+
+
+def _migrate_item(
+    db: Any, store: Any, rows: SynapseRows, item: Source, args: argparse.Namespace
+) -> list[str]:
+    """Migrate one source (in a worker thread); the counters it adds to."""
+    path, local_file, _size, legacy_key = item
+    ref = index.parse_media_path(path)
+    if ref is None:
+        return ["skipped"]
+    located = index.run_tool_txn(db, index.locate_txn, path)
+    expected: int | None = None
+    if local_file is not None and located is None:
+        skip, expected = _check_local_file(rows, path, ref, local_file, args.min_age)
+        if skip is not None:
+            return ["files", skip]
+    if args.dry_run:
+        return ["files", "already" if located is not None else "pending"]
+    try:
+        outcome = _migrate_one(
+            db, store, path, ref, local_file, legacy_key, located, rows, expected
+        )
+    except index.LostClaim as e:
+        # gc released this run's claim (older than a day) while it stored: the path is
+        # not recorded and the source is kept; a new run starts afresh.
+        raise hc.ToolError(f"{path}: {e}; not migrated, source kept: run migrate again") from None
+    if outcome in (VERIFIED, RECORDED_MEANWHILE):
+        keys = ["files", "already"]
+    elif outcome == INCOMPLETE:
+        return ["files", INCOMPLETE]
+    elif outcome in (WRITTEN, DEDUPLICATED) and located is not None:
+        # The index pointed at a missing or damaged object: it is whole again, from
+        # this source, but the source stays until a later run finds the index and the
+        # store agreeing on their own.
+        return ["files", "restored"]
+    elif outcome in (WRITTEN, DEDUPLICATED):
+        keys = ["files", outcome]
+    else:
+        # Never delete a source whose copy is not verified.
+        return ["files", MISMATCH if outcome == MISMATCH else "legacy_kept_unverified"]
+    if legacy_key is not None and not args.keep_source:
+        assert isinstance(store, S3BlobStore)
+        kill_point()
+        store.delete_key(legacy_key)
+        keys.append("legacy_deleted")
+    return keys
 
 
 def _migrate_one(
@@ -448,9 +655,12 @@ def _migrate_one(
 
 
 _PAGE = 10_000
-def _unreferenced(page: Any, cutoff: int) -> Iterator[tuple[str, int, int]]:
+# Keys per DeleteObjects call at most (S3's limit).
+_DELETE_BATCH = 1000
+
+
+def _unreferenced(page: Any, cutoff: int, after: str = "") -> Iterator[tuple[str, int, int]]:
     """All unreferenced blobs, fetched a page at a time in hash order (bounded memory)."""
-    after = ""
     while True:
         rows = page(cutoff, _PAGE, after)
         yield from rows
@@ -459,7 +669,7 @@ def _unreferenced(page: Any, cutoff: int) -> Iterator[tuple[str, int, int]]:
         after = rows[-1][0]
 
 
-def _objects_without_row(db: Any, store: Any) -> Iterator[tuple[str, Any]]:
+def _objects_without_row(db: Any, store: Any, after: str = "") -> Iterator[tuple[str, Any]]:
     """Objects in the store that no blob row knows, by merging two hash-ordered lists.
 
     Both the store listing and the index pages come in hash order, so the sweep holds one
@@ -468,9 +678,8 @@ def _objects_without_row(db: Any, store: Any) -> Iterator[tuple[str, Any]]:
     """
     page: list[str] = []
     position = 0
-    after = ""
     exhausted = False
-    for info in store.list_blobs():
+    for info in store.list_blobs(after) if after else store.list_blobs():
         sha = info.name.rsplit("/", 1)[-1]
         while True:
             if position == len(page) and not exhausted:
@@ -556,7 +765,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     provider's ``delete_after`` the deletion job does all this by itself; ``gc`` is
     the safety net (objects nothing indexes, ``delete_after: null``).
     """
-    ctx = Context(args.config)
+    parallel_defaults(args)
+    ctx = Context(args.config, args.jobs)
     ctx.store = make_blobstore(gc_storage_config(ctx.storage))
     apply = args.apply and not args.dry_run
     now = index.now_ms()
@@ -569,6 +779,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         "applied": apply,
     }
     deleted: list[str] = []
+    timer = Timer()
     with _open(ctx) as db:
         index.run_tool_txn(db, index.ensure_schema_txn)
         if not apply:
@@ -578,69 +789,201 @@ def cmd_gc(args: argparse.Namespace) -> int:
                     stats["orphan_objects_deleted"] += 1
                     stats["bytes_freed"] += info.size
         else:
-            index.run_tool_txn(db, index.release_stale_claims_txn, now)
-            while True:
-                batch = index.run_tool_txn(
-                    db, index.apply_tombstones_txn, index.now_ms(), TOMBSTONE_BATCH
-                )
-                stats["paths_removed"] += batch.paths_removed
-                if batch.tombstones < TOMBSTONE_BATCH:
-                    break
-            while True:
-                paths = index.run_tool_txn(db, index.orphan_paths_txn, cutoff, 1000)
-                removed = 0
-                for path in paths:
-                    removed += int(index.run_tool_txn(db, index.delete_path_txn, path, cutoff))
-                stats["paths_removed"] += removed
-                if len(paths) < 1000 or not removed:
-                    break
-            progress = Progress("gc", 0)
-            candidates = _unreferenced(
-                lambda *a: index.run_tool_txn(db, index.unreferenced_blobs_txn, *a),
-                index.now_ms() - int(args.grace * 1000),
-            )
-            for sha256, length, gen in candidates:
-                progress.step()
-                started = time.monotonic()
-                mark = index.run_tool_txn(db, index.mark_deleting_txn, sha256, gen)
-                if mark is None:
-                    continue  # referenced again since the scan
-                try:
-                    if not delete_if_in_time(ctx.store, sha256, started):
-                        index.run_tool_txn(db, index.unmark_deleting_txn, sha256, mark)
-                        continue  # the database stalled that long: left for the next run
-                except StorageUnavailable as e:
-                    # Never leave the row claiming an object that may be gone.
-                    if not index.run_tool_txn(db, index.abort_deleting_txn, sha256, mark):
-                        _check_after_lost_mark(db, ctx.store, sha256)
-                    raise hc.ToolError(str(e)) from None
-                if not index.run_tool_txn(db, index.finish_deleting_txn, sha256, mark):
-                    _check_after_lost_mark(db, ctx.store, sha256)
-                stats["objects_deleted"] += 1
-                stats["bytes_freed"] += length
-                deleted.append(sha256)
-            progress.close()
-            for sha, info in _objects_without_row(db, ctx.store):
-                if info.mtime * 1000 >= cutoff:
-                    continue
-                orphan_mark = index.run_tool_txn(
-                    db, index.mark_orphan_object_deleting_txn, sha, info.size, index.now_ms()
-                )
-                if orphan_mark is None:
-                    continue
-                try:
-                    ctx.store.delete(sha)
-                except StorageUnavailable as e:
-                    index.run_tool_txn(db, index.abort_deleting_txn, sha, orphan_mark)
-                    raise hc.ToolError(str(e)) from None
-                if not index.run_tool_txn(db, index.finish_deleting_txn, sha, orphan_mark):
-                    _check_after_lost_mark(db, ctx.store, sha)
-                stats["orphan_objects_deleted"] += 1
-                stats["bytes_freed"] += info.size
-                deleted.append(sha)
+            _gc_apply(ctx, db, args, now, cutoff, stats, deleted, timer)
+    timer.summary(stats, args, ctx.jobs)
     stats["deleted"] = deleted
     _report("gc", stats, args)
     return 0
+
+
+def _count_unreferenced_txn(txn: index.Txn, cutoff: int) -> int:
+    """How many blobs ``gc`` will consider (the progress bar's total): one COUNT with the
+    conditions of ``unreferenced_blobs_txn``."""
+    txn.execute(
+        f"SELECT COUNT(*) FROM {index.BLOBS} b"
+        " WHERE COALESCE(b.unref_ts, b.last_ref_ts) <= ?"
+        " AND (b.deleting_ts IS NULL OR b.deleting_ts < ?)"
+        f" AND NOT EXISTS (SELECT 1 FROM {index.PATHS} p WHERE p.sha256 = b.sha256)"
+        f" AND NOT EXISTS (SELECT 1 FROM {index.CLAIMS} c WHERE c.sha256 = b.sha256)",
+        (cutoff, index.now_ms() - index.DELETING_STALE_MS),
+    )
+    return int(txn.fetchone()[0])
+
+
+def _chunks(rows: Iterable[Any], size: int, key: Any) -> Iterator[tuple[str, list[Any]]]:
+    chunk: list[Any] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= size:
+            yield key(chunk[-1]), chunk
+            chunk = []
+    if chunk:
+        yield key(chunk[-1]), chunk
+
+
+def _delete_chunk(
+    db: Any, store: Any, chunk: list[tuple[str, int, int | None]]
+) -> list[tuple[str, int]]:
+    """Delete a chunk of objects (in a worker): mark each blob row with the same
+    conditional ``mark_*`` as one at a time, delete the marked objects in one
+    ``DeleteObjects`` call, then ``finish_deleting`` (or ``abort_deleting`` for those the
+    store refused). ``gen`` None: an object with no row (the orphan sweep).
+
+    As in the deletion job, the delete starts only within
+    ``START_DELETE_WITHIN_SECONDS`` of the marking (else the marks are released for the
+    next run), every mark is acted on only while still held, and an object whose mark an
+    upload took over is checked (``_check_after_lost_mark``)."""
+    started = time.monotonic()
+
+    def mark_all(txn: index.Txn) -> list[tuple[str, int, index.Mark]]:
+        marked = []
+        for sha256, length, gen in chunk:
+            if gen is None:
+                mark = index.mark_orphan_object_deleting_txn(txn, sha256, length, index.now_ms())
+            else:
+                mark = index.mark_deleting_txn(txn, sha256, gen)
+            if mark is not None:  # else referenced again (or recorded) since the scan
+                marked.append((sha256, length, mark))
+        return marked
+
+    marked = index.run_tool_txn(db, mark_all)
+    if not marked:
+        return []
+    kill_point()
+    if time.monotonic() - started > START_DELETE_WITHIN_SECONDS:
+        # The database stalled that long: a delete now might land after an upload took
+        # a mark over. Left for the next run.
+        def unmark_all(txn: index.Txn) -> None:
+            for sha256, _length, mark in marked:
+                index.unmark_deleting_txn(txn, sha256, mark)
+
+        index.run_tool_txn(db, unmark_all)
+        return []
+
+    def settle(failed: Any) -> None:
+        """Finish the deleted rows' marks, abort the others'; check those lost meanwhile."""
+
+        def settle_txn(txn: index.Txn) -> list[str]:
+            lost = []
+            for sha256, _length, mark in marked:
+                held = (
+                    index.abort_deleting_txn(txn, sha256, mark)
+                    if sha256 in failed
+                    else index.finish_deleting_txn(txn, sha256, mark)
+                )
+                if not held:
+                    lost.append(sha256)
+            return lost
+
+        for sha256 in index.run_tool_txn(db, settle_txn):
+            _check_after_lost_mark(db, store, sha256)
+
+    try:
+        failed = store.delete_many([sha for sha, _, _ in marked])
+    except StorageUnavailable:
+        # Never leave a row claiming an object that may be gone.
+        settle({sha for sha, _, _ in marked})
+        raise
+    kill_point()
+    settle(failed)
+    if failed:
+        sha256, why = next(iter(failed.items()))
+        raise StorageUnavailable(f"{len(failed)} object(s) could not be deleted ({sha256}: {why})")
+    return [(sha256, length) for sha256, length, _mark in marked]
+
+
+def _gc_apply(
+    ctx: Context,
+    db: Any,
+    args: argparse.Namespace,
+    now: int,
+    cutoff: int,
+    stats: dict[str, Any],
+    deleted: list[str],
+    timer: Timer,
+) -> None:
+    """``gc --apply``: paths first (tombstones, orphans; both resumable by nature, what is
+    done is gone), then unreferenced blobs and objects without a row, in hash order,
+    ``--jobs`` chunks of up to 1,000 at once, with the run's cursor in the database."""
+    run = ToolRun(ctx.config, db, "gc", f"grace={args.grace}", args.restart)
+    resume = run.start()
+    conns = Connections(ctx.config)
+    limiter = RateLimiter(args.max_rate)
+    try:
+        _resumed("gc", resume, stats)
+        index.run_tool_txn(db, index.release_stale_claims_txn, now)
+        while True:
+            batch = index.run_tool_txn(
+                db, index.apply_tombstones_txn, index.now_ms(), TOMBSTONE_BATCH
+            )
+            stats["paths_removed"] += batch.paths_removed
+            if batch.tombstones < TOMBSTONE_BATCH:
+                break
+        while True:
+            paths = index.run_tool_txn(db, index.orphan_paths_txn, cutoff, 1000)
+            removed = 0
+            for path in paths:
+                removed += int(index.run_tool_txn(db, index.delete_path_txn, path, cutoff))
+            stats["paths_removed"] += removed
+            if len(paths) < 1000 or not removed:
+                break
+        phase, after = (resume.cursor or "u:").split(":", 1)
+        unref_cutoff = index.now_ms() - int(args.grace * 1000)
+        total = 0
+        if phase == "u":
+            total = index.run_tool_txn(db, _count_unreferenced_txn, unref_cutoff)
+        progress = Progress("gc", total, unit="object")
+        # Chunks big enough for few DeleteObjects calls, small enough to keep every
+        # worker busy.
+        size = max(1, min(_DELETE_BATCH, -(-total // ctx.jobs) if total else _DELETE_BATCH))
+
+        def work(chunk: list[tuple[str, int, int | None]]) -> list[tuple[str, int]]:
+            return _delete_chunk(conns.get(), ctx.store, chunk)
+
+        def done_as(counter: str) -> Any:
+            def done(chunk: list[Any], marked: list[tuple[str, int]]) -> None:
+                progress.update(len(chunk))
+                timer.count += len(chunk)
+                for sha256, length in marked:
+                    stats[counter] += 1
+                    stats["bytes_freed"] += length
+                    deleted.append(sha256)
+            return done
+
+        def checkpoint_as(p: str) -> Any:
+            return lambda key: run.checkpoint(f"{p}:{key}", timer.count, _counters(stats))
+
+        try:
+            if phase == "u":
+                candidates = _unreferenced(
+                    lambda *a: index.run_tool_txn(db, index.unreferenced_blobs_txn, *a),
+                    unref_cutoff,
+                    after,
+                )
+                run_ordered(
+                    _chunks(candidates, size, lambda row: row[0]), work, ctx.jobs, limiter,
+                    done_as("objects_deleted"), checkpoint_as("u"), cost=len,
+                )
+                after = ""
+            orphans = (
+                (sha, info.size, None)
+                for sha, info in _objects_without_row(db, ctx.store, after)
+                if info.mtime * 1000 < cutoff
+            )
+            run_ordered(
+                _chunks(orphans, size, lambda row: row[0]), work, ctx.jobs, limiter,
+                done_as("orphan_objects_deleted"), checkpoint_as("o"), cost=len,
+            )
+        except StorageUnavailable as e:
+            raise hc.ToolError(str(e)) from None
+        finally:
+            progress.close()
+    except BaseException:
+        run.stop()
+        raise
+    finally:
+        conns.close()
+    run.finish(None if not timer.count else timer.count / max(time.monotonic() - timer.start, 1e-6))
 
 
 # --- stats -------------------------------------------------------------------------------
@@ -693,10 +1036,43 @@ def _report(command: str, stats: dict[str, Any], args: argparse.Namespace) -> No
         print(f"  {key}: {_human(value) if key.startswith('bytes') else value}")
 
 
+def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    """``--jobs``, ``--max-rate`` and ``--restart``, shared by migrate, gc and scrub."""
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="objects worked on at once (default: 16 for S3, 4 for a directory)",
+    )
+    p.add_argument(
+        "--max-rate",
+        type=float,
+        default=None,
+        metavar="OBJECTS_PER_S",
+        help="at most this many objects a second over all workers (default: no limit)",
+    )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start from the beginning instead of resuming an interrupted run",
+    )
+
+
+def parallel_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill in ``--jobs``/``--max-rate``/``--restart`` for callers that build the
+    namespace themselves (tests, scripts) without them."""
+    for name, value in (("jobs", None), ("max_rate", None), ("restart", False)):
+        if not hasattr(args, name):
+            setattr(args, name, value)
+    return args
+
+
 def register(subparsers: Any) -> None:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("-c", "--config", required=True, help="Synapse's homeserver.yaml")
         p.add_argument("--json", action="store_true", help="machine-readable output")
+        add_parallel_arguments(p)
 
     p = subparsers.add_parser(
         "migrate", help="load the local media store or a synapse-s3-storage-provider prefix"
@@ -735,7 +1111,8 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_gc)
 
     p = subparsers.add_parser("stats", help="objects, logical vs stored bytes, dedup ratio")
-    common(p)
+    p.add_argument("-c", "--config", required=True, help="Synapse's homeserver.yaml")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument(
         "--top",
         type=int,
