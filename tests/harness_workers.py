@@ -13,12 +13,14 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.harness import PYTHON, Synapse, free_port, stop_process, wait_for
+from tests.harness import PYTHON, TOPOLOGY, Synapse, free_port, stop_process, wait_for
 
 
 def _pg_bin(name: str) -> str:
@@ -291,6 +293,20 @@ def shared_postgres() -> PostgreSQL:
     if "postgres" not in _shared:
         _shared["postgres"] = PostgreSQL().start()
     return _shared["postgres"]
+
+
+@contextmanager
+def postgres_for_module() -> Iterator[PostgreSQL]:
+    """The workers topology's server when there is one, else a server of the caller's own
+    (a test module's), stopped afterwards."""
+    if TOPOLOGY == "workers":
+        yield shared_postgres()
+        return
+    server = PostgreSQL()
+    try:
+        yield server.start()
+    finally:
+        server.stop()
 
 
 def shared_redis() -> Redis:

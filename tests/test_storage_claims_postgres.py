@@ -25,8 +25,7 @@ from synapse_msc3916.storage import index
 from synapse_msc3916.storage.blobstore import FileBlobStore
 from synapse_msc3916.storage.lifecycle import DeletionJob
 from synapse_msc3916.synapse_adapter import media_deletions
-from tests.harness import TOPOLOGY
-from tests.harness_workers import PostgreSQL, shared_postgres
+from tests.harness_workers import PostgreSQL, postgres_for_module
 
 SHA = "cd" * 32
 _databases = iter(range(1000))
@@ -35,14 +34,8 @@ _databases = iter(range(1000))
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgreSQL]:
     """The workers topology's server when there is one, else one of this module's own."""
-    if TOPOLOGY == "workers":
-        yield shared_postgres()
-        return
-    server = PostgreSQL()
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+    with postgres_for_module() as server:
+        yield server
 
 
 @pytest.fixture

@@ -16,8 +16,7 @@ import pytest
 
 from synapse_msc3916.homeserver_config import Database
 from synapse_msc3916.storage import index, lease
-from tests.harness import TOPOLOGY
-from tests.harness_workers import PostgreSQL, shared_postgres
+from tests.harness_workers import PostgreSQL, postgres_for_module
 from tests.test_storage_claims_postgres import _Background, _wait_until, _waiting_on_lock
 
 DURATION = 45_000
@@ -28,14 +27,8 @@ _databases = iter(range(1000))
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgreSQL]:
     """The workers topology's server when there is one, else one of this module's own."""
-    if TOPOLOGY == "workers":
-        yield shared_postgres()
-        return
-    server = PostgreSQL()
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+    with postgres_for_module() as server:
+        yield server
 
 
 @pytest.fixture

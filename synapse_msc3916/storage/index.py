@@ -720,6 +720,20 @@ def release_stale_claims_txn(txn: Txn, now: int) -> int:
     return released + _release_claims_txn(txn, [str(r[0]) for r in txn.fetchall()], now)
 
 
+_INSERT_PATH = (
+    f"INSERT INTO {PATHS} (path, sha256, length, media_origin, file_id,"
+    " thumbnail_width, thumbnail_height, thumbnail_type, thumbnail_method, created_ts)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _path_row(path: str, sha256: str, length: int, ref: MediaRef, now: int) -> tuple[Any, ...]:
+    return (
+        path, sha256, length, ref.media_origin, ref.file_id, ref.thumbnail_width,
+        ref.thumbnail_height, ref.thumbnail_type, ref.thumbnail_method, now,
+    )
+
+
 def record_path_txn(
     txn: Txn,
     path: str,
@@ -755,23 +769,9 @@ def record_path_txn(
     txn.execute(f"SELECT sha256 FROM {PATHS} WHERE path = ?", (path,))
     previous = txn.fetchone()
     txn.execute(
-        f"INSERT INTO {PATHS} (path, sha256, length, media_origin, file_id,"
-        " thumbnail_width, thumbnail_height, thumbnail_type, thumbnail_method, created_ts)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        " ON CONFLICT (path) DO UPDATE SET sha256 = excluded.sha256,"
+        _INSERT_PATH + " ON CONFLICT (path) DO UPDATE SET sha256 = excluded.sha256,"
         " length = excluded.length, created_ts = excluded.created_ts",
-        (
-            path,
-            sha256,
-            length,
-            ref.media_origin,
-            ref.file_id,
-            ref.thumbnail_width,
-            ref.thumbnail_height,
-            ref.thumbnail_type,
-            ref.thumbnail_method,
-            now,
-        ),
+        _path_row(path, sha256, length, ref, now),
     )
     if previous is not None and str(previous[0]) != sha256:
         # The path was re-stored with other bytes: the old content may be garbage now.
@@ -790,21 +790,8 @@ def record_path_if_absent_txn(
     the path's key), so a provider recording at the same moment wins either way.
     """
     txn.execute(
-        f"INSERT INTO {PATHS} (path, sha256, length, media_origin, file_id,"
-        " thumbnail_width, thumbnail_height, thumbnail_type, thumbnail_method, created_ts)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (path) DO NOTHING",
-        (
-            path,
-            sha256,
-            length,
-            ref.media_origin,
-            ref.file_id,
-            ref.thumbnail_width,
-            ref.thumbnail_height,
-            ref.thumbnail_type,
-            ref.thumbnail_method,
-            now,
-        ),
+        _INSERT_PATH + " ON CONFLICT (path) DO NOTHING",
+        _path_row(path, sha256, length, ref, now),
     )
     if txn.rowcount != 1:
         release_claim_txn(txn, claim.token, now)
