@@ -47,6 +47,9 @@ UNRECORDED = "unrecorded"
 # issue 18, or a store that failed after its path was recorded).
 UNSTORED = "unstored"
 _PAGE = 1000
+# The walk's phases, in order (the cursor is "<phase>:<sha256>"): stored blob rows,
+# contents paths use without a row, contents whose row says "not stored".
+_PHASES = "bus"
 
 
 def _stored_blobs_page_txn(
@@ -246,15 +249,17 @@ def cmd_scrub(args: argparse.Namespace) -> int:
             bar = Progress("scrub", total, unit="object", initial=resume.done)
             phase, after = (resume.cursor or "b:").split(":", 1)
 
-            def rows() -> Iterator[tuple[str, Row]]:
-                if phase == "b":
-                    for sha, n, corrupt in _rows(db, _stored_blobs_page_txn, after):
+            def rows(p: str) -> Iterator[tuple[str, Row]]:
+                start = after if p == phase else ""
+                if p == "b":
+                    for sha, n, corrupt in _rows(db, _stored_blobs_page_txn, start):
                         yield f"b:{sha}", (sha, n, corrupt)
-                if phase in ("b", "u"):
-                    for sha, n, _ in _rows(db, _unrecorded_page_txn, after if phase == "u" else ""):
+                elif p == "u":
+                    for sha, n, _ in _rows(db, _unrecorded_page_txn, start):
                         yield f"u:{sha}", (sha, n, None)
-                for sha, n, _ in _rows(db, _unstored_page_txn, after if phase == "s" else ""):
-                    yield f"s:{sha}", (sha, n, UNSTORED)
+                else:
+                    for sha, n, _ in _rows(db, _unstored_page_txn, start):
+                        yield f"s:{sha}", (sha, n, UNSTORED)
 
             def done(_row: Row, result: tuple[str, dict[str, Any] | None]) -> None:
                 state, entry = result
@@ -272,14 +277,18 @@ def cmd_scrub(args: argparse.Namespace) -> int:
                 stats["broken"].append(entry)
 
             try:
-                run_ordered(
-                    rows(),
-                    lambda row: _scrub_one(conns.get(), ctx.store, ctx.media_store, row, args),
-                    ctx.jobs,
-                    limiter,
-                    done,
-                    lambda key: run.checkpoint(key, resume.done + timer.count, _counters(stats)),
-                )
+                # One phase after the other, each drained before the next reads its rows:
+                # a repair in flight leaves a row "not stored" for a moment, which the
+                # unstored phase, read ahead, would count a second time.
+                for p in _PHASES[_PHASES.index(phase):]:
+                    run_ordered(
+                        rows(p),
+                        lambda row: _scrub_one(conns.get(), ctx.store, ctx.media_store, row, args),
+                        ctx.jobs,
+                        limiter,
+                        done,
+                        lambda key: run.checkpoint(key, resume.done + timer.count, _counters(stats)),
+                    )
             except StorageUnavailable as e:
                 raise hc.ToolError(str(e)) from None
             finally:
