@@ -4,16 +4,33 @@ A Synapse creates its database and is stopped; then local media are written stra
 into its media store and `local_media_repository`, as Synapse would have left them
 (including the `sha256` column Synapse records): small media (1-32 KiB, one in five
 repeating an earlier content) and big ones (8 MiB). A copy of that database is restored
-before each configuration, and each configuration writes into a bucket of its own.
+before each migration, and each migration writes into a bucket of its own (deleted
+once measured, so that 8 GiB per configuration never pile up).
 
-Each configuration runs `migrate`, `scrub --hash` and (small media) `gc --grace 0s
---apply` after deleting the rows of half the media, with `--jobs 1` and with the
-backend's default, on bare loopback and through a loopback proxy adding 20 ms of
-round-trip time in front of SeaweedFS (`bench/latency_proxy.py`). For the big media a
-raw parallel S3 read of every object (boto3, as many threads as the tool's default
-jobs, through the same endpoint) is the limit `scrub --hash` is compared with.
+On bare loopback and through a loopback proxy adding 20 ms of round-trip time in front
+of SeaweedFS (`bench/latency_proxy.py`), per network:
 
-Sizes: `B5_SMALL` / `B5_BIG` (environment) override the defaults.
+- `migrate --jobs 1`, then `migrate` with the backend's default jobs (from the same
+  seeded database, into another bucket);
+- `scrub --hash` with the default jobs, then with `--jobs 1` (read only, same bucket);
+- small media: the rows of a quarter of the media are deleted and `gc --grace 0s
+  --apply --jobs 1` runs, then another quarter and `gc` with the default jobs; and the
+  issue's baseline, one `DeleteObject` per key on one thread (what `gc` did before it
+  batched, without its database work: an upper bound of the former code's rate), on
+  throwaway objects of the same sizes;
+- big media: a raw parallel S3 read of every object (boto3, as many threads as the
+  tool's default jobs, through the same endpoint), the limit `scrub --hash` is
+  compared with.
+
+A `--jobs 1` run that would take long (a 10^5-media `migrate` behind the proxy: about
+1.5 hours) is stopped after `B5_WINDOW` seconds with SIGINT, as an admin's Ctrl-C
+would, and its rate is taken from the run's own progress in the database
+(`msc3916_storage_tool_runs`: objects done at its last checkpoint, which the
+interrupted run writes as it stops, over the time from the run's start to its stop).
+
+Sizes: `B5_SMALL` / `B5_BIG` / `B5_WINDOW` (environment) override the defaults (the
+issue's 10^5 small media and 1,000 of 8 MiB; `--quick`: 300 and 8, which every run
+finishes within its window).
 """
 
 from __future__ import annotations
@@ -23,16 +40,21 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import attr
+
 from bench.latency_proxy import LatencyProxy
 from bench.report import Report
 from synapse_msc3916.storage.blobstore import blob_name
+from synapse_msc3916.storage.index import TOOL_RUNS
 from synapse_msc3916.storage.parallel import DEFAULT_JOBS
 from tests.harness import REPO_ROOT, SeaweedFS, Synapse
 from tests.storage_helpers import provider_entry, s3_config
@@ -41,16 +63,47 @@ MIB = 1024 * 1024
 RTT = 0.020
 
 
-def _tool(hs: Synapse, *args: str) -> tuple[float, dict[str, Any]]:
-    start = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-m", "synapse_msc3916.cli", *args, "-c", str(hs.config_path), "--json"],
-        cwd=REPO_ROOT, env=hs.env(), capture_output=True, text=True, timeout=7200,
-    )
-    seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        raise RuntimeError(f"synapse-msc3916 {args[0]} failed:\n{result.stdout}\n{result.stderr[-3000:]}")
-    return seconds, json.loads(result.stdout)
+@attr.s(auto_attribs=True)
+class Measured:
+    """One tool run: its objects, seconds and rate; ``stopped`` when the window ended
+    it, then the figures are the run's recorded progress, ``summary`` is None."""
+
+    objects: int
+    seconds: float
+    stopped: bool
+    summary: dict[str, Any] | None
+
+    @property
+    def rate(self) -> float:
+        return self.objects / max(self.seconds, 1e-6)
+
+
+def _tool(hs: Synapse, window: float | None, *args: str) -> Measured:
+    """Run a tool to its end, or for ``window`` seconds at most (then SIGINT)."""
+    command = [sys.executable, "-m", "synapse_msc3916.cli", *args, "-c", str(hs.config_path), "--json"]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=hs.env(), stdout=out, stderr=err)
+        stopped = False
+        try:
+            proc.wait(timeout=window if window is not None else 7200)
+        except subprocess.TimeoutExpired:
+            if window is None:
+                proc.kill()
+                raise
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=300)
+            stopped = True
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if stopped and proc.returncode == 130:
+        (done, started, stopped_ts), = hs.sql(
+            f"SELECT done, started_ts, heartbeat_ts FROM {TOOL_RUNS} WHERE tool = ?", (args[0],))
+        return Measured(int(done), (int(stopped_ts) - int(started)) / 1000, True, None)
+    if proc.returncode != 0:
+        raise RuntimeError(f"synapse-msc3916 {args[0]} failed ({proc.returncode}):\n{stdout}\n{stderr[-3000:]}")
+    summary = json.loads(stdout)
+    return Measured(0, float(summary["elapsed_seconds"]), False, summary)
 
 
 def _create_media(hs: Synapse, count: int, sizes: tuple[int, int], dup_every: int, seed: int,
@@ -65,6 +118,7 @@ def _create_media(hs: Synapse, count: int, sizes: tuple[int, int], dup_every: in
     now = int(time.time() * 1000)
     columns = {row[1] for row in hs.sql("PRAGMA table_info(local_media_repository)")}
     rows = []
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
     for n in range(count):
         if contents and dup_every and n % dup_every == dup_every - 1:
             data = rng.choice(contents)
@@ -72,7 +126,7 @@ def _create_media(hs: Synapse, count: int, sizes: tuple[int, int], dup_every: in
             data = rng.randbytes(rng.randint(*sizes))
             if dup_every:
                 contents.append(data)
-        media_id = tag + "".join(rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(22))
+        media_id = tag + "".join(rng.choices(letters, k=22))
         path = hs.media_store / "local_content" / media_id[0:2] / media_id[2:4] / media_id[4:]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
@@ -97,16 +151,28 @@ def _create_media(hs: Synapse, count: int, sizes: tuple[int, int], dup_every: in
     return ids, total
 
 
-def _raw_read(weed: SeaweedFS, endpoint: str, bucket: str, keys: list[str], jobs: int) -> float:
-    """MiB/s of reading every object once with ``jobs`` threads: the store's limit."""
+def _delete_rows(hs: Synapse, ids: list[str]) -> None:
+    """Synapse deleting these media: their rows go (the triggers write tombstones)."""
+    for start in range(0, len(ids), 500):
+        part = ids[start:start + 500]
+        hs.sql(f"DELETE FROM local_media_repository WHERE media_id IN ({', '.join('?' * len(part))})",
+               tuple(part))
+
+
+def _client(weed: SeaweedFS, endpoint: str, jobs: int) -> Any:
     import boto3
     from botocore.config import Config
 
-    client = boto3.session.Session().client(
+    return boto3.session.Session().client(
         "s3", endpoint_url=endpoint, region_name="us-east-1",
         aws_access_key_id=weed.ACCESS_KEY, aws_secret_access_key=weed.SECRET_KEY,
         config=Config(max_pool_connections=jobs),
     )
+
+
+def _raw_read(weed: SeaweedFS, endpoint: str, bucket: str, keys: list[str], jobs: int) -> float:
+    """MiB/s of reading every object once with ``jobs`` threads: the store's limit."""
+    client = _client(weed, endpoint, jobs)
 
     def read(key: str) -> int:
         body = client.get_object(Bucket=bucket, Key=key)["Body"]
@@ -121,14 +187,65 @@ def _raw_read(weed: SeaweedFS, endpoint: str, bucket: str, keys: list[str], jobs
     return total / MIB / (time.perf_counter() - start)
 
 
-def _rate(report: dict[str, Any], count: int) -> float:
-    return count / max(float(report["elapsed_seconds"]), 1e-6)
+def _one_key_per_call(weed: SeaweedFS, endpoint: str, bucket: str, count: int, window: float) -> tuple[int, float]:
+    """The issue's baseline for ``gc``: one ``DeleteObject`` per key on one thread, on
+    ``count`` throwaway 1-32 KiB objects (written beforehand over bare loopback), for at
+    most ``window`` seconds. (objects deleted, seconds)."""
+    rng = random.Random(7)
+    keys = [f"b5-one-by-one/{n:06d}" for n in range(count)]
+    setup = _client(weed, weed.endpoint_url, 16)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: setup.put_object(Bucket=bucket, Key=k, Body=rng.randbytes(rng.randint(1024, 32768))),
+                      keys))
+    client = _client(weed, endpoint, 1)
+    start = time.perf_counter()
+    done = 0
+    for key in keys:
+        client.delete_object(Bucket=bucket, Key=key)
+        done += 1
+        if time.perf_counter() - start >= window:
+            break
+    seconds = time.perf_counter() - start
+    for key in keys[done:]:
+        setup.delete_object(Bucket=bucket, Key=key)
+    return done, seconds
+
+
+def _configure(hs: Synapse, weed: SeaweedFS, bucket: str, endpoint: str) -> None:
+    weed.create_bucket(bucket)
+    config = s3_config(weed, bucket)
+    config["endpoint_url"] = endpoint
+    hs.config["media_storage_providers"] = [provider_entry(config)]
+    hs.write_config()
+
+
+def _row(report: Report, case: str, contender: str, m: Measured, nbytes: int | None = None,
+         **extra: Any) -> None:
+    figures = {"objects": f"{m.objects:,}", "seconds": f"{m.seconds:.1f}", "objects/s": f"{m.rate:.0f}",
+               "MiB/s": "" if nbytes is None else f"{nbytes / MIB / max(m.seconds, 1e-6):.1f}",
+               "run": "stopped after the window" if m.stopped else "complete"}
+    report.add("B5", case, contender, **figures, **extra)
+
+
+def _versus(fast: Measured, slow: Measured, goal: bool) -> dict[str, Any]:
+    """The ratio cells of ``fast``'s row against ``slow``, the 10x goal where it applies."""
+    ratio = f"{fast.rate / slow.rate:.1f}x --jobs 1" if slow.rate else "(--jobs 1: no object done)"
+    return {"ratio": ratio, "goal": ">= 10x --jobs 1" if goal else "",
+            "met": (fast.rate >= 10 * slow.rate) if goal else None}
+
+
+def _weed_delete_bucket(weed: SeaweedFS, bucket: str) -> None:
+    """SeaweedFS drops a bucket with its objects (its collection's volumes)."""
+    weed.client().delete_bucket(Bucket=bucket)
 
 
 def run(report: Report, workdir: Path, quick: bool = False) -> None:
-    small = int(os.environ.get("B5_SMALL", 300 if quick else 5000))
-    big = int(os.environ.get("B5_BIG", 8 if quick else 50))
+    small = int(os.environ.get("B5_SMALL", 300 if quick else 100_000))
+    big = int(os.environ.get("B5_BIG", 8 if quick else 1000))
+    window = float(os.environ.get("B5_WINDOW", 60))
+    one_by_one = 200 if quick else 2000
     default = DEFAULT_JOBS["s3"]
+    report.note("B5", f"Load average at the start: {os.getloadavg()[0]:.1f} (2 shared cores).")
     workdir.mkdir(parents=True, exist_ok=True)
     weed = SeaweedFS(workdir / "seaweedfs")
     hs = Synapse(workdir / "hs", storage_providers=[provider_entry(s3_config(weed, "b5-setup"))])
@@ -145,89 +262,97 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
         empty = hs.dir / "empty.db"
         shutil.copy(db, empty)
         media_store = hs.media_store
+        j1, jd = ("--jobs", "1"), ("--jobs", str(default))
 
         for kind, count, sizes, dup in (
             ("small", small, (1024, 32 * 1024), 5),
             ("8 MiB", big, (8 * MIB, 8 * MIB), 0),
         ):
+            k = "s" if kind == "small" else "b"
             shutil.copy(empty, db)
             shutil.rmtree(media_store / "local_content", ignore_errors=True)
-            ids, total = _create_media(hs, count, sizes, dup, 5, "s" if kind == "small" else "b")
-            ready = hs.dir / f"{kind[0]}.db"
+            seeded = time.perf_counter()
+            ids, total = _create_media(hs, count, sizes, dup, 5, k)
+            print(f"   B5 {kind}: {count:,} media seeded in {time.perf_counter() - seeded:.0f}s", flush=True)
+            ready = hs.dir / f"{k}.db"
             shutil.copy(db, ready)
-            base: dict[tuple[str, str], float] = {}
             for net, endpoint in networks.items():
-                for jobs in (1, default):
-                    shutil.copy(ready, db)
-                    bucket = f"b5-{'s' if kind == 'small' else 'b'}-{'l' if net == 'loopback' else 'p'}-{jobs}"
-                    weed.create_bucket(bucket)
-                    config = s3_config(weed, bucket)
-                    config["endpoint_url"] = endpoint
-                    hs.config["media_storage_providers"] = [provider_entry(config)]
-                    hs.write_config()
-                    label = f"{kind}, {net}"
-                    j = ["--jobs", str(jobs)]
-                    _s, migrated = _tool(hs, "migrate", "--min-age", "0s", *j)
-                    assert migrated["files"] == count, migrated
-                    _s, scrubbed = _tool(hs, "scrub", "--hash", *j)
-                    assert scrubbed["still_broken"] == 0, scrubbed
-                    objects = scrubbed["checked"]
-                    cases = [("migrate", migrated, count, total),
-                             ("scrub --hash", scrubbed, objects, None)]
-                    if kind == "small":
-                        gone = ids[::2]
-                        for start in range(0, len(gone), 500):
-                            part = gone[start:start + 500]
-                            hs.sql(f"DELETE FROM local_media_repository WHERE media_id IN"
-                                   f" ({', '.join('?' * len(part))})", tuple(part))
-                        _s, collected = _tool(hs, "gc", "--grace", "0s", "--apply", *j)
-                        deleted = collected["objects_deleted"] + collected["orphan_objects_deleted"]
-                        cases.append(("gc --apply", collected, deleted, collected["bytes_freed"]))
-                    for tool, data, n, nbytes in cases:
-                        rate = _rate(data, n)
-                        key = (tool, net)
-                        ratio, goal, met = "", "", None
-                        if jobs == 1:
-                            base[key] = rate
-                        else:
-                            ratio = f"{rate / base[key]:.1f}x --jobs 1"
-                            if kind == "small" and net != "loopback":
-                                goal, met = ">= 10x --jobs 1", rate >= 10 * base[key]
-                        mib = "" if nbytes is None else f"{nbytes / MIB / float(data['elapsed_seconds']):.1f}"
-                        if tool == "scrub --hash" and kind != "small":
-                            mib = f"{count * 8 / float(data['elapsed_seconds']):.1f}"
-                        report.add(
-                            "B5", f"{tool}, {label}", f"--jobs {jobs}", ratio=ratio, goal=goal,
-                            met=met, **{"objects": f"{n:,}", "seconds": f"{float(data['elapsed_seconds']):.1f}",
-                                        "objects/s": f"{rate:.0f}", "MiB/s": mib},
-                        )
-                        if kind != "small" and tool == "scrub --hash" and jobs == default:
-                            keys = [blob_name(str(r[0])) for r in hs.sql(
-                                "SELECT DISTINCT sha256 FROM local_media_repository")]
-                            raw = _raw_read(weed, endpoint, bucket, keys, default)
-                            scrub_mib = count * 8 / float(data["elapsed_seconds"])
-                            report.add(
-                                "B5", f"{tool}, {label}", f"raw parallel S3 read ({default} threads)",
-                                **{"objects": f"{len(keys):,}", "MiB/s": f"{raw:.1f}"},
-                            )
-                            report.add(
-                                "B5", f"{tool}, {label}", f"--jobs {jobs} vs raw read",
-                                ratio=f"{scrub_mib / raw:.0%} of raw", goal=">= 80% of raw",
-                                met=scrub_mib >= 0.8 * raw,
-                            )
+                n = "l" if net == "loopback" else "p"
+                label = f"{kind}, {net}"
+                # migrate: --jobs 1 into a bucket of its own, then the default jobs.
+                shutil.copy(ready, db)
+                _configure(hs, weed, f"b5-{k}-{n}-1", endpoint)
+                m1 = _tool(hs, window, "migrate", "--min-age", "0s", *j1)
+                _weed_delete_bucket(weed, f"b5-{k}-{n}-1")
+                shutil.copy(ready, db)
+                bucket = f"b5-{k}-{n}"
+                _configure(hs, weed, bucket, endpoint)
+                md = _tool(hs, None, "migrate", "--min-age", "0s", *jd)
+                assert md.summary is not None and md.summary["files"] == count, md.summary
+                md.objects = count
+                if m1.summary is not None:
+                    m1.objects = int(m1.summary["files"])
+                avg = total / count
+                _row(report, f"migrate, {label}", "--jobs 1", m1, int(m1.objects * avg))
+                _row(report, f"migrate, {label}", f"--jobs {default}", md, total,
+                     **_versus(md, m1, kind == "small" and net != "loopback"))
+                # scrub --hash: read only, both on the same bucket.
+                sd = _tool(hs, None, "scrub", "--hash", *jd)
+                assert sd.summary is not None and sd.summary["still_broken"] == 0, sd.summary
+                sd.objects = int(sd.summary["checked"])
+                s1 = _tool(hs, window, "scrub", "--hash", "--restart", *j1)
+                if s1.summary is not None:
+                    s1.objects = int(s1.summary["checked"])
+                size = None if kind == "small" else 8 * MIB
+                _row(report, f"scrub --hash, {label}", "--jobs 1", s1, size and s1.objects * size)
+                _row(report, f"scrub --hash, {label}", f"--jobs {default}", sd, size and sd.objects * size,
+                     **_versus(sd, s1, kind == "small" and net != "loopback"))
+                if kind != "small":
+                    keys = [blob_name(str(r[0])) for r in hs.sql(
+                        "SELECT DISTINCT sha256 FROM local_media_repository")]
+                    raw = _raw_read(weed, endpoint, bucket, keys, default)
+                    scrub_mib = sd.objects * 8 / sd.seconds
+                    report.add("B5", f"scrub --hash, {label}", f"raw parallel S3 read ({default} threads)",
+                               **{"objects": f"{len(keys):,}", "MiB/s": f"{raw:.1f}"})
+                    report.add("B5", f"scrub --hash, {label}", f"--jobs {default} vs raw read",
+                               ratio=f"{scrub_mib / raw:.0%} of raw", goal=">= 80% of raw",
+                               met=scrub_mib >= 0.8 * raw)
+                else:
+                    # gc: a quarter of the media deleted for each contender.
+                    _delete_rows(hs, ids[0::4])
+                    g1 = _tool(hs, window, "gc", "--grace", "0s", "--apply", *j1)
+                    _delete_rows(hs, ids[2::4])
+                    gd = _tool(hs, None, "gc", "--grace", "0s", "--apply", "--restart", *jd)
+                    for g in (g1, gd):
+                        if g.summary is not None:
+                            g.objects = g.summary["objects_deleted"] + g.summary["orphan_objects_deleted"]
+                    done, seconds = _one_key_per_call(weed, endpoint, bucket, one_by_one, window / 3)
+                    gb = Measured(done, seconds, done < one_by_one, None)
+                    case = f"gc --apply, {label}"
+                    _row(report, case, "one DeleteObject per key, 1 thread (no DB work)", gb)
+                    _row(report, case, "--jobs 1", g1)
+                    _row(report, case, f"--jobs {default}", gd, **_versus(gd, g1, net != "loopback"))
+                    report.add("B5", case, f"--jobs {default} vs one DeleteObject per key",
+                               ratio=f"{gd.rate / max(gb.rate, 1e-6):.1f}x")
+                _weed_delete_bucket(weed, bucket)
             report.note(
                 "B5",
-                f"{kind}: {count:,} media, {total / MIB:.0f} MiB"
+                f"{kind}: {count:,} media, {total / MIB:,.0f} MiB"
                 + (", one in five a duplicate of an earlier content." if dup else "."),
             )
+            shutil.rmtree(media_store / "local_content", ignore_errors=True)
         report.note(
             "B5",
-            "Rates are the tool's own `objects_per_second` basis: objects / `elapsed_seconds` of "
-            "the `--json` summary (the work, without the Python start-up). `gc` objects = objects "
-            "deleted (DeleteObjects, up to 1,000 keys a call, chunks shared by the workers). "
+            "Rates: objects / `elapsed_seconds` of the tool's `--json` summary (the work, "
+            "without the Python start-up); for a run stopped after the window "
+            f"({window:.0f} s), objects done at its last checkpoint / time from the run's "
+            "start to its stop, both recorded by the run in `msc3916_storage_tool_runs`. "
+            "`gc` objects = objects deleted (DeleteObjects, up to 1,000 keys a call); each "
+            "`gc` contender collects the media of its own quarter of the rows. "
             f"Default jobs = {default} (S3). The proxy delays every chunk by 10 ms each way "
             "(20 ms round trip), as a real S3 region does per request.",
         )
+        report.note("B5", f"Load average at the end: {os.getloadavg()[0]:.1f}.")
     finally:
         if proxy is not None:
             proxy.stop()
