@@ -344,17 +344,7 @@ class DedupStorageProvider:
         the read falls back to Synapse and the next store of the content rewrites it. When
         S3 cannot answer, the index is trusted: the redirect is what it would have been.
         """
-        try:
-            size = await self._in_thread(self._store.stat, sha256)
-        except StorageUnavailable as e:
-            STORAGE_ERRORS.labels(operation="verify").inc()
-            logger.warning(
-                "synapse_msc3916: could not check object %s before a redirect (%s);"
-                " trusting the index",
-                sha256,
-                e,
-            )
-            return True
+        size = await self._stat_or_trust(sha256, length, "before a redirect")
         if size == length:
             return True
         if size is not None:
@@ -371,6 +361,22 @@ class DedupStorageProvider:
         except Exception:  # best effort: the provider's own read marks it too
             logger.exception("synapse_msc3916: could not mark %s missing", sha256)
         return False
+
+    async def _stat_or_trust(self, sha256: str, length: int, what: str) -> int | None:
+        """The object's size, or the index's ``length`` when the store cannot answer: a
+        check that S3 cannot make must not turn an outage into refused reads or uploads
+        (``scrub`` catches up later)."""
+        try:
+            return await self._in_thread(self._store.stat, sha256)
+        except StorageUnavailable as e:
+            STORAGE_ERRORS.labels(operation="verify").inc()
+            logger.warning(
+                "synapse_msc3916: could not check object %s %s (%s); trusting the index",
+                sha256,
+                what,
+                e,
+            )
+            return length
 
     # --- plumbing ---
 
@@ -542,17 +548,7 @@ class DedupStorageProvider:
                 # race may have removed it) and rewrites it if not, before the user gets 200.
                 # When the store cannot answer, the index is trusted as before: a dedup hit
                 # keeps working through an S3 outage (``scrub`` catches up later).
-                try:
-                    size = await self._in_thread(self._store.stat, sha256)
-                except StorageUnavailable as e:
-                    STORAGE_ERRORS.labels(operation="verify").inc()
-                    logger.warning(
-                        "synapse_msc3916: could not check object %s of a dedup hit (%s);"
-                        " trusting the index",
-                        sha256,
-                        e,
-                    )
-                    size = length
+                size = await self._stat_or_trust(sha256, length, "of a dedup hit")
                 if size != length:
                     problem = "missing" if size is None else "wrong_size"
                     STORAGE_DAMAGED.labels(where="store", problem=problem).inc()
