@@ -245,21 +245,28 @@ class DedupStorageProvider:
             )
             # Deletions use short S3 timeouts, like gc's, so that none can still land
             # after an upload took a stale mark over (see lifecycle.GC_DELETE_TIMEOUTS),
-            # and a thread of their own: a delete queued behind uploads in the shared
-            # pool could start after its mark was taken over.
-            deletion_pool = ThreadPool(1, 1, name="msc3916-storage-deletions")
+            # and threads of their own, one per batch in flight (``delete_jobs``): a
+            # delete queued behind uploads in the shared pool could start after its mark
+            # was taken over.
+            jobs = config.delete_jobs
+            deletion_pool = ThreadPool(1, jobs, name="msc3916-storage-deletions")
             self._reactor.callWhenRunning(deletion_pool.start)
             self._reactor.addSystemEventTrigger("during", "shutdown", deletion_pool.stop)
 
             async def in_deletion_thread(f: Any, *args: Any) -> Any:
                 return await sa.defer_to_threadpool(hs, deletion_pool, f, *args)
 
+            deletion_store = gc_storage_config(config)
+            if deletion_store.max_pool_connections < jobs:
+                deletion_store = attr.evolve(deletion_store, max_pool_connections=jobs)
             self._deletion_job = DeletionJob(
                 self._db,
                 in_deletion_thread,
-                make_blobstore(gc_storage_config(config)),
+                make_blobstore(deletion_store),
                 config.delete_after_ms,
                 self._lease,
+                jobs=jobs,
+                gather=sa.gather,
             )
             sa.media_deletions_looping_call(
                 self._api, self._deletion_tick, tick, "msc3916_storage_deletions"

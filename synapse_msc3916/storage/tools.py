@@ -33,10 +33,14 @@ from synapse_msc3916.storage.blobstore import (
 )
 from synapse_msc3916.storage.lifecycle import (  # noqa: F401 (GC_DELETE_TIMEOUTS re-exported)
     GC_DELETE_TIMEOUTS,
-    START_DELETE_WITHIN_SECONDS,
+    MAX_KEYS_PER_DELETE,
     TOMBSTONE_BATCH,
+    delete_if_in_time,
     gc_storage_config,
+    mark_batch_txn,
     object_missing_after_lost_mark,
+    settle_batch_txn,
+    unmark_batch_txn,
 )
 from synapse_msc3916.storage.parallel import (
     Connections,
@@ -656,7 +660,7 @@ def _migrate_one(
 
 _PAGE = 10_000
 # Keys per DeleteObjects call at most (S3's limit).
-_DELETE_BATCH = 1000
+_DELETE_BATCH = MAX_KEYS_PER_DELETE
 
 
 def _unreferenced(page: Any, cutoff: int, after: str = "") -> Iterator[tuple[str, int, int]]:
@@ -824,72 +828,41 @@ def _chunks(rows: Iterable[Any], size: int, key: Any) -> Iterator[tuple[str, lis
 def _delete_chunk(
     db: Any, store: Any, chunk: list[tuple[str, int, int | None]]
 ) -> list[tuple[str, int]]:
-    """Delete a chunk of objects (in a worker): mark each blob row with the same
-    conditional ``mark_*`` as one at a time, delete the marked objects in one
-    ``DeleteObjects`` call, then ``finish_deleting`` (or ``abort_deleting`` for those the
-    store refused). ``gen`` None: an object with no row (the orphan sweep).
+    """Delete a chunk of objects (in a worker) as the deletion job deletes a batch, with
+    its shared steps (``lifecycle``): mark every row in one transaction, delete the
+    marked objects in one ``DeleteObjects`` call, settle the marks (finish or abort) in
+    one transaction, check the objects whose mark an upload took over. ``gen`` None: an
+    object with no row (the orphan sweep).
 
-    As in the deletion job, the delete starts only within
-    ``START_DELETE_WITHIN_SECONDS`` of the marking (else the marks are released for the
-    next run), every mark is acted on only while still held, and an object whose mark an
-    upload took over is checked (``_check_after_lost_mark``)."""
+    The delete starts only within ``START_DELETE_WITHIN_SECONDS`` of the marking (else
+    the marks are released for the next run)."""
     started = time.monotonic()
-
-    def mark_all(txn: index.Txn) -> list[tuple[str, int, index.Mark]]:
-        marked = []
-        for sha256, length, gen in chunk:
-            if gen is None:
-                mark = index.mark_orphan_object_deleting_txn(txn, sha256, length, index.now_ms())
-            else:
-                mark = index.mark_deleting_txn(txn, sha256, gen)
-            if mark is not None:  # else referenced again (or recorded) since the scan
-                marked.append((sha256, length, mark))
-        return marked
-
-    marked = index.run_tool_txn(db, mark_all)
+    marked = index.run_tool_txn(db, mark_batch_txn, chunk, index.now_ms())
     if not marked:
         return []
     kill_point()
-    if time.monotonic() - started > START_DELETE_WITHIN_SECONDS:
-        # The database stalled that long: a delete now might land after an upload took
-        # a mark over. Left for the next run.
-        def unmark_all(txn: index.Txn) -> None:
-            for sha256, _length, mark in marked:
-                index.unmark_deleting_txn(txn, sha256, mark)
-
-        index.run_tool_txn(db, unmark_all)
-        return []
 
     def settle(failed: Any) -> None:
-        """Finish the deleted rows' marks, abort the others'; check those lost meanwhile."""
-
-        def settle_txn(txn: index.Txn) -> list[str]:
-            lost = []
-            for sha256, _length, mark in marked:
-                held = (
-                    index.abort_deleting_txn(txn, sha256, mark)
-                    if sha256 in failed
-                    else index.finish_deleting_txn(txn, sha256, mark)
-                )
-                if not held:
-                    lost.append(sha256)
-            return lost
-
-        for sha256 in index.run_tool_txn(db, settle_txn):
+        for sha256 in index.run_tool_txn(db, settle_batch_txn, marked, failed):
             _check_after_lost_mark(db, store, sha256)
 
     try:
-        failed = store.delete_many([sha for sha, _, _ in marked])
+        failed = delete_if_in_time(store, marked, started)
     except StorageUnavailable:
         # Never leave a row claiming an object that may be gone.
-        settle({sha for sha, _, _ in marked})
+        settle({m.sha256 for m in marked})
         raise
+    if failed is None:
+        # The database stalled that long: a delete now might land after an upload took
+        # a mark over. Left for the next run.
+        index.run_tool_txn(db, unmark_batch_txn, marked)
+        return []
     kill_point()
     settle(failed)
     if failed:
         sha256, why = next(iter(failed.items()))
         raise StorageUnavailable(f"{len(failed)} object(s) could not be deleted ({sha256}: {why})")
-    return [(sha256, length) for sha256, length, _mark in marked]
+    return [(m.sha256, m.length) for m in marked]
 
 
 def _gc_apply(
