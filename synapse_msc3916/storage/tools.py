@@ -545,7 +545,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     local media store is migrated only once complete (as long as its Synapse row says,
     not modified for ``--min-age``), and never over a path the provider recorded
     meanwhile. Safe by default: a legacy source object is deleted only once its copy
-    has been read back with the right SHA-256 (for an already indexed path too, so a
+    (server-side where safe, see ``_copy_one``) has been verified to have the right
+    SHA-256, by S3's checksum of the copy or by reading it back (for an already indexed
+    path too, so a
     destination object lost since the first run is restored from the source, never
     deleted with it), and a source whose bytes do not match the SHA-256 Synapse
     recorded is not migrated at all. ``--jobs`` sources are migrated at once, each by a
