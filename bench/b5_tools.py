@@ -201,6 +201,63 @@ def _deletion_job(report: Report, hs: Synapse, weed: SeaweedFS, networks: dict[s
     )
 
 
+def _legacy_copy(report: Report, hs: Synapse, weed: SeaweedFS, networks: dict[str, str],
+                 small: int, big: int) -> None:
+    """`migrate --from-legacy-prefix`, default jobs: server-side copy (CopyObject, then a
+    read-back, as SeaweedFS returns no SHA-256 for a copy) against download + upload
+    (`--no-server-side-copy`), side by side, each run on its own bucket holding the same
+    synapse-s3-storage-provider objects under `legacy/`."""
+    import boto3
+
+    client = boto3.session.Session().client(
+        "s3", endpoint_url=weed.endpoint_url, region_name="us-east-1",
+        aws_access_key_id=weed.ACCESS_KEY, aws_secret_access_key=weed.SECRET_KEY,
+    )
+    db, empty = hs.dir / "homeserver.db", hs.dir / "legacy-empty.db"
+    shutil.copy(db, empty)
+    for kind, count, sizes, dup in (("small", small, (1024, 32 * 1024), 5),
+                                    ("8 MiB", big, (8 * MIB, 8 * MIB), 0)):
+        shutil.copy(empty, db)
+        hs.sql("DELETE FROM local_media_repository")
+        shutil.rmtree(hs.media_store / "local_content", ignore_errors=True)
+        ids, total = _create_media(hs, count, sizes, dup, 7, "l")
+        ready = hs.dir / "legacy-ready.db"
+        shutil.copy(db, ready)
+        paths = [f"local_content/{i[0:2]}/{i[2:4]}/{i[4:]}" for i in ids]
+        base: dict[str, float] = {}
+        for net, endpoint in networks.items():
+            for contender, flags in (("download + upload", ["--no-server-side-copy"]),
+                                     ("server-side copy", [])):
+                shutil.copy(ready, db)
+                bucket = f"b5-legacy-{'s' if kind == 'small' else 'b'}-{'l' if net == 'loopback' else 'p'}-{len(flags)}"
+                weed.create_bucket(bucket)
+                with ThreadPoolExecutor(16) as pool:
+                    list(pool.map(lambda p, b=bucket: client.put_object(
+                        Bucket=b, Key="legacy/" + p,
+                        Body=(hs.media_store / p).read_bytes()), paths))
+                config = s3_config(weed, bucket, prefix="blobs/", legacy_prefix="legacy/")
+                config["endpoint_url"] = endpoint
+                hs.config["media_storage_providers"] = [provider_entry(config)]
+                hs.write_config()
+                _s, data = _tool(hs, "migrate", "--from-legacy-prefix", *flags)
+                assert data["files"] == count and data["legacy_deleted"] == count, data
+                # (duplicates migrated at the same moment are downloaded: a copy is made
+                # only where nobody else stores the content)
+                assert (data["copied_server_side"] > 0) != bool(flags), data
+                rate = _rate(data, count)
+                ratio = ""
+                if flags:
+                    base[net] = rate
+                else:
+                    ratio = f"{rate / base[net]:.1f}x download + upload"
+                seconds = float(data["elapsed_seconds"])
+                report.add(
+                    "B5", f"migrate --from-legacy-prefix, {kind}, {net}", contender, ratio=ratio,
+                    **{"objects": f"{count:,}", "seconds": f"{seconds:.1f}",
+                       "objects/s": f"{rate:.0f}", "MiB/s": f"{total / MIB / seconds:.1f}"},
+                )
+
+
 def run(report: Report, workdir: Path, quick: bool = False) -> None:
     small = int(os.environ.get("B5_SMALL", 300 if quick else 5000))
     big = int(os.environ.get("B5_BIG", 8 if quick else 50))
@@ -298,6 +355,7 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
                 f"{kind}: {count:,} media, {total / MIB:.0f} MiB"
                 + (", one in five a duplicate of an earlier content." if dup else "."),
             )
+        _legacy_copy(report, hs, weed, networks, small, big)
         report.note(
             "B5",
             "Rates are the tool's own `objects_per_second` basis: objects / `elapsed_seconds` of "

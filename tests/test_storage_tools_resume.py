@@ -103,8 +103,11 @@ def test_migrate_killed_at_random_points_resumes_and_never_loses_a_source(
 
     kills, stderr = 0, ""
     for seed in SEEDS:
+        # Paced: server-side copies are so quick that four workers reached the kill
+        # point before the coordinating thread had checkpointed the first object done
+        # (no run then resumed: every kill landed before any checkpoint).
         result = tool(hs, "migrate", "--from-legacy-prefix", "--jobs", "4", "--json",
-                      kill_at=random.Random(seed).randint(12, 24))
+                      "--max-rate", "50", kill_at=random.Random(seed).randint(12, 24))
         kills += killed(result)
         stderr += result.stderr
         assert killed(result) or result.returncode == 0, result.stderr

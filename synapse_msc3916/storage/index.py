@@ -928,6 +928,43 @@ def mark_blob_missing_txn(txn: Txn, sha256: str) -> bool:
     return txn.rowcount == 1
 
 
+def claim_for_copy_txn(
+    txn: Txn, sha256: str, length: int, now: int, claim: Claim
+) -> tuple[str, bool, bool]:
+    """``claim_blob_txn`` for a writer about to put bytes it has not verified under
+    ``sha256`` (a server-side copy, checked only once written): (decision, overwrite,
+    may write unverified).
+
+    Such a write is allowed only where it can wrong nobody: the object is new (no
+    overwrite), nobody else claims the content (no upload in flight that could find the
+    unverified object in place and trust it), and the blob is marked corrupt in the same
+    transaction, so that every later store of the content overwrites the object with
+    bytes it hashed (also after this process died before verifying), and a later copy
+    of it is refused. ``record_path_txn`` clears the mark once the copy is verified.
+    Otherwise the caller stores the content the ordinary way, under the claim it holds.
+    """
+    decision, overwrite = claim_blob_txn(txn, sha256, length, now, claim)
+    if decision != WRITE or overwrite:
+        return decision, overwrite, False
+    txn.execute(
+        f"SELECT COUNT(*) FROM {CLAIMS} WHERE sha256 = ? AND token <> ?", (sha256, claim.token)
+    )
+    if int(txn.fetchone()[0]):
+        return decision, overwrite, False
+    txn.execute(
+        f"UPDATE {BLOBS} SET corrupt = 1, gen = gen + 1 WHERE sha256 = ? AND deleting_ts IS NULL",
+        (sha256,),
+    )
+    return decision, overwrite, txn.rowcount == 1
+
+
+def blob_gen_txn(txn: Txn, sha256: str) -> int | None:
+    """A blob row's ``gen`` (what a deletion's mark compares), None without a row."""
+    txn.execute(f"SELECT gen FROM {BLOBS} WHERE sha256 = ?", (sha256,))
+    row = txn.fetchone()
+    return None if row is None else int(row[0])
+
+
 def lost_object_txn(txn: Txn, sha256: str, now: int) -> int:
     """A deletion that lost its mark to an upload found the object gone afterwards: its
     delete landed after the upload wrote it. Mark the blob missing (the next store

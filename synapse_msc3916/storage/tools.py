@@ -15,6 +15,7 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -26,6 +27,7 @@ from synapse_msc3916 import homeserver_config as hc
 from synapse_msc3916.config import ConfigError, StorageConfig, parse_duration_ms
 from synapse_msc3916.storage import index
 from synapse_msc3916.storage.blobstore import (
+    CopyUnsupported,
     S3BlobStore,
     StorageUnavailable,
     hash_blob,
@@ -243,15 +245,35 @@ def _store_one(
     legacy_key: str | None,
     rows: SynapseRows,
     expected_length: int | None = None,
+    copy: ServerSideCopy | None = None,
+    notes: list[str] | None = None,
 ) -> str:
     """Index one file from a source; returns what happened (``WRITTEN``, ...).
 
-    The source's bytes are always hashed here: the SHA-256 Synapse recorded is only
-    compared with it, never trusted in its place, so a legacy object with bit rot is
-    not copied under a name that is not its content. A legacy source is then verified
-    in the store by reading the object back before anyone may delete the source.
+    A legacy object whose SHA-256 Synapse recorded is copied inside the bucket when
+    ``copy`` allows (``_copy_one``). Otherwise the source's bytes are hashed here: the
+    SHA-256 Synapse recorded is only compared with it, never trusted in its place, so a
+    legacy object with bit rot is not copied under a name that is not its content. A
+    legacy source is then verified in the store by reading the object back before
+    anyone may delete the source.
     """
     known = rows.sha256(ref)
+    if (
+        legacy_key is not None
+        and known is not None
+        and copy is not None
+        and copy.enabled
+        and isinstance(store, S3BlobStore)
+        and known[1] <= store.COPY_MAX_BYTES
+    ):
+        try:
+            outcome = _copy_one(
+                db, store, path, ref, legacy_key, known, notes if notes is not None else []
+            )
+            if outcome is not None:
+                return outcome
+        except CopyUnsupported as e:
+            copy.refused(str(e))
     tmp: str | None = None
     try:
         if local_file is None:
@@ -269,16 +291,8 @@ def _store_one(
                 file=sys.stderr,
             )
             return MISMATCH
-        claim = index.Claim(uuid.uuid4().hex, path, f"cli:{socket.gethostname()}:{os.getpid()}")
-        for _ in range(240):
-            decision, overwrite = index.run_tool_txn(
-                db, index.claim_blob_txn, sha256, length, index.now_ms(), claim
-            )
-            if decision != index.WAIT:
-                break
-            time.sleep(0.25)
-        else:
-            raise hc.ToolError(f"{sha256} stayed locked by another gc for a minute")
+        claim = _new_claim(path)
+        decision, overwrite = _claim(db, sha256, length, claim)
         kill_point()
         try:
             if decision == index.HIT and store.stat(sha256) != length:
@@ -318,6 +332,132 @@ def _store_one(
     finally:
         if tmp is not None:
             os.unlink(tmp)
+
+
+def _new_claim(path: str) -> index.Claim:
+    return index.Claim(uuid.uuid4().hex, path, f"cli:{socket.gethostname()}:{os.getpid()}")
+
+
+def _claim(
+    db: Any, sha256: str, length: int, claim: index.Claim, txn_func: Any = index.claim_blob_txn
+) -> Any:
+    """``claim_blob_txn`` (or ``txn_func``), waiting up to a minute while a deletion
+    deletes the object."""
+    for _ in range(240):
+        answer = index.run_tool_txn(db, txn_func, sha256, length, index.now_ms(), claim)
+        if answer[0] != index.WAIT:
+            return answer
+        time.sleep(0.25)
+    raise hc.ToolError(f"{sha256} stayed locked by another gc for a minute")
+
+
+class ServerSideCopy:
+    """Whether ``migrate`` may copy legacy objects with ``CopyObject``: yes unless
+    ``--no-server-side-copy``, and no longer once the store refused it as unsupported
+    (said once; every later source is downloaded and uploaded)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._lock = threading.Lock()
+
+    def refused(self, why: str) -> None:
+        with self._lock:
+            if not self.enabled:
+                return
+            self.enabled = False
+        Progress.write(
+            f"migrate: the store refuses server-side copies ({why}); downloading and"
+            " uploading every source instead",
+            file=sys.stderr,
+        )
+
+
+def _copy_one(
+    db: Any,
+    store: S3BlobStore,
+    path: str,
+    ref: index.MediaRef,
+    legacy_key: str,
+    known: tuple[str, int],
+    notes: list[str],
+) -> str | None:
+    """Store a legacy object by ``CopyObject`` under the SHA-256 Synapse recorded for it;
+    None when it must be downloaded and uploaded instead.
+
+    The same claim protocol as a download, but the bytes are never seen here: the copy
+    is named by what Synapse recorded and verified once written, by the SHA-256 S3
+    computed for it when S3 returns one, else by reading it back. Until then it is a
+    name that may not be its content, so a copy is made only where
+    ``claim_for_copy_txn`` allows it (a new object nobody else is storing, marked so
+    that nobody trusts it), and never replaces an object (conditional, like an upload):
+    a damaged or half-deleted object is rewritten from downloaded, hashed bytes. A copy
+    that does not verify (bit rot in the source) is not indexed, is deleted the way
+    ``gc`` deletes, and its source is kept. A dedup hit copies nothing: the stored
+    object is read back, as for a download.
+    """
+    sha256, length = known
+    claim = _new_claim(path)
+    decision, _overwrite, may_copy = _claim(db, sha256, length, claim, index.claim_for_copy_txn)
+    kill_point()
+    try:
+        written, checksum = False, None
+        if decision == index.HIT and store.stat(sha256) != length:
+            index.run_tool_txn(db, index.mark_blob_missing_txn, sha256)
+            decision = index.WRITE  # to be rewritten: not by a copy
+        if decision == index.WRITE and not may_copy:
+            index.run_tool_txn(db, index.release_claim_txn, claim.token, index.now_ms())
+            return None
+        if decision == index.WRITE:
+            written, checksum = store.copy_key_to_blob(legacy_key, sha256)
+            if written:
+                notes.append("copied_server_side")
+            kill_point()
+        if checksum is not None:
+            actual: tuple[str, int] | None = (checksum, length)
+            notes.append("verified_by_checksum")
+        else:
+            actual = hash_blob(store, sha256)
+            if decision == index.WRITE:
+                notes.append("verified_by_read_back")
+        if actual != (sha256, length):
+            index.run_tool_txn(db, index.mark_blob_missing_txn, sha256)
+            index.run_tool_txn(db, index.release_claim_txn, claim.token, index.now_ms())
+            found = "missing" if actual is None else f"{actual[0]} ({actual[1]} bytes)"
+            if not written:
+                Progress.write(
+                    f"migrate: {path}: the stored object {sha256} reads back as {found};"
+                    " not indexed, source kept",
+                    file=sys.stderr,
+                )
+                return UNVERIFIED
+            Progress.write(
+                f"migrate: {path}: its server-side copy has SHA-256 {found} but Synapse"
+                f" recorded {sha256} ({length} bytes); not migrated, source kept",
+                file=sys.stderr,
+            )
+            _discard_copy(db, store, sha256, length)
+            return MISMATCH
+        index.run_tool_txn(
+            db, index.record_path_txn, path, sha256, length, ref, index.now_ms(), True, claim
+        )
+    except BaseException:
+        index.run_tool_txn(db, index.release_claim_txn, claim.token, index.now_ms())
+        raise
+    return WRITTEN if written else DEDUPLICATED
+
+
+def _discard_copy(db: Any, store: S3BlobStore, sha256: str, length: int) -> None:
+    """Delete a copy that is not its name's content, the way ``gc`` deletes: under a
+    deletion's mark, which only a blob nothing references or claims can take. Left in
+    place (marked corrupt: the next store overwrites it) when an upload claimed it
+    meanwhile or the store refuses the delete; ``gc`` removes it later otherwise."""
+    gen = index.run_tool_txn(db, index.blob_gen_txn, sha256)
+    if gen is None:
+        return
+    try:
+        _delete_chunk(db, store, [(sha256, length, gen)])
+    except StorageUnavailable as e:
+        Progress.write(f"migrate: could not delete the bad copy {sha256}: {e}", file=sys.stderr)
 
 
 def _report_incomplete(path: str, length: int, expected: int | None) -> None:
@@ -409,7 +549,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     local media store is migrated only once complete (as long as its Synapse row says,
     not modified for ``--min-age``), and never over a path the provider recorded
     meanwhile. Safe by default: a legacy source object is deleted only once its copy
-    has been read back with the right SHA-256 (for an already indexed path too, so a
+    (server-side where safe, see ``_copy_one``) has been verified to have the right
+    SHA-256, by S3's checksum of the copy or by reading it back (for an already indexed
+    path too, so a
     destination object lost since the first run is restored from the source, never
     deleted with it), and a source whose bytes do not match the SHA-256 Synapse
     recorded is not migrated at all. ``--jobs`` sources are migrated at once, each by a
@@ -451,7 +593,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         "hash_mismatch": 0,
         "skipped_incomplete": 0,
         "skipped_recent": 0,
+        "copied_server_side": 0,
+        "verified_by_checksum": 0,
+        "verified_by_read_back": 0,
     }
+    args.server_side_copy = ServerSideCopy(
+        prefix is not None and not getattr(args, "no_server_side_copy", False)
+    )
     if args.dry_run:
         stats.update(pending=0, pending_bytes=0)
     limiter = RateLimiter(args.max_rate)
@@ -595,28 +743,30 @@ def _migrate_item(
             return ["files", skip]
     if args.dry_run:
         return ["files", "already" if located is not None else "pending"]
+    notes: list[str] = []
     try:
         outcome = _migrate_one(
-            db, store, path, ref, local_file, legacy_key, located, rows, expected
+            db, store, path, ref, local_file, legacy_key, located, rows, expected,
+            getattr(args, "server_side_copy", None), notes,
         )
     except index.LostClaim as e:
         # gc released this run's claim (older than a day) while it stored: the path is
         # not recorded and the source is kept; a new run starts afresh.
         raise hc.ToolError(f"{path}: {e}; not migrated, source kept: run migrate again") from None
     if outcome in (VERIFIED, RECORDED_MEANWHILE):
-        keys = ["files", "already"]
+        keys = ["files", "already", *notes]
     elif outcome == INCOMPLETE:
         return ["files", INCOMPLETE]
     elif outcome in (WRITTEN, DEDUPLICATED) and located is not None:
         # The index pointed at a missing or damaged object: it is whole again, from
         # this source, but the source stays until a later run finds the index and the
         # store agreeing on their own.
-        return ["files", "restored"]
+        return ["files", "restored", *notes]
     elif outcome in (WRITTEN, DEDUPLICATED):
-        keys = ["files", outcome]
+        keys = ["files", outcome, *notes]
     else:
         # Never delete a source whose copy is not verified.
-        return ["files", MISMATCH if outcome == MISMATCH else "legacy_kept_unverified"]
+        return ["files", MISMATCH if outcome == MISMATCH else "legacy_kept_unverified", *notes]
     if legacy_key is not None and not args.keep_source:
         assert isinstance(store, S3BlobStore)
         kill_point()
@@ -635,6 +785,8 @@ def _migrate_one(
     located: index.Located | None,
     rows: SynapseRows,
     expected_length: int | None = None,
+    copy: ServerSideCopy | None = None,
+    notes: list[str] | None = None,
 ) -> str:
     """Migrate one path, or check that an earlier run did; returns what happened.
 
@@ -650,7 +802,7 @@ def _migrate_one(
             return VERIFIED
         index.run_tool_txn(db, index.mark_blob_missing_txn, located.sha256)
     return _store_one(
-        db, store, path, ref, local_file, legacy_key, rows, expected_length
+        db, store, path, ref, local_file, legacy_key, rows, expected_length, copy, notes
     )
 
 
@@ -1061,6 +1213,12 @@ def register(subparsers: Any) -> None:
         " (default: the configured legacy_prefix) instead of the local media store",
     )
     p.add_argument("--keep-source", action="store_true", help="do not delete legacy objects")
+    p.add_argument(
+        "--no-server-side-copy",
+        action="store_true",
+        help="download and upload every legacy object, even where S3 CopyObject could"
+        " copy it inside the bucket (the default when Synapse recorded its SHA-256)",
+    )
     p.add_argument(
         "--min-age",
         type=parse_duration,
