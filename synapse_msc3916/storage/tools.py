@@ -734,10 +734,15 @@ def _dry_tables_txn(txn: index.Txn) -> None:
 
 
 def _dry_insert_txn(txn: index.Txn, table: str, rows: list[tuple[str, str]]) -> None:
+    """Up to 400 rows a statement (800 parameters: below SQLite's oldest limit of 999),
+    not one round trip each."""
     key = "path" if table == _DRY_REMOVED else "token"
-    for row in rows:
+    for start in range(0, len(rows), 400):
+        chunk = rows[start:start + 400]
         txn.execute(
-            f"INSERT INTO {table} VALUES (?, ?) ON CONFLICT ({key}) DO NOTHING", row
+            f"INSERT INTO {table} VALUES {', '.join(['(?, ?)'] * len(chunk))}"
+            f" ON CONFLICT ({key}) DO NOTHING",
+            [value for row in chunk for value in row],
         )
 
 
@@ -791,6 +796,18 @@ def _gc_dry_run(db: Any, now: int, cutoff: int, grace_ms: int, stats: dict[str, 
     counted as they stream by, in hash order, and only the first ``EXAMPLES`` listed.
     """
     index.run_tool_txn(db, _dry_tables_txn)
+    try:
+        _gc_dry_count(db, now, cutoff, grace_ms, stats)
+    finally:
+        index.run_tool_txn(db, _drop_dry_tables_txn)
+
+
+def _drop_dry_tables_txn(txn: index.Txn) -> None:
+    for table in (_DRY_REMOVED, _DRY_STALE, _DRY_CANDIDATES):
+        txn.execute(f"DROP TABLE {table}", ())
+
+
+def _gc_dry_count(db: Any, now: int, cutoff: int, grace_ms: int, stats: dict[str, Any]) -> None:
     index.run_tool_txn(
         db, _dry_insert_txn, _DRY_STALE, index.run_tool_txn(db, index.stale_claims_txn, now)
     )
