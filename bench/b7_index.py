@@ -20,7 +20,13 @@ At 10^6 (10^4 in quick mode) each read-only tool runs as a subprocess under
 ``/usr/bin/time -v`` for its peak RSS: ``stats``, ``gc`` (dry run), ``scrub`` (no
 ``--hash``) and ``migrate --dry-run``, with the file backend holding a sparse object of
 the right length for every stored blob (so scrub and gc walk a store that matches the
-index) and an empty media store (so migrate has nothing to walk).
+index) and an empty media store (so migrate has nothing to walk); then ``scrub`` against an
+empty store and ``gc`` (dry run, default grace and ``--grace 0s``) with every path orphaned,
+whose reports grow with what they find.
+
+``B7_SIZES=1000000 B7_RSS_ONLY=1`` measures only the tools' RSS at that size (minutes, not
+the hour of the lookups at 10^7); ``B7_COMPARE_ROOT=<another checkout>`` runs that checkout's
+tools side by side (rows suffixed with its directory name), e.g. main's worktree.
 """
 
 from __future__ import annotations
