@@ -157,9 +157,10 @@ def test_gc_dry_run_counts_what_apply_does_without_writing(txn: SqliteTxn) -> No
         return out
 
     before = snapshot()
-    stats: dict[str, Any] = {"paths_removed": 0, "objects_deleted": 0, "bytes_freed": 0}
-    deleted: list[str] = []
-    tools._gc_dry_run(Database(txn.conn, "sqlite"), now, now, 0, stats, deleted)
+    stats: dict[str, Any] = {"paths_removed": 0, "objects_deleted": 0, "bytes_freed": 0,
+                             "deleted": []}
+    tools._gc_dry_run(Database(txn.conn, "sqlite"), now, now, 0, stats)
+    deleted = stats["deleted"]
     assert snapshot() == before
     assert stats["paths_removed"] == 2 and sorted(deleted) == [SHA_A, sha_c, sha_d]
 

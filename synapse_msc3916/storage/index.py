@@ -1162,7 +1162,15 @@ def path_sha256_txn(txn: Txn, path: str) -> str | None:
 
 
 def orphan_paths_txn(txn: Txn, cutoff: int, limit: int = 1000) -> list[str]:
-    """Paths with no media row that no tombstone explains, old enough to be given up.
+    """The paths of :func:`orphan_path_rows_txn`."""
+    return [path for path, _sha256 in orphan_path_rows_txn(txn, cutoff, limit)]
+
+
+def orphan_path_rows_txn(
+    txn: Txn, cutoff: int, limit: int = 1000, after: str = ""
+) -> list[tuple[str, str]]:
+    """(path, sha256) of paths with no media row that no tombstone explains, old enough
+    to be given up, in path order after ``after`` (keyset pagination).
 
     Tombstones are the exact signal (see :func:`apply_tombstones_txn`, which ``gc``
     runs first). Without them, a path with no media row may be an upload in flight:
@@ -1176,12 +1184,12 @@ def orphan_paths_txn(txn: Txn, cutoff: int, limit: int = 1000) -> list[str]:
         since = 1 << 62
     unexplained = min(cutoff, now_ms() - UNEXPLAINED_PATH_MIN_AGE_MS)
     txn.execute(
-        f"SELECT p.path FROM {PATHS} p WHERE"
+        f"SELECT p.path, p.sha256 FROM {PATHS} p WHERE p.path > ? AND"
         " ((p.created_ts < ? AND p.created_ts < ?) OR p.created_ts < ?)"
         f" AND {_NO_MEDIA_ROW} ORDER BY p.path LIMIT ?",
-        (since, cutoff, unexplained, limit),
+        (after, since, cutoff, unexplained, limit),
     )
-    return [str(r[0]) for r in txn.fetchall()]
+    return [(str(r[0]), str(r[1])) for r in txn.fetchall()]
 
 
 def delete_path_txn(txn: Txn, path: str, cutoff: int) -> bool:

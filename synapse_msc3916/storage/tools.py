@@ -10,6 +10,7 @@ upload of the same content never deletes what the upload relies on.
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import os
 import socket
@@ -125,9 +126,26 @@ def _resumed(tool: str, resume: Resume, stats: dict[str, Any]) -> None:
         )
 
 
+# Entries a tool's ``--json`` lists (``broken``, ``deleted``) keep at most: the first found
+# over the whole run, resumed parts included. Everything else is only counted (and
+# ``scrub`` prints every problem as it finds it), so memory does not grow with them.
+EXAMPLES = 100
+
+
 def _counters(stats: dict[str, Any]) -> dict[str, Any]:
-    """What a checkpoint keeps of a tool's stats: the numbers (lists stay in memory)."""
-    return {k: v for k, v in stats.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    """What a checkpoint keeps of a tool's stats: the numbers and the example lists
+    (capped at ``EXAMPLES``), so that a resumed run reports the whole run."""
+    return {
+        k: v
+        for k, v in stats.items()
+        if isinstance(v, list) or (isinstance(v, int | float) and not isinstance(v, bool))
+    }
+
+
+def _example(stats: dict[str, Any], key: str, entry: Any) -> None:
+    """Keep ``entry`` in the list ``stats[key]`` while it holds fewer than ``EXAMPLES``."""
+    if len(stats[key]) < EXAMPLES:
+        stats[key].append(entry)
 
 
 def _open(ctx: Context) -> Any:
@@ -853,9 +871,73 @@ def _objects_without_row(db: Any, store: Any, after: str = "") -> Iterator[tuple
         yield sha, info
 
 
-def _gc_dry_run(
-    db: Any, now: int, cutoff: int, grace_ms: int, stats: dict[str, Any], deleted: list[str]
-) -> None:
+# The dry run's scratch tables: temporary (this connection's own, gone when it closes),
+# so that the paths it would remove are deduplicated and joined in the database, not in
+# this process's memory.
+_DRY_REMOVED = "msc3916_gc_dry_removed"
+_DRY_STALE = "msc3916_gc_dry_stale"
+_DRY_CANDIDATES = "msc3916_gc_dry_candidates"
+
+
+def _dry_tables_txn(txn: index.Txn) -> None:
+    txn.execute(
+        f"CREATE TEMP TABLE {_DRY_REMOVED} (path TEXT PRIMARY KEY, sha256 TEXT NOT NULL)", ()
+    )
+    txn.execute(
+        f"CREATE TEMP TABLE {_DRY_STALE} (token TEXT PRIMARY KEY, sha256 TEXT NOT NULL)", ()
+    )
+    txn.execute(f"CREATE TEMP TABLE {_DRY_CANDIDATES} (sha256 TEXT PRIMARY KEY)", ())
+
+
+def _dry_insert_txn(txn: index.Txn, table: str, rows: list[tuple[str, str]]) -> None:
+    """Up to 400 rows a statement (800 parameters: below SQLite's oldest limit of 999),
+    not one round trip each."""
+    key = "path" if table == _DRY_REMOVED else "token"
+    for start in range(0, len(rows), 400):
+        chunk = rows[start:start + 400]
+        txn.execute(
+            f"INSERT INTO {table} VALUES {', '.join(['(?, ?)'] * len(chunk))}"
+            f" ON CONFLICT ({key}) DO NOTHING",
+            [value for row in chunk for value in row],
+        )
+
+
+def _dry_candidates_txn(txn: index.Txn) -> int:
+    """Contents the removed paths or released claims may leave unreferenced; the number
+    of removed paths."""
+    txn.execute(
+        f"INSERT INTO {_DRY_CANDIDATES} SELECT sha256 FROM {_DRY_REMOVED}"
+        f" UNION SELECT sha256 FROM {_DRY_STALE}",
+        (),
+    )
+    if index.is_postgres(txn):  # temporary tables are never auto-analysed
+        for table in (_DRY_REMOVED, _DRY_STALE, _DRY_CANDIDATES):
+            txn.execute(f"ANALYZE {table}", ())
+    txn.execute(f"SELECT COUNT(*) FROM {_DRY_REMOVED}", ())
+    return int(txn.fetchone()[0])
+
+
+def _dry_due_page_txn(
+    txn: index.Txn, stale_deleting: int, limit: int, after: str
+) -> list[tuple[str, int, int]]:
+    """Candidates whose every path is removed and every claim released, with a blob row
+    not being deleted (or deleted by a stale mark), in hash order after ``after``."""
+    txn.execute(
+        f"SELECT c.sha256, b.length FROM {_DRY_CANDIDATES} c"
+        f" JOIN {index.BLOBS} b ON b.sha256 = c.sha256 WHERE c.sha256 > ?"
+        " AND (b.deleting_ts IS NULL OR b.deleting_ts < ?)"
+        f" AND NOT EXISTS (SELECT 1 FROM {index.PATHS} p WHERE p.sha256 = c.sha256"
+        f"  AND NOT EXISTS (SELECT 1 FROM {_DRY_REMOVED} r"
+        "   WHERE r.path = p.path AND r.sha256 = p.sha256))"
+        f" AND NOT EXISTS (SELECT 1 FROM {index.CLAIMS} k WHERE k.sha256 = c.sha256"
+        f"  AND NOT EXISTS (SELECT 1 FROM {_DRY_STALE} s WHERE s.token = k.token))"
+        " ORDER BY c.sha256 LIMIT ?",
+        (after, stale_deleting, limit),
+    )
+    return [(str(r[0]), int(r[1]), 0) for r in txn.fetchall()]
+
+
+def _gc_dry_run(db: Any, now: int, cutoff: int, grace_ms: int, stats: dict[str, Any]) -> None:
     """Count what ``--apply`` would remove, with reads only.
 
     Every query is its own short transaction (a page at a time), so the dry run takes
@@ -865,42 +947,62 @@ def _gc_dry_run(
     The paths are those pending tombstones and the orphan sweep would remove; the
     contents those already unreferenced, plus those the removed paths and released
     stale claims would leave unreferenced (their ``delete_after`` would start now, so
-    they count only with ``--grace 0``).
+    they count only with ``--grace 0``). The removed paths go to a temporary table, not
+    to memory (10^6 tombstones made a dict of hundreds of MiB); the contents are
+    counted as they stream by, in hash order, and only the first ``EXAMPLES`` listed.
     """
-    stale = dict(index.run_tool_txn(db, index.stale_claims_txn, now))
-    removed: dict[str, str] = {}
+    index.run_tool_txn(db, _dry_tables_txn)
+    try:
+        _gc_dry_count(db, now, cutoff, grace_ms, stats)
+    finally:
+        index.run_tool_txn(db, _drop_dry_tables_txn)
+
+
+def _drop_dry_tables_txn(txn: index.Txn) -> None:
+    for table in (_DRY_REMOVED, _DRY_STALE, _DRY_CANDIDATES):
+        txn.execute(f"DROP TABLE {table}", ())
+
+
+def _gc_dry_count(db: Any, now: int, cutoff: int, grace_ms: int, stats: dict[str, Any]) -> None:
+    index.run_tool_txn(
+        db, _dry_insert_txn, _DRY_STALE, index.run_tool_txn(db, index.stale_claims_txn, now)
+    )
     after = 0
     while True:
         after, read, found = index.run_tool_txn(db, index.tombstone_paths_page_txn, after, 1000)
-        removed.update(found)
+        index.run_tool_txn(db, _dry_insert_txn, _DRY_REMOVED, found)
         if read < 1000:
             break
-    for path in index.run_tool_txn(db, index.orphan_paths_txn, cutoff, 1_000_000):
-        sha256 = index.run_tool_txn(db, index.path_sha256_txn, path)
-        if sha256 is not None:
-            removed[path] = sha256
-    stats["paths_removed"] += len(removed)
-    due: dict[str, int] = {}
-    if grace_ms <= 0:
-        stale_deleting = now - index.DELETING_STALE_MS
-        for sha256 in sorted(set(removed.values()) | set(stale.values())):
-            refs = index.run_tool_txn(db, index.blob_refs_txn, sha256)
-            if (
-                refs.length is not None
-                and all(removed.get(p) == sha256 for p in refs.paths)
-                and all(token in stale for token in refs.claims)
-                and (refs.deleting_ts is None or refs.deleting_ts < stale_deleting)
-            ):
-                due[sha256] = refs.length
-    for sha256, length, _gen in _unreferenced(
+    last = ""
+    while True:
+        rows = index.run_tool_txn(db, index.orphan_path_rows_txn, cutoff, 1000, last)
+        index.run_tool_txn(db, _dry_insert_txn, _DRY_REMOVED, rows)
+        if len(rows) < 1000:
+            break
+        last = rows[-1][0]
+    stats["paths_removed"] += index.run_tool_txn(db, _dry_candidates_txn)
+    unreferenced = _unreferenced(
         lambda *a: index.run_tool_txn(db, index.unreferenced_blobs_txn, *a),
         index.now_ms() - grace_ms,
-    ):
-        due[sha256] = length
-    for sha256 in sorted(due):
+    )
+    due: Iterable[tuple[str, int, int]] = unreferenced
+    if grace_ms <= 0:
+        stale_deleting = now - index.DELETING_STALE_MS
+        freed = _unreferenced(
+            lambda _cutoff, limit, start: index.run_tool_txn(
+                db, _dry_due_page_txn, stale_deleting, limit, start
+            ),
+            0,
+        )
+        due = heapq.merge(freed, unreferenced)
+    previous = None
+    for sha256, length, _gen in due:  # both in hash order: a content in both counts once
+        if sha256 == previous:
+            continue
+        previous = sha256
         stats["objects_deleted"] += 1
-        stats["bytes_freed"] += due[sha256]
-        deleted.append(sha256)
+        stats["bytes_freed"] += length
+        _example(stats, "deleted", sha256)
 
 
 def _check_after_lost_mark(db: Any, store: Any, sha256: str) -> None:
@@ -933,21 +1035,22 @@ def cmd_gc(args: argparse.Namespace) -> int:
         "bytes_freed": 0,
         "orphan_objects_deleted": 0,
         "applied": apply,
+        "deleted": [],
     }
-    deleted: list[str] = []
     timer = Timer()
     with _open(ctx) as db:
         index.run_tool_txn(db, index.ensure_schema_txn)
         if not apply:
-            _gc_dry_run(db, now, cutoff, int(args.grace * 1000), stats, deleted)
+            _gc_dry_run(db, now, cutoff, int(args.grace * 1000), stats)
             for _sha, info in _objects_without_row(db, ctx.store):
                 if info.mtime * 1000 < cutoff:
                     stats["orphan_objects_deleted"] += 1
                     stats["bytes_freed"] += info.size
         else:
-            _gc_apply(ctx, db, args, now, cutoff, stats, deleted, timer)
+            _gc_apply(ctx, db, args, now, cutoff, stats, timer)
     timer.summary(stats, args, ctx.jobs)
-    stats["deleted"] = deleted
+    listed = stats["objects_deleted"] + (stats["orphan_objects_deleted"] if apply else 0)
+    stats["deleted_truncated"] = listed > len(stats["deleted"])
     _report("gc", stats, args)
     return 0
 
@@ -1024,7 +1127,6 @@ def _gc_apply(
     now: int,
     cutoff: int,
     stats: dict[str, Any],
-    deleted: list[str],
     timer: Timer,
 ) -> None:
     """``gc --apply``: paths first (tombstones, orphans; both resumable by nature, what is
@@ -1072,7 +1174,7 @@ def _gc_apply(
                 for sha256, length in marked:
                     stats[counter] += 1
                     stats["bytes_freed"] += length
-                    deleted.append(sha256)
+                    _example(stats, "deleted", sha256)
             return done
 
         def checkpoint_as(p: str) -> Any:
@@ -1156,7 +1258,7 @@ def _report(command: str, stats: dict[str, Any], args: argparse.Namespace) -> No
     )
     print(f"{command}{mode}:")
     for key, value in stats.items():
-        if key in ("deleted", "applied"):
+        if key in ("deleted", "deleted_truncated", "applied"):
             continue
         print(f"  {key}: {_human(value) if key.startswith('bytes') else value}")
 
