@@ -802,7 +802,7 @@ def record_path_if_absent_txn(
 
 def synapse_length_txn(txn: Txn, ref: MediaRef) -> int | None:
     """The length Synapse recorded for a local media file or thumbnail; None without a
-    row. (Remote ones: :func:`remote_rows_txn`, a lookup by ``filesystem_id`` has no
+    row. (Remote ones: :func:`remote_rows_page_txn`, a lookup by ``filesystem_id`` has no
     index.)
 
     Synapse inserts the row only once the file is complete, so a file of another
@@ -825,33 +825,41 @@ def synapse_length_txn(txn: Txn, ref: MediaRef) -> int | None:
     return None if row is None or row[0] is None else int(row[0])
 
 
-def remote_rows_txn(
-    txn: Txn, origin: str, thumbnails: bool, with_sha256: bool
-) -> dict[Any, tuple[int | None, str | None]]:
-    """Synapse's rows of one origin's remote media (or thumbnails), keyed as a path
-    names them: ``filesystem_id`` (plus the thumbnail's dimensions, type and method),
-    with (length, SHA-256). One range of Synapse's ``(media_origin, media_id)`` index."""
+def remote_rows_page_txn(
+    txn: Txn, origin: str, thumbnails: bool, with_sha256: bool, start: str, limit: int
+) -> list[tuple[Any, tuple[int | None, str | None]]]:
+    """Synapse's rows of one origin's remote media (or thumbnails) from ``filesystem_id``
+    ``start`` on, in ``filesystem_id`` order, at most ``limit`` (``limit`` 0: only those
+    of ``start`` itself, all of them): each keyed as a path names it, ``filesystem_id``
+    (plus the thumbnail's dimensions, type and method), with (length, SHA-256).
+
+    Synapse indexes ``(media_origin, media_id)``, not ``filesystem_id``: each page is one
+    pass over the origin's range of that index, sorted, which is why pages are large."""
+    where = "media_origin = ? AND filesystem_id = ?" if limit == 0 else (
+        "media_origin = ? AND filesystem_id >= ?"
+    )
+    tail = "" if limit == 0 else f" ORDER BY filesystem_id LIMIT {int(limit)}"
     if thumbnails:
         txn.execute(
             "SELECT filesystem_id, thumbnail_width, thumbnail_height, thumbnail_type,"
-            " thumbnail_method, thumbnail_length FROM remote_media_cache_thumbnails"
-            " WHERE media_origin = ?",
-            (origin,),
+            f" thumbnail_method, thumbnail_length FROM remote_media_cache_thumbnails WHERE {where}"
+            + tail,
+            (origin, start),
         )
-        return {
-            (str(r[0]), r[1], r[2], r[3], r[4]): (None if r[5] is None else int(r[5]), None)
+        return [
+            ((str(r[0]), r[1], r[2], r[3], r[4]), (None if r[5] is None else int(r[5]), None))
             for r in txn.fetchall()
-        }
+        ]
     sha = "sha256" if with_sha256 else "NULL"
     txn.execute(
-        f"SELECT filesystem_id, media_length, {sha} FROM remote_media_cache"
-        " WHERE media_origin = ?",
-        (origin,),
+        f"SELECT filesystem_id, media_length, {sha} FROM remote_media_cache WHERE {where}"
+        + tail,
+        (origin, start),
     )
-    return {
-        str(r[0]): (None if r[1] is None else int(r[1]), None if r[2] is None else str(r[2]))
+    return [
+        (str(r[0]), (None if r[1] is None else int(r[1]), None if r[2] is None else str(r[2])))
         for r in txn.fetchall()
-    }
+    ]
 
 
 def synapse_sha256_txn(txn: Txn, ref: MediaRef) -> tuple[str, int] | None:

@@ -188,53 +188,103 @@ MISMATCH, UNVERIFIED = "hash_mismatch", "unverified"
 INCOMPLETE, RECORDED_MEANWHILE = "skipped_incomplete", "recorded_meanwhile"
 
 
+# Remote rows per page of :class:`SynapseRows` (about 0.4 KiB each in memory).
+ROWS_PAGE = 20_000
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class _RowsPage:
+    """Synapse's rows of one origin's media (or thumbnails) whose ``filesystem_id`` is in
+    ``[start, end)`` (``end`` None: up to the last)."""
+
+    group: tuple[str, bool]
+    start: str
+    end: str | None
+    rows: dict[Any, tuple[int | None, str | None]]
+
+    def covers(self, group: tuple[str, bool], file_id: str) -> bool:
+        return group == self.group and self.start <= file_id and (
+            self.end is None or file_id < self.end
+        )
+
+
 class SynapseRows:
-    """What Synapse recorded for the files being migrated: length and SHA-256.
+    """What Synapse recorded for the files being migrated: length and SHA-256. One
+    instance serves every worker (each passes its own connection).
 
     Local media are looked up one by one (``media_id`` is Synapse's key). Remote paths
     name a ``filesystem_id``, which Synapse does not index, so a lookup per file would
-    read all of the origin's rows each time; instead the rows of one origin are read
-    once (an index range on ``media_origin``) while its files, listed together, are
-    migrated. A row inserted after that read makes its file look unfinished: it is
-    skipped and reported, and migrated by the next run.
+    read all of the origin's rows each time; holding all of an origin's rows instead
+    grew with the origin (0.3-0.4 KiB a media: gigabytes for 10^6 media of one origin
+    across 16 workers). The files of an origin are listed in ``filesystem_id`` order
+    (the path is ``origin/ab/cd/rest`` with fixed-length parts), so the rows are read in
+    pages of that order, ``ROWS_PAGE`` at a time (one pass over the origin's index range
+    each), and at most two pages are kept: the current one and the one before, for the
+    files other workers still have in flight. A row inserted after its page was read
+    makes its file look unfinished: it is skipped and reported, and migrated by the next
+    run.
     """
 
-    def __init__(self, db: Any, has_sha_column: bool):
-        self._db = db
+    def __init__(self, has_sha_column: bool, page_size: int = ROWS_PAGE):
         self._has_sha = has_sha_column
-        self._key: tuple[str, bool] | None = None
-        self._rows: dict[Any, tuple[int | None, str | None]] = {}
+        self._page_size = page_size
+        self._pages: list[_RowsPage] = []
+        self._lock = threading.Lock()
 
-    def _remote(self, ref: index.MediaRef) -> tuple[int | None, str | None] | None:
+    @property
+    def rows_held(self) -> int:
+        return sum(len(p.rows) for p in self._pages)
+
+    def _remote(self, db: Any, ref: index.MediaRef) -> tuple[int | None, str | None] | None:
         assert ref.media_origin is not None
-        thumb = ref.thumbnail_width is not None
-        if self._key != (ref.media_origin, thumb):
-            self._rows = index.run_tool_txn(
-                self._db, index.remote_rows_txn, ref.media_origin, thumb, self._has_sha
-            )
-            self._key = (ref.media_origin, thumb)
+        group = (ref.media_origin, ref.thumbnail_width is not None)
         key: Any = ref.file_id
-        if thumb:
+        if group[1]:
             key = (ref.file_id, ref.thumbnail_width, ref.thumbnail_height,
                    ref.thumbnail_type, ref.thumbnail_method)
-        return self._rows.get(key)
+        with self._lock:  # the others wait for the page they would read too
+            for page in self._pages:
+                if page.covers(group, ref.file_id):
+                    return page.rows.get(key)
+            page = self._read_page(db, group, ref.file_id)
+            self._pages = [p for p in self._pages[-1:] if p.group == group] + [page]
+            return page.rows.get(key)
 
-    def length(self, ref: index.MediaRef) -> int | None:
+    def _read_page(self, db: Any, group: tuple[str, bool], start: str) -> _RowsPage:
+        origin, thumbs = group
+        found = index.run_tool_txn(
+            db, index.remote_rows_page_txn, origin, thumbs, self._has_sha, start, self._page_size
+        )
+        if len(found) < self._page_size:
+            return _RowsPage(group, start, None, dict(found))
+        # A full page may end part-way through its last filesystem_id's rows
+        # (thumbnails): it covers up to that one, excluded.
+        last = found[-1][0][0] if thumbs else found[-1][0]
+        rows = {k: v for k, v in found if (k[0] if thumbs else k) != last}
+        if rows:
+            return _RowsPage(group, start, last, rows)
+        # One filesystem_id with a page of thumbnails or more: all of its own.
+        everything = index.run_tool_txn(
+            db, index.remote_rows_page_txn, origin, thumbs, self._has_sha, start, 0
+        )
+        return _RowsPage(group, start, start + "\0", dict(everything))
+
+    def length(self, db: Any, ref: index.MediaRef) -> int | None:
         if ref.media_origin is not None:
-            row = self._remote(ref)
+            row = self._remote(db, ref)
             return None if row is None else row[0]
-        return index.run_tool_txn(self._db, index.synapse_length_txn, ref)  # type: ignore[no-any-return]
+        return index.run_tool_txn(db, index.synapse_length_txn, ref)  # type: ignore[no-any-return]
 
-    def sha256(self, ref: index.MediaRef) -> tuple[str, int] | None:
+    def sha256(self, db: Any, ref: index.MediaRef) -> tuple[str, int] | None:
         """What Synapse recorded for this media, when its release records it (1.128+)."""
         if not self._has_sha or ref.thumbnail_width is not None:
             return None
         if ref.media_origin is not None:
-            row = self._remote(ref)
+            row = self._remote(db, ref)
             if row is None or row[0] is None or not row[1]:
                 return None
             return row[1], row[0]
-        return index.run_tool_txn(self._db, index.synapse_sha256_txn, ref)  # type: ignore[no-any-return]
+        return index.run_tool_txn(db, index.synapse_sha256_txn, ref)  # type: ignore[no-any-return]
 
 
 def _has_sha256_column(db: Any) -> bool:
@@ -275,7 +325,7 @@ def _store_one(
     legacy source is then verified in the store by reading the object back before
     anyone may delete the source.
     """
-    known = rows.sha256(ref)
+    known = rows.sha256(db, ref)
     if (
         legacy_key is not None
         and known is not None
@@ -488,7 +538,7 @@ def _report_incomplete(path: str, length: int, expected: int | None) -> None:
 
 
 def _check_local_file(
-    rows: SynapseRows, path: str, ref: index.MediaRef, local_file: str, min_age: float
+    db: Any, rows: SynapseRows, path: str, ref: index.MediaRef, local_file: str, min_age: float
 ) -> tuple[str | None, int | None]:
     """Whether a file of the local media store is complete: (reason to skip, length).
 
@@ -504,7 +554,7 @@ def _check_local_file(
         return "skipped", None  # deleted by Synapse since the listing
     if time.time() - st.st_mtime < min_age:
         return "skipped_recent", None
-    expected = rows.length(ref)
+    expected = rows.length(db, ref)
     if expected != st.st_size:
         _report_incomplete(path, st.st_size, expected)
         return INCOMPLETE, None
@@ -637,11 +687,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             progress = Progress("migrate", total, initial=resume.done)
             probe: list[Source] = []
 
+            rows = SynapseRows(has_sha)
+
             def work(item: Source) -> list[str]:
-                local = conns.local()
-                if getattr(local, "rows", None) is None:
-                    local.rows = SynapseRows(conns.get(), has_sha)
-                return _migrate_item(conns.get(), ctx.store, local.rows, item, args)
+                return _migrate_item(conns.get(), ctx.store, rows, item, args)
 
             def done(item: Source, keys: list[str]) -> None:
                 progress.step()
@@ -756,7 +805,7 @@ def _migrate_item(
     located = index.run_tool_txn(db, index.locate_txn, path)
     expected: int | None = None
     if local_file is not None and located is None:
-        skip, expected = _check_local_file(rows, path, ref, local_file, args.min_age)
+        skip, expected = _check_local_file(db, rows, path, ref, local_file, args.min_age)
         if skip is not None:
             return ["files", skip]
     if args.dry_run:
