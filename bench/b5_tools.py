@@ -18,6 +18,9 @@ of SeaweedFS (`bench/latency_proxy.py`), per network:
   issue's baseline, one `DeleteObject` per key on one thread (what `gc` did before it
   batched, without its database work: an upper bound of the former code's rate), on
   throwaway objects of the same sizes;
+- small media: the deletion job inside Synapse (`delete_after: 0s`), `delete_jobs: 1`
+  against the default, each on its own quarter of the media (the two the `gc` runs
+  left);
 - big media: a raw parallel S3 read of every object (boto3, as many threads as the
   tool's default jobs, through the same endpoint), the limit `scrub --hash` is
   compared with.
@@ -28,6 +31,7 @@ would, and its rate is taken from the run's own progress in the database
 (`msc3916_storage_tool_runs`: objects done at its last checkpoint, which the
 interrupted run writes as it stops, over the time from the run's start to its stop).
 
+`B5_PARTS=deletion` runs only the deletion job (and the migrate it needs).
 Sizes: `B5_SMALL` / `B5_BIG` / `B5_WINDOW` (environment) override the defaults (the
 issue's 10^5 small media and 1,000 of 8 MiB; `--quick`: 300 and 8, which every run
 finishes within its window).
@@ -253,10 +257,66 @@ def _weed_delete_bucket(weed: SeaweedFS, bucket: str) -> None:
     weed.client().delete_bucket(Bucket=bucket)
 
 
+def _deletion_job(report: Report, hs: Synapse, weed: SeaweedFS, bucket: str, endpoint: str, net: str,
+                  quarters: tuple[list[str], list[str]]) -> None:
+    """The deletion job inside Synapse, ``delete_jobs: 1`` against the default.
+
+    On the bucket and database the tools just used: for each contender the rows of its
+    own quarter of the media are deleted with Synapse stopped (the triggers turn them
+    into tombstones), then Synapse starts with ``delete_after: 0s`` and the endpoint
+    under test, and is waited for until the job deleted every due object. The rate is
+    objects over the seconds the job's log lines say its ticks spent deleting (the
+    tick's start, up to 5 s after Synapse's, and the tombstones' application are left
+    out).
+    """
+    import re
+
+    default = DEFAULT_JOBS["s3"]
+    base = 0.0
+    for jobs, gone_ids in zip((1, default), quarters, strict=True):
+        gone = set(gone_ids)
+        rows = hs.sql("SELECT media_id, sha256 FROM local_media_repository")
+        due = len({sha for m, sha in rows if m in gone} - {sha for m, sha in rows if m not in gone})
+        _delete_rows(hs, gone_ids)
+        config = s3_config(weed, bucket, delete_after="0s", delete_jobs=jobs)
+        config["endpoint_url"] = endpoint
+        hs.config["media_storage_providers"] = [provider_entry(config)]
+        hs.write_config()
+        offset = hs.log_file.stat().st_size if hs.log_file.exists() else 0
+        hs.start()
+        try:
+            deadline = time.monotonic() + 1800
+            deleted, seconds = 0, 0.0
+            while deleted < due:  # the ticks' log lines, once every due object is gone
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"deletion job: {deleted} of {due} objects deleted")
+                time.sleep(0.5)
+                with open(hs.log_file, "rb") as f:
+                    f.seek(offset)
+                    lines = re.findall(rb"deleted (\d+) object\(s\) in ([\d.]+)s", f.read())
+                deleted = sum(int(n) for n, _ in lines)
+                seconds = sum(float(t) for n, t in lines if int(n))
+        finally:
+            hs.stop()
+        assert deleted == due, (deleted, due)
+        m = Measured(due, seconds, False, None)
+        extra: dict[str, Any] = {}
+        if jobs == 1:
+            base = m.rate
+        else:
+            extra["ratio"] = f"{m.rate / max(base, 1e-6):.1f}x delete_jobs 1"
+        report.add("B5", f"deletion job, small, {net}", f"delete_jobs: {jobs}",
+                   **{"objects": f"{due:,}", "seconds": f"{seconds:.2f}", "objects/s": f"{m.rate:.0f}"},
+                   **extra)
+
+
 def run(report: Report, workdir: Path, quick: bool = False) -> None:
     small = int(os.environ.get("B5_SMALL", 300 if quick else 100_000))
     big = int(os.environ.get("B5_BIG", 8 if quick else 1000))
     window = float(os.environ.get("B5_WINDOW", 60))
+    # B5_PARTS=deletion: only the deletion job (after the default-jobs migrate it needs).
+    tools = "tools" in os.environ.get("B5_PARTS", "tools,deletion").split(",")
+    deletion = "deletion" in os.environ.get("B5_PARTS", "tools,deletion").split(",")
     one_by_one = 200 if quick else 2000
     default = DEFAULT_JOBS["s3"]
     report.note("B5", f"Load average at the start: {os.getloadavg()[0]:.1f} (2 shared cores).")
@@ -281,7 +341,7 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
         for kind, count, sizes, dup in (
             ("small", small, (1024, 32 * 1024), 5),
             ("8 MiB", big, (8 * MIB, 8 * MIB), 0),
-        ):
+        )[:2 if tools else 1]:
             k = "s" if kind == "small" else "b"
             shutil.copy(empty, db)
             shutil.rmtree(media_store / "local_content", ignore_errors=True)
@@ -294,16 +354,22 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
                 n = "l" if net == "loopback" else "p"
                 label = f"{kind}, {net}"
                 # migrate: --jobs 1 into a bucket of its own, then the default jobs.
-                shutil.copy(ready, db)
-                _configure(hs, weed, f"b5-{k}-{n}-1", endpoint)
-                m1 = _tool(hs, window, "migrate", "--min-age", "0s", *j1)
-                _weed_delete_bucket(weed, f"b5-{k}-{n}-1")
+                m1 = Measured(0, 0.0, False, None)
+                if tools:
+                    shutil.copy(ready, db)
+                    _configure(hs, weed, f"b5-{k}-{n}-1", endpoint)
+                    m1 = _tool(hs, window, "migrate", "--min-age", "0s", *j1)
+                    _weed_delete_bucket(weed, f"b5-{k}-{n}-1")
                 shutil.copy(ready, db)
                 bucket = f"b5-{k}-{n}"
                 _configure(hs, weed, bucket, endpoint)
                 md = _tool(hs, None, "migrate", "--min-age", "0s", *jd)
                 assert md.summary is not None and md.summary["files"] == count, md.summary
                 md.objects = count
+                if not tools:
+                    _deletion_job(report, hs, weed, bucket, endpoint, net, (ids[1::4], ids[3::4]))
+                    _weed_delete_bucket(weed, bucket)
+                    continue
                 if m1.summary is not None:
                     m1.objects = int(m1.summary["files"])
                 avg = total / count
@@ -350,6 +416,8 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
                     _row(report, case, f"--jobs {default}", gd, **_versus(gd, g1, net != "loopback"))
                     report.add("B5", case, f"--jobs {default} vs one DeleteObject per key",
                                ratio=f"{gd.rate / max(gb.rate, 1e-6):.1f}x")
+                    if deletion:  # the other two quarters of the media
+                        _deletion_job(report, hs, weed, bucket, endpoint, net, (ids[1::4], ids[3::4]))
                 _weed_delete_bucket(weed, bucket)
             report.note(
                 "B5",

@@ -20,7 +20,13 @@ At 10^6 (10^4 in quick mode) each read-only tool runs as a subprocess under
 ``/usr/bin/time -v`` for its peak RSS: ``stats``, ``gc`` (dry run), ``scrub`` (no
 ``--hash``) and ``migrate --dry-run``, with the file backend holding a sparse object of
 the right length for every stored blob (so scrub and gc walk a store that matches the
-index) and an empty media store (so migrate has nothing to walk).
+index) and an empty media store (so migrate has nothing to walk); then ``scrub`` against an
+empty store and ``gc`` (dry run, default grace and ``--grace 0s``) with every path orphaned,
+whose reports grow with what they find.
+
+``B7_SIZES=1000000 B7_RSS_ONLY=1`` measures only the tools' RSS at that size (minutes, not
+the hour of the lookups at 10^7); ``B7_COMPARE_ROOT=<another checkout>`` runs that checkout's
+tools side by side (rows suffixed with its directory name), e.g. main's worktree.
 """
 
 from __future__ import annotations
@@ -306,21 +312,96 @@ def _sparse_objects(pg: PostgreSQL, dbname: str, directory: Path) -> int:
     return count
 
 
-def _tool_rss(hs: Synapse, config: Path, *args: str) -> tuple[float, float]:
-    """(peak RSS in MiB, seconds) of one tool run."""
+def _tool_rss(
+    hs: Synapse, config: Path, *args: str, root: Path = REPO_ROOT
+) -> tuple[float, float, dict[str, Any]]:
+    """(peak RSS in MiB, seconds, its --json report) of one tool run, the tool's code from
+    checkout ``root``."""
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "synapse_msc3916.cli", *args,
            "-c", str(config), "--json"]
     began = time.perf_counter()
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=hs.env(), capture_output=True, text=True,
-                            timeout=3600)
+    result = subprocess.run(cmd, cwd=root, env={**hs.env(), "PYTHONPATH": str(root)},
+                            capture_output=True, text=True, timeout=3600)
     seconds = time.perf_counter() - began
     found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)
     if found is None:
         raise RuntimeError(f"{args}: no RSS in\n{result.stderr[-2000:]}")
     if result.returncode not in (0, 1):  # scrub exits 1 when it found problems
         raise RuntimeError(f"{args} failed ({result.returncode}):\n{result.stderr[-2000:]}")
-    json.loads(result.stdout)  # the tool answered
-    return int(found.group(1)) / 1024, seconds
+    answer = json.loads(result.stdout)  # the tool answered
+    return int(found.group(1)) / 1024, seconds, answer
+
+
+def _orphaned_copy(pg: PostgreSQL, source: str, name: str) -> None:
+    """A copy of database ``source`` whose media rows are all gone without tombstones (as
+    if deleted before the triggers existed): every index path is one ``gc`` removes."""
+    admin = pg.connect()
+    admin.autocommit = True
+    admin.cursor().execute(f"CREATE DATABASE {name} TEMPLATE {source}")
+    admin.close()
+    conn = pg.connect(name)
+    try:
+        conn.autocommit = True
+        cur = conn.cursor()
+        cur.execute("SET session_replication_role = replica")  # no tombstones
+        cur.execute("DELETE FROM local_media_repository")
+        cur.execute("SET session_replication_role = DEFAULT")
+        cur.execute("VACUUM ANALYZE local_media_repository")
+    finally:
+        conn.close()
+
+
+def _config_copy(hs: Synapse, path: Path, database: str, directory: Path) -> Path:
+    config = yaml.safe_load(hs.config_path.read_text())
+    config["database"]["args"]["database"] = database
+    config["media_storage_providers"][0]["config"]["directory"] = str(directory)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _tool_rows(report: Report, pg: PostgreSQL, hs: Synapse, workdir: Path, rss_at: int,
+               configs: dict[int, Path]) -> None:
+    """Each tool's peak RSS at ``rss_at`` rows: on a store that matches the index, and the
+    two cases whose reports grow with the problems found: ``scrub`` on a store that lost
+    every object, ``gc``'s dry run with every path to remove. ``B7_COMPARE_ROOT`` (another
+    checkout, e.g. main's worktree) adds its tools' figures side by side."""
+    began = time.perf_counter()
+    objects = _sparse_objects(pg, f"b7_{rss_at}", workdir / "blobs")
+    print(f"   B7 {objects:,} sparse objects written in {time.perf_counter() - began:.0f}s", flush=True)
+    empty = workdir / "empty-blobs"
+    empty.mkdir(exist_ok=True)
+    missing = _config_copy(hs, workdir / "homeserver-missing.yaml", f"b7_{rss_at}", empty)
+    _orphaned_copy(pg, f"b7_{rss_at}", "b7_orphaned")
+    orphaned = _config_copy(hs, workdir / "homeserver-orphaned.yaml", "b7_orphaned", workdir / "blobs")
+    runs: list[tuple[str, Path, list[str]]] = [
+        (f"{' '.join(args)} at {rss_at:,}", configs[rss_at], args)
+        for args in (["stats"], ["gc"], ["scrub"], ["migrate", "--dry-run"])
+    ]
+    runs += [
+        (f"scrub at {rss_at:,}, every object missing", missing, ["scrub"]),
+        (f"gc at {rss_at:,}, every path orphaned", orphaned, ["gc"]),
+        # Also what the removed paths leave unreferenced (a join in the database); not
+        # compared: before, three queries per content (minutes at 10^6).
+        (f"gc --grace 0s at {rss_at:,}, every path orphaned", orphaned, ["gc", "--grace", "0s"]),
+    ]
+    roots = [("", REPO_ROOT)]
+    if os.environ.get("B7_COMPARE_ROOT"):
+        compare = Path(os.environ["B7_COMPARE_ROOT"])
+        roots.append((f" ({compare.name})", compare))
+    for label, config, args in runs:
+        for suffix, root in roots if "--grace" not in args else roots[:1]:
+            mib, seconds, answer = _tool_rss(hs, config, *args, root=root)
+            # What the run found: problems (scrub) or paths it would remove (gc).
+            found = answer.get("missing", answer.get("paths_removed"))
+            if "--grace" in args:
+                found = f"{found} paths, {answer['objects_deleted']} objects"
+            print(f"   B7 {label}{suffix}: {mib:.0f} MiB, {seconds:.1f}s, found {found}", flush=True)
+            report.add(
+                "B7", label + suffix, "peak RSS",
+                goal=f"<= {RSS_GOAL_MIB} MiB", met=mib <= RSS_GOAL_MIB,
+                **{"RSS MiB": f"{mib:.0f}", "seconds": f"{seconds:.1f}",
+                   **({} if found is None else {"found": str(found)})},
+            )
 
 
 def run(report: Report, workdir: Path, quick: bool = False) -> None:
@@ -328,6 +409,11 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
     if os.environ.get("B7_SIZES"):  # e.g. B7_SIZES=10000,1000000 for a shorter full run
         sizes = [int(n) for n in os.environ["B7_SIZES"].split(",")]
     rss_at = RSS_AT if RSS_AT in sizes else sizes[0]
+    # B7_RSS_ONLY=1: load only that size and measure only the tools' RSS (the lookups
+    # and stats rows take the longest).
+    rss_only = bool(os.environ.get("B7_RSS_ONLY"))
+    if rss_only:
+        sizes = [rss_at]
     rounds, batches = (200, 5) if quick else (1000, 20)
     if not Path("/usr/bin/time").exists():
         raise RuntimeError("/usr/bin/time is needed (Debian: time)")
@@ -370,6 +456,13 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
             configs[size] = workdir / f"homeserver-{size}.yaml"
             configs[size].write_text(yaml.safe_dump(config))
 
+        if rss_only:
+            for db in dbs.values():
+                db.close()
+            dbs.clear()  # a database is copied only without connections
+            _tool_rows(report, pg, hs, workdir, rss_at, configs)
+            report.note("B7", NOTE)
+            return
         # Side by side: every round runs each operation once on every size in turn.
         rng = random.Random(7)
         deleted: dict[int, set[int]] = {size: set() for size in sizes}
@@ -437,16 +530,10 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
                    "MiB per 10^6 media": f"{sum(on_disk.values()) / size * 1_000_000 / 2**20:.0f}"},
             )
             dbs[size].commit()
-        began = time.perf_counter()
-        objects = _sparse_objects(pg, f"b7_{rss_at}", workdir / "blobs")
-        print(f"   B7 {objects:,} sparse objects written in {time.perf_counter() - began:.0f}s", flush=True)
-        for args in (["stats"], ["gc"], ["scrub"], ["migrate", "--dry-run"]):
-            mib, seconds = _tool_rss(hs, configs[rss_at], *args)
-            report.add(
-                "B7", f"{' '.join(args)} at {rss_at:,}", "peak RSS",
-                goal=f"<= {RSS_GOAL_MIB} MiB", met=mib <= RSS_GOAL_MIB,
-                **{"RSS MiB": f"{mib:.0f}", "seconds": f"{seconds:.1f}"},
-            )
+        for db in dbs.values():
+            db.close()
+        dbs.clear()  # a database is copied only without connections
+        _tool_rows(report, pg, hs, workdir, rss_at, configs)
         report.note("B7", NOTE)
     finally:
         for db in dbs.values():
@@ -479,5 +566,7 @@ NOTE = (
     "RSS: `/usr/bin/time -v` of the command-line tool against the 10^6 database, file "
     "backend holding a sparse object of the right length for every stored blob (a store "
     "that matches the index) and an empty media store (`migrate --dry-run` has nothing to "
-    "walk)."
+    "walk); then `scrub` against an empty directory (every stored blob missing: as many "
+    "problems as objects) and the dry-run `gc` against a copy of the database whose media "
+    "rows were all deleted without tombstones (every path an orphan to remove)."
 )

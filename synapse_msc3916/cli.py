@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from synapse_msc3916.homeserver_config import ToolError
+from synapse_msc3916.homeserver_config import ToolError, connection_errors
 
 COMMAND_MODULES = (
     "synapse_msc3916.freeze_report",
@@ -48,6 +48,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ToolError as e:
         message = " ".join(str(e).split())  # one line, even for multi-line causes (YAML)
         print(f"synapse-msc3916 {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    except connection_errors() as e:
+        # A database restart or failover mid-run: the run's checkpoints are committed,
+        # so the answer is to run it again, not a traceback.
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(
+            f"synapse-msc3916 {args.command}: error: lost the database connection ({message});"
+            " progress up to the last checkpoint is kept: run the command again to resume",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print(f"synapse-msc3916 {args.command}: interrupted", file=sys.stderr)

@@ -14,6 +14,8 @@ from typing import Any
 import attr
 from synapse.module_api.errors import ConfigError
 
+from synapse_msc3916.storage.parallel import DEFAULT_JOBS
+
 MXC_RE = re.compile(r"^mxc://([^/]+)/([A-Za-z0-9_\-]+)$")
 
 
@@ -269,6 +271,14 @@ class RedirectConfig:
 DEFAULT_STALL_TIMEOUT_MS = 90_000
 
 
+def _delete_jobs(block: Mapping[str, Any], backend: str) -> int:
+    """``delete_jobs``: how many batches the deletion job deletes at once; by default as
+    many as the tools' ``--jobs`` on that backend."""
+    jobs = _int(block, "delete_jobs", DEFAULT_JOBS[backend], minimum=1, maximum=256)
+    assert jobs is not None
+    return jobs
+
+
 def _stall_timeout(block: Mapping[str, Any]) -> int:
     """``stall_timeout``: how long a streamed download may go without the client taking
     bytes before its connection is dropped (never a limit on the download's length)."""
@@ -281,7 +291,9 @@ def _stall_timeout(block: Mapping[str, Any]) -> int:
     return ms
 
 
-_DIRECTORY_KEYS = {"backend", "directory", "redirect", "delete_after", "stall_timeout"}
+_DIRECTORY_KEYS = {
+    "backend", "directory", "redirect", "delete_after", "delete_jobs", "stall_timeout"
+}
 _S3_KEYS = {
     "bucket",
     "prefix",
@@ -300,6 +312,7 @@ _S3_KEYS = {
     "legacy_prefix",
     "redirect",
     "delete_after",
+    "delete_jobs",
     "stall_timeout",
     # accepted for drop-in compatibility with synapse-s3-storage-provider
     "request_checksum_calculation",
@@ -343,6 +356,8 @@ class StorageConfig:
     redirect: RedirectConfig = attr.ib(factory=RedirectConfig)
     # How long after the last reference goes an object is deleted; None: only by gc.
     delete_after_ms: int | None = DEFAULT_DELETE_AFTER_MS
+    # Batches of objects the deletion job deletes at once (the tools' ``--jobs``).
+    delete_jobs: int = attr.ib(default=DEFAULT_JOBS["file"], validator=attr.validators.ge(1))
     # A streamed download whose client takes no bytes for this long is dropped.
     stall_timeout_ms: int = DEFAULT_STALL_TIMEOUT_MS
 
@@ -369,6 +384,7 @@ class StorageConfig:
                 backend="file",
                 directory=directory,
                 delete_after_ms=_delete_after(block),
+                delete_jobs=_delete_jobs(block, "file"),
                 stall_timeout_ms=_stall_timeout(block),
             )
 
@@ -434,5 +450,6 @@ class StorageConfig:
             response_checksum_validation=checksums["response_checksum_validation"],
             redirect=redirect,
             delete_after_ms=_delete_after(block),
+            delete_jobs=_delete_jobs(block, "s3"),
             stall_timeout_ms=_stall_timeout(block),
         )

@@ -77,6 +77,22 @@ class Database:
         self.conn.close()
 
 
+def connection_errors() -> tuple[type[BaseException], ...]:
+    """The drivers' errors for a connection that broke or a database that went away
+    (DB-API ``OperationalError`` and ``InterfaceError``): what a database restart does to
+    a running tool."""
+    import sqlite3
+
+    errors: list[type[BaseException]] = [sqlite3.OperationalError, sqlite3.InterfaceError]
+    try:
+        import psycopg2
+    except ImportError:  # a SQLite-only install
+        pass
+    else:
+        errors += [psycopg2.OperationalError, psycopg2.InterfaceError]
+    return tuple(errors)
+
+
 @contextmanager
 def open_database(config: dict[str, Any]) -> Iterator[Database]:
     database = connect(config)

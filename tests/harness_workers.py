@@ -53,6 +53,10 @@ class PostgreSQL:
             check=True, capture_output=True,
         )
         self.log = open(self.dir / "postgres.log", "ab")
+        self._launch()
+        return self
+
+    def _launch(self) -> None:
         self.proc = subprocess.Popen(
             self._as_user + [_pg_bin("postgres"), "-D", str(self.data), "-h", "127.0.0.1",
                              "-p", str(self.port), "-k", str(self.dir), "-c", "fsync=off",
@@ -62,7 +66,17 @@ class PostgreSQL:
             start_new_session=True,
         )
         wait_for(self._ready, 60, "postgresql", self.proc)
-        return self
+
+    def restart(self) -> None:
+        """A fast shutdown, which cuts every client's connection (as a crash, a failover
+        or an upgrade does), then a start on the same port and data."""
+        assert self.proc is not None
+        subprocess.run(
+            self._as_user + [_pg_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"],
+            check=True, capture_output=True,
+        )
+        self.proc.wait(30)
+        self._launch()
 
     def connect(self, dbname: str = "postgres") -> Any:
         import psycopg2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -146,3 +147,13 @@ class AwsCorsSeaweedFS(SignedSeaweedFS):
 
     NO_ORIGIN = "https://no-bucket-cors-rule.invalid"
     more_args = [f"-s3.allowedOrigins={NO_ORIGIN}"]
+
+
+def noise_png(width: int, height: int) -> bytes:
+    """A PNG of random pixels: it does not compress, so its size is about w x h x 3 bytes
+    (big enough to be redirected, and every one is distinct content)."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.frombytes("RGB", (width, height), os.urandom(width * height * 3)).save(out, "PNG")
+    return out.getvalue()

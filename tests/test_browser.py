@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from tests.harness import TOPOLOGY, SeaweedFS, Synapse, wait_for
-from tests.storage_helpers import AwsCorsSeaweedFS, provider_entry, run_tool, s3_config
+from tests.storage_helpers import AwsCorsSeaweedFS, noise_png, provider_entry, run_tool, s3_config
 from tests.web_client import RecordingProxy, StaticSite, cors_problem
 
 pytestmark = pytest.mark.skipif(
@@ -58,16 +58,6 @@ def set_cors(s3: SeaweedFS, *rules: dict[str, Any]) -> None:
         client.put_bucket_cors(Bucket=BUCKET, CORSConfiguration={"CORSRules": list(rules)})
     else:
         client.delete_bucket_cors(Bucket=BUCKET)
-
-
-def noise_png(width: int, height: int) -> bytes:
-    import io
-
-    from PIL import Image
-
-    out = io.BytesIO()
-    Image.frombytes("RGB", (width, height), os.urandom(width * height * 3)).save(out, "PNG")
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -387,7 +387,8 @@ def test_a_stalled_deletion_never_loses_an_upload_that_took_its_mark_over(
       pool's queue longer than a mark is honoured). Before the fix the upload took the
       mark over and rewrote the object, the stale delete then removed it and
       ``finish_deleting`` set ``stored = 0``: the acknowledged upload was lost.
-    * ``finish``: between the delete and ``finish_deleting``; the upload rewrote the
+    * ``finish``: between the delete and ``finish_deleting`` (the settling
+      transaction of the batch); the upload rewrote the
       deleted object. Before the fix the row was set to ``stored = 0`` although the
       object is there: the upload's path unreadable.
     * ``landing``: the delete lands after the upload rewrote the object (it was in
@@ -435,11 +436,16 @@ def test_a_stalled_deletion_never_loses_an_upload_that_took_its_mark_over(
             store.delete(sha256)
             seen["deletes"] += 1
 
+        def delete_many(self, sha256s: list[str]) -> dict[str, str]:
+            for sha256 in sha256s:
+                self.delete(sha256)
+            return {}
+
         def stat(self, sha256: str) -> int | None:
             return store.stat(sha256)
 
     async def db(desc: str, func: Any, *args: Any) -> Any:
-        if desc == "finish_deleting" and stall == "finish":
+        if desc == "settle_deleting" and stall == "finish":
             assert seen["deletes"] == 1 and store.stat(CSHA) is None
             age_the_mark()
             upload_arrives()

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from synapse_msc3916.storage.blobstore import blob_name
 from tests.harness import SeaweedFS, Synapse, request
-from tests.storage_helpers import provider_entry, s3_config, wipe_local_media
+from tests.storage_helpers import png, provider_entry, s3_config, wipe_local_media
 from tests.test_storage_s3 import index_rows, run_tool, sha
 
 
@@ -64,3 +64,48 @@ def test_remote_media_is_stored_once_and_served_when_origin_is_down(
     assert report["paths_removed"] == 1 and report["deleted"] == []
     assert index_rows(b, "media_origin IS NOT NULL") == []
     assert seaweedfs.list_keys(bucket) == [blob_name(sha(data))]
+
+
+def test_remote_media_cached_before_the_provider_is_migrated_and_served(
+    synapse_factory: Callable[..., Synapse], seaweedfs: SeaweedFS
+) -> None:
+    """``migrate`` of a media store holding remote media and thumbnails that B cached
+    before it had the provider: matched to Synapse's remote rows by filesystem_id (read
+    in pages, ``tools.SynapseRows``), stored, and served by B with the origin gone."""
+    bucket = "migrate-remote"
+    seaweedfs.create_bucket(bucket)
+    a = synapse_factory(name="origin", tls=True).start()
+    b = synapse_factory(name="cache", tls=True).start()
+    alice, bob = a.register("alice"), b.register("bob")
+    files = {a.upload(alice, os.urandom(30_000 + n)): None for n in range(5)}
+    image = png(320, 240, (10, 120, 200))
+    image_id = a.upload(alice, image, "image/png")
+    thumb_path = f"/_matrix/client/v1/media/thumbnail/{a.server_name}/{image_id}?width=32&height=32&method=scale"
+    for media_id in [*files, image_id]:
+        got = b.get(f"/_matrix/client/v1/media/download/{a.server_name}/{media_id}", bob)
+        assert got.status == 200, got
+        files[media_id] = got.body
+    thumb = b.get(thumb_path, bob)
+    assert thumb.status == 200 and thumb.body, thumb
+
+    b.stop()
+    b.config["media_storage_providers"] = [
+        provider_entry(s3_config(seaweedfs, bucket, delete_after=None))
+    ]
+    b.write_config()
+    b.start()
+    result = run_tool(b, "migrate", "--min-age", "0s", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["skipped_incomplete"] == 0, report
+    paths = [r[0] for r in index_rows(b, "media_origin = ?", (a.server_name,))]
+    assert len([p for p in paths if p.startswith("remote_content/")]) == 6, paths
+    assert any(p.startswith("remote_thumbnail/") for p in paths), paths
+
+    a.stop()
+    wipe_local_media(b)
+    for media_id, data in files.items():
+        got = b.get(f"/_matrix/client/v1/media/download/{a.server_name}/{media_id}", bob)
+        assert got.status == 200 and got.body == data, media_id
+    again = b.get(thumb_path, bob)
+    assert again.status == 200 and again.body == thumb.body

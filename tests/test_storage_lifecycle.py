@@ -10,6 +10,7 @@ import os
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from synapse_msc3916.storage.blobstore import blob_name
 from tests.harness import TOPOLOGY, SeaweedFS, Synapse, request, wait_for
 from tests.storage_helpers import download, png, provider_entry, s3_config, thumbnail, wipe_local_media
 from tests.test_storage_s3 import index_rows, sha
+from tests.web_client import RecordingProxy
 
 DEADLINE = 60.0  # delete_after (0 s) + 60 s, as promised
 
@@ -291,3 +293,74 @@ def test_purge_media_cache_is_followed_into_the_bucket(
     again = b.get(f"/_matrix/client/v1/media/download/{a.server_name}/{r2}", bob)
     assert again.status == 200 and again.body == remote_only
     wait_for(lambda: blob_name(sha(remote_only)) in seaweedfs.list_keys(bucket), 10, "re-stored")
+
+
+def test_a_mass_deletion_is_deleted_in_batches_and_spares_every_live_object(
+    synapse_factory: Callable[..., Synapse], seaweedfs: SeaweedFS
+) -> None:
+    """A user's 300 media deleted at once: the job deletes their objects many at a time
+    (``DeleteObjects`` calls carrying many keys, several batches of ``delete_jobs``),
+    never an object another user's media still names (100 of the 300 contents were
+    uploaded again by alice).
+
+    Before the batches (one ``DeleteObject`` per key) this failed with
+    ``AssertionError: single-key DELETEs: 200 (DeleteObjects calls: [])``.
+    """
+    bucket = "lifecycle-mass"
+    seaweedfs.create_bucket(bucket)
+    proxy = RecordingProxy(seaweedfs.endpoint_url).start()
+    try:
+        config = s3_config(seaweedfs, bucket, delete_after="0s", delete_jobs=4)
+        config["endpoint_url"] = proxy.url
+        hs = synapse_factory(storage_providers=[provider_entry(config)]).start()
+        admin = hs.register("admin", admin=True)
+        bob, alice = hs.register("bob"), hs.register("alice")
+        contents = [os.urandom(1000 + i) for i in range(300)]
+        for content in contents:
+            hs.upload(bob, content)
+        kept = [(hs.upload(alice, c), c) for c in contents[:100]]
+        assert len(seaweedfs.list_keys(bucket)) == 300
+        deleted_before = hs.metric_value("synapse_msc3916_storage_objects_deleted_total")
+        mark = len(proxy.seen())
+
+        media = _admin(
+            hs, "DELETE", f"/_synapse/admin/v1/users/@bob:{hs.server_name}/media?limit=1000", admin
+        )
+        assert media["total"] == 300
+        _wait_gone(seaweedfs, bucket, {sha(c) for c in contents[100:]})
+        seen = proxy.seen()[mark:]
+        batches = [s.keys for s in seen if s.method == "POST" and "delete" in s.path.split("?")[-1]]
+        singles = [s for s in seen if s.method == "DELETE"]
+        assert not singles, f"single-key DELETEs: {len(singles)} (DeleteObjects calls: {batches})"
+        assert sum(batches) == 200, batches
+        # Many keys a call: a few calls per tick (up to delete_jobs at once), not one per key.
+        assert len(batches) <= 40 and max(batches) >= 10, batches
+        assert hs.metric_value("synapse_msc3916_storage_objects_deleted_total") - deleted_before == 200
+
+        # Every content a path still names is in the bucket and readable.
+        assert sorted(seaweedfs.list_keys(bucket)) == sorted(blob_name(sha(c)) for _, c in kept)
+        named = {r[1] for r in index_rows(hs)}
+        assert {blob_name(s) for s in named} == set(seaweedfs.list_keys(bucket))
+        wipe_local_media(hs)
+        for media_id, content in kept:
+            resp = download(hs, alice, media_id)
+            assert resp.status == 200 and resp.body == content, media_id
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.single_process  # generic_worker prints only "Failed to parse config for module"
+def test_a_bad_delete_jobs_stops_synapse_naming_the_key(
+    synapse_factory: Callable[..., Synapse], tmp_path: Path
+) -> None:
+    """Before ``delete_jobs`` existed the key was refused as unknown:
+    ``AssertionError: ['    synapse_msc3916: delete_jobs: unknown option (known: backend,
+    delete_after, directory, redirect, stall_timeout)']``."""
+    for bad in (0, "many"):
+        hs = synapse_factory(storage_providers=[provider_entry(
+            {"backend": "file", "directory": str(tmp_path / "blobs"), "delete_jobs": bad}
+        )])
+        code, output = hs.start_expecting_failure()
+        assert code != 0
+        lines = [line for line in output.splitlines() if "synapse_msc3916: delete_jobs:" in line]
+        assert len(lines) == 1 and "must be " in lines[0], lines or output[-2000:]

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from synapse_msc3916.config import StorageConfig
+from synapse_msc3916.config import ConfigError, StorageConfig
 from synapse_msc3916.storage import index
 from synapse_msc3916.synapse_adapter import media_deletions
 from tests.test_storage_unit import SqliteTxn
@@ -157,9 +157,10 @@ def test_gc_dry_run_counts_what_apply_does_without_writing(txn: SqliteTxn) -> No
         return out
 
     before = snapshot()
-    stats: dict[str, Any] = {"paths_removed": 0, "objects_deleted": 0, "bytes_freed": 0}
-    deleted: list[str] = []
-    tools._gc_dry_run(Database(txn.conn, "sqlite"), now, now, 0, stats, deleted)
+    stats: dict[str, Any] = {"paths_removed": 0, "objects_deleted": 0, "bytes_freed": 0,
+                             "deleted": []}
+    tools._gc_dry_run(Database(txn.conn, "sqlite"), now, now, 0, stats)
+    deleted = stats["deleted"]
     assert snapshot() == before
     assert stats["paths_removed"] == 2 and sorted(deleted) == [SHA_A, sha_c, sha_d]
 
@@ -218,3 +219,20 @@ def test_v1_triggers_are_replaced(txn: SqliteTxn) -> None:
     assert [r[0] for r in txn.fetchall()] == sorted(
         media_deletions.trigger_name(t) for t, *_ in media_deletions.MEDIA_TABLES
     )
+
+
+def test_delete_jobs_parsing() -> None:
+    """``delete_jobs``: batches the deletion job deletes at once; by default the tools'
+    ``--jobs`` default for the backend. Before it existed:
+    ``AttributeError: 'StorageConfig' object has no attribute 'delete_jobs'``."""
+    file = {"backend": "file", "directory": "/tmp/x"}
+    s3 = {"backend": "s3", "bucket": "media"}
+    assert StorageConfig.parse(file).delete_jobs == 4
+    assert StorageConfig.parse(s3).delete_jobs == 16
+    assert StorageConfig.parse({**s3, "delete_jobs": 1}).delete_jobs == 1
+    assert StorageConfig.parse({**file, "delete_jobs": 32}).delete_jobs == 32
+    assert StorageConfig.parse({**s3, "delete_jobs": None}).delete_jobs == 16
+    for bad in (0, -3, "many", True, 1.5, 10_000):
+        for base in (file, s3):
+            with pytest.raises(ConfigError, match="^synapse_msc3916: delete_jobs: must be "):
+                StorageConfig.parse({**base, "delete_jobs": bad})

@@ -13,18 +13,16 @@ from synapse_msc3916.homeserver_config import Database
 from synapse_msc3916.storage import index
 from synapse_msc3916.storage.blobstore import blob_name
 from tests.harness import SeaweedFS, Synapse, request, wait_for
-from tests.harness_workers import PostgreSQL
+from tests.harness_workers import PostgreSQL, postgres_for_module
 from tests.storage_helpers import download, provider_entry, s3_config, wipe_local_media
 from tests.test_storage_s3 import run_tool, sha
 
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgreSQL]:
-    server = PostgreSQL()
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+    """The workers topology's server when there is one, else one of this module's own."""
+    with postgres_for_module() as server:
+        yield server
 
 
 def test_many_processes_creating_the_schema_at_once(postgres: PostgreSQL) -> None:

@@ -25,6 +25,7 @@ from synapse_msc3916.storage.redirect import Served, SignedUrls, decide, request
 from tests.harness import TOPOLOGY, SeaweedFS, Synapse, make_synapse, request, wait_for
 from tests.storage_helpers import (
     SignedSeaweedFS,
+    noise_png,
     provider_entry,
     s3_config,
     sha,
@@ -69,16 +70,6 @@ def hs(tmp_path_factory: pytest.TempPathFactory, s3: SeaweedFS) -> Iterator[Syna
         yield server
     finally:
         server.stop()
-
-
-def noise_png(width: int, height: int) -> bytes:
-    import io
-
-    from PIL import Image
-
-    out = io.BytesIO()
-    Image.frombytes("RGB", (width, height), os.urandom(width * height * 3)).save(out, "PNG")
-    return out.getvalue()
 
 
 def follow(location: str) -> tuple[int, dict[str, str], bytes]:

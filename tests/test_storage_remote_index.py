@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.harness import Synapse, request, wait_for
-from tests.harness_workers import PostgreSQL
+from tests.harness_workers import PostgreSQL, postgres_for_module
 from tests.storage_helpers import provider_entry
 
 FILLER = 20_000  # cached media of the same origin: enough for the planner to want an index
@@ -29,11 +29,9 @@ _LOG_ENTRY = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", re.M)
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgreSQL]:
-    server = PostgreSQL()
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+    """The workers topology's server when there is one, else one of this module's own."""
+    with postgres_for_module() as server:
+        yield server
 
 
 def _statements(log: Path) -> list[str]:

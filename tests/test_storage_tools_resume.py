@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from synapse_msc3916.storage import index
@@ -103,8 +104,11 @@ def test_migrate_killed_at_random_points_resumes_and_never_loses_a_source(
 
     kills, stderr = 0, ""
     for seed in SEEDS:
+        # Paced: server-side copies are so quick that four workers reached the kill
+        # point before the coordinating thread had checkpointed the first object done
+        # (no run then resumed: every kill landed before any checkpoint).
         result = tool(hs, "migrate", "--from-legacy-prefix", "--jobs", "4", "--json",
-                      kill_at=random.Random(seed).randint(12, 24))
+                      "--max-rate", "50", kill_at=random.Random(seed).randint(12, 24))
         kills += killed(result)
         stderr += result.stderr
         assert killed(result) or result.returncode == 0, result.stderr
@@ -283,3 +287,133 @@ def test_a_second_run_refuses_while_one_runs_and_max_rate_holds(
     report = json.loads(limited.stdout)
     assert report["checked"] == 200 and report["resumed_from"] is None
     assert 80 <= report["objects_per_second"] <= 120, report
+
+
+def _insert_rows(hs: Synapse, table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
+    """Rows written by SQL, 100 to a statement (fast in both topologies)."""
+    marks = "(" + ", ".join("?" * len(columns)) + ")"
+    for start in range(0, len(rows), 100):
+        chunk = rows[start:start + 100]
+        hs.sql(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+            + ", ".join([marks] * len(chunk)),
+            tuple(v for row in chunk for v in row),
+        )
+
+
+def test_scrub_resumed_after_a_kill_reports_and_exits_for_the_whole_run(
+    synapse_factory: Callable[..., Synapse], seaweedfs: SeaweedFS
+) -> None:
+    """Problems found before a SIGKILL are in the resumed run's ``broken`` list, counts
+    and exit code, and are listed again by it.
+
+    Before (lists were this process's only, not kept with the cursor): the resumed run
+    exited 1 with ``missing == 3`` but ``assert set() == {...}``: its ``broken`` was empty.
+    """
+    bucket = "resume-report"
+    seaweedfs.create_bucket(bucket)
+    hs = synapse_factory(storage_providers=[provider_entry(s3_config(seaweedfs, bucket))]).start()
+    assert tool(hs, "stats").returncode == 0  # creates the index tables
+    _insert_blobs(hs, seaweedfs, bucket, 40)
+    # The first three in hash order (what a scrub checks first) lose their objects.
+    lost = sorted(r[0] for r in hs.sql(f"SELECT sha256 FROM {index.BLOBS}"))[:3]
+    client = seaweedfs.client()
+    for sha256 in lost:
+        client.delete_object(Bucket=bucket, Key=blob_name(sha256))
+
+    env = {**hs.env(), "MSC3916_CHECKPOINT_SECONDS": "0"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "synapse_msc3916", "scrub", "--max-rate", "10", "--jobs", "1",
+         "--json", "-c", str(hs.config_path)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        # Wait until the run has checked (and checkpointed) more than the lost objects.
+        while time.monotonic() < deadline:
+            row: list[Any] = hs.sql(f"SELECT done FROM {index.TOOL_RUNS} WHERE tool = 'scrub'")
+            if row and row[0][0] >= 10:
+                break
+            assert first.poll() is None, "the first run ended before it was killed"
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the first scrub never got past its tenth object")
+        assert first.poll() is None  # killed half-way, not after its end
+    finally:
+        first.kill()
+        first.wait()
+    assert first.returncode == -signal.SIGKILL
+
+    resumed = tool(hs, "scrub", "--json")
+    assert resumed.returncode == 1, resumed.stderr  # still broken: the exit code says so
+    report = json.loads(resumed.stdout)
+    assert report["resumed_from"] is not None, report
+    assert (report["checked"], report["missing"], report["still_broken"]) == (40, 3, 3), report
+    assert {b["sha256"] for b in report["broken"]} == set(lost)
+    assert report["broken_truncated"] is False
+    assert resumed.stderr.count("(found before the resume)") == 3, resumed.stderr
+
+    # A run from the beginning finds the same.
+    fresh = tool(hs, "scrub", "--json", "--restart")
+    assert fresh.returncode == 1
+    again = json.loads(fresh.stdout)
+    assert again["resumed_from"] is None and {b["sha256"] for b in again["broken"]} == set(lost)
+
+
+def test_scrub_and_gc_list_the_first_100_and_count_everything(
+    synapse_factory: Callable[..., Synapse], tmp_path: Path
+) -> None:
+    """More problems and deletions than the reports list: the lists stop at 100 (and say
+    so), the counts are exact, and scrub prints every problem as it finds it.
+
+    Before (every problem and every deleted hash in memory until the end; 475 MiB at 10^6
+    missing objects): ``assert 250 == 100`` on the length of scrub's ``broken``.
+    """
+    listed = 100  # tools.EXAMPLES
+    store = tmp_path / "blobs"
+    hs = synapse_factory(
+        storage_providers=[provider_entry({"backend": "file", "directory": str(store)})]
+    ).start()
+    assert tool(hs, "stats").returncode == 0  # creates the index tables
+    old = int(time.time() * 1000) - 2 * 24 * 3600 * 1000
+    # 250 blob rows that say "stored", no object behind them, nothing referencing them.
+    missing = [sha(b"missing %d" % n) for n in range(250)]
+    _insert_rows(hs, index.BLOBS, ("sha256", "length", "stored", "corrupt", "created_ts",
+                                   "last_ref_ts"), [(s, 10, 1, 0, old, old) for s in missing])
+
+    scrub = tool(hs, "scrub", "--json")
+    assert scrub.returncode == 1, scrub.stderr
+    report = json.loads(scrub.stdout)
+    assert len(report["broken"]) == listed
+    assert report["broken_truncated"] is True
+    assert (report["checked"], report["missing"], report["still_broken"]) == (250, 250, 250)
+    # Every problem printed as found (on stderr: stdout is the JSON document).
+    assert scrub.stderr.count("missing: ") == 250, scrub.stderr[-2000:]
+    text = tool(hs, "scrub", "--restart")
+    assert text.returncode == 1 and text.stdout.count("missing: ") == 250
+
+    dry = json.loads(tool(hs, "gc", "--json").stdout)
+    assert (dry["objects_deleted"], len(dry["deleted"]), dry["deleted_truncated"]) == (250, listed, True)
+    assert dry["deleted"] == sorted(missing)[:listed]  # the first, in hash order
+
+    # 150 paths Synapse has no media row for (indexed two days ago), each the only
+    # path of its content: gc removes them, which leaves their contents unreferenced.
+    orphans = [sha(b"orphan %d" % n) for n in range(150)]
+    _insert_rows(hs, index.BLOBS, ("sha256", "length", "stored", "corrupt", "created_ts",
+                                   "last_ref_ts"), [(s, 10, 1, 0, old, old) for s in orphans])
+    _insert_rows(hs, index.PATHS, ("path", "sha256", "length", "file_id", "created_ts"), [
+        (f"local_content/or/ph/an{n:04d}", s, 10, f"orphan{n:04d}", old)
+        for n, s in enumerate(orphans)
+    ])
+    dry = json.loads(tool(hs, "gc", "--json").stdout)
+    assert (dry["paths_removed"], dry["objects_deleted"]) == (150, 250), dry
+    dry = json.loads(tool(hs, "gc", "--grace", "0s", "--json").stdout)
+    assert (dry["paths_removed"], dry["objects_deleted"]) == (150, 400), dry
+    assert dry["deleted"] == sorted(missing + orphans)[:listed] and dry["deleted_truncated"]
+
+    applied = tool(hs, "gc", "--grace", "0s", "--apply", "--json")
+    assert applied.returncode == 0, applied.stderr
+    done = json.loads(applied.stdout)
+    assert (done["paths_removed"], done["objects_deleted"]) == (150, 400), done
+    assert len(done["deleted"]) == listed and done["deleted_truncated"] is True
+    assert hs.sql(f"SELECT COUNT(*) FROM {index.BLOBS}") == [(0,)]

@@ -435,8 +435,8 @@ def test_file_blobstore_delete_failure_is_a_storage_error(tmp_path: Path) -> Non
 
 
 def test_migrate_reads_remote_rows_once_per_origin() -> None:
-    """Remote files are matched to Synapse's rows by filesystem_id from one read of the
-    origin's rows (no per-file scan); local ones by media_id."""
+    """Remote files are matched to Synapse's rows by filesystem_id from one read of a
+    page of the origin's rows (no per-file scan); local ones by media_id."""
     from synapse_msc3916.homeserver_config import Database
     from synapse_msc3916.storage.tools import SynapseRows
 
@@ -460,21 +460,22 @@ def test_migrate_reads_remote_rows_once_per_origin() -> None:
     )
     statements: list[str] = []
     conn.set_trace_callback(statements.append)
-    rows = SynapseRows(Database(conn, "sqlite"), True)
+    db = Database(conn, "sqlite")
+    rows = SynapseRows(True)
     thumb = ("image/png", "crop")
-    assert rows.length(index.MediaRef(None, "m1")) == 10
-    assert rows.sha256(index.MediaRef(None, "m1")) == ("aa", 10)
-    assert rows.length(index.MediaRef(None, "m1", 32, 32, *thumb)) == 5
-    assert rows.length(index.MediaRef(None, "m1", 64, 64, *thumb)) is None
+    assert rows.length(db, index.MediaRef(None, "m1")) == 10
+    assert rows.sha256(db, index.MediaRef(None, "m1")) == ("aa", 10)
+    assert rows.length(db, index.MediaRef(None, "m1", 32, 32, *thumb)) == 5
+    assert rows.length(db, index.MediaRef(None, "m1", 64, 64, *thumb)) is None
     statements.clear()
-    assert rows.length(index.MediaRef("a", "f1")) == 20
-    assert rows.sha256(index.MediaRef("a", "f1")) == ("bb", 20)
-    assert rows.length(index.MediaRef("a", "nope")) is None
+    assert rows.length(db, index.MediaRef("a", "f1")) == 20
+    assert rows.sha256(db, index.MediaRef("a", "f1")) == ("bb", 20)
+    assert rows.length(db, index.MediaRef("a", "nope")) is None
     assert len([s for s in statements if "remote_media_cache" in s]) == 1  # one read of 'a'
-    assert rows.length(index.MediaRef("a", "f1", 32, 32, *thumb)) == 7
-    assert rows.length(index.MediaRef("b", "f1")) == 21
-    assert rows.sha256(index.MediaRef("b", "f1")) is None
-    assert rows.sha256(index.MediaRef("b", "f1", 32, 32, *thumb)) is None
+    assert rows.length(db, index.MediaRef("a", "f1", 32, 32, *thumb)) == 7
+    assert rows.length(db, index.MediaRef("b", "f1")) == 21
+    assert rows.sha256(db, index.MediaRef("b", "f1")) is None
+    assert rows.sha256(db, index.MediaRef("b", "f1", 32, 32, *thumb)) is None
 
 
 def test_running_totals_equal_a_recount_on_sqlite(txn: SqliteTxn) -> None:
@@ -549,3 +550,68 @@ def test_responder_reads_nothing_for_a_head_request() -> None:
     responder = _responder(reader, hashlib.sha256(data).hexdigest(), corrupt)
     done = defer.ensureDeferred(_wrap(responder.write_to_consumer(consumer)))
     assert done.called and reader.reads == 0 and consumer.chunks == [] and not corrupt
+
+
+def test_remote_rows_are_read_in_pages_and_never_all_held() -> None:
+    """``migrate``'s view of Synapse's remote rows: every lookup answers as the whole table
+    would, while at most two pages are held, however many rows the origin has.
+
+    Before, each worker read all of an origin's rows at once (``remote_rows_txn``):
+    0.3-0.4 KiB a media, gigabytes for 10^6 media of one origin across 16 workers; this
+    test's ``rows_held`` was then the whole origin (AttributeError on old code: no pages).
+    """
+    import random
+
+    from synapse_msc3916.homeserver_config import Database
+    from synapse_msc3916.storage.tools import SynapseRows
+
+    conn = sqlite3.connect(":memory:", check_same_thread=False)
+    conn.executescript(
+        "CREATE TABLE remote_media_cache (media_origin TEXT, media_id TEXT,"
+        " filesystem_id TEXT, media_length INTEGER, sha256 TEXT);"
+        "CREATE TABLE remote_media_cache_thumbnails (media_origin TEXT, media_id TEXT,"
+        " filesystem_id TEXT, thumbnail_width INTEGER, thumbnail_height INTEGER,"
+        " thumbnail_type TEXT, thumbnail_method TEXT, thumbnail_length INTEGER);"
+    )
+    rng = random.Random(5)
+    fids = sorted({"".join(rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJ") for _ in range(24))
+                   for _ in range(300)})
+    media = {fid: (rng.randint(1, 10**6), hashlib.sha256(fid.encode()).hexdigest()) for fid in fids}
+    for origin in ("a.example", "b.example"):  # a second origin's rows must never answer
+        for fid, (length, sha) in media.items():
+            conn.execute("INSERT INTO remote_media_cache VALUES (?, ?, ?, ?, ?)",
+                         (origin, "m" + fid, fid, length if origin == "a.example" else 1, sha))
+    thumbs: dict[tuple[Any, ...], int] = {}
+    for n, fid in enumerate(fids):
+        # One media with more thumbnails than a page holds, the others with 0-2.
+        for t in range(12 if n == 40 else n % 3):
+            key = (fid, 32 * (t + 1), 32, "image/png", "scale")
+            thumbs[key] = rng.randint(1, 5000)
+            conn.execute("INSERT INTO remote_media_cache_thumbnails VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         ("a.example", "m" + fid, *key, thumbs[key]))
+    conn.commit()
+    db = Database(conn, "sqlite")
+    page = 10
+    rows = SynapseRows(True, page_size=page)
+
+    def ref(fid: str, thumb: tuple[Any, ...] | None = None) -> index.MediaRef:
+        if thumb is None:
+            return index.MediaRef("a.example", fid)
+        return index.MediaRef("a.example", fid, *thumb[1:])
+
+    # Files in listing order, with the jitter of 4 workers taking them in turns.
+    order = list(fids)
+    for i in range(0, len(order) - 3, 3):
+        order[i], order[i + 2] = order[i + 2], order[i]
+    most = 0
+    for fid in order:
+        assert rows.sha256(db, ref(fid)) == (media[fid][1], media[fid][0])
+        assert rows.length(db, ref(fid)) == media[fid][0]
+        most = max(most, rows.rows_held)
+    assert most <= 2 * page
+    assert rows.length(db, index.MediaRef("a.example", "zzzz-not-there")) is None
+    for key in sorted(thumbs):
+        assert rows.length(db, ref(key[0], key)) == thumbs[key], key
+        most = max(most, rows.rows_held)
+    assert most <= 12 + page  # the media with 12 thumbnails is a page of its own
+    assert rows.length(db, ref(fids[0], (fids[0], 1, 1, "image/png", "crop"))) is None

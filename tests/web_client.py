@@ -73,6 +73,7 @@ class Seen:
     authorization: str | None
     status: int
     allow_origin: str | None  # Access-Control-Allow-Origin of the answer
+    keys: int = 0  # keys named in the request body (a DeleteObjects call's batch)
 
     @property
     def presigned(self) -> bool:
@@ -149,6 +150,7 @@ class RecordingProxy:
                         self.command, self.path, self.headers.get("Origin"),
                         self.headers.get("Authorization"), resp.status,
                         resp.getheader("Access-Control-Allow-Origin"),
+                        (body or b"").count(b"<Key>"),
                     ))
                 self.send_response_only(resp.status, resp.reason)
                 for name, value in headers:

@@ -9,6 +9,8 @@ uploaders harmless.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import errno
 import hashlib
 import logging
@@ -24,6 +26,10 @@ import attr
 from synapse_msc3916.config import StorageConfig
 
 logger = logging.getLogger(__name__)
+
+
+class CopyUnsupported(Exception):
+    """The store refused ``CopyObject`` as not implemented (501 / ``NotImplemented``)."""
 
 
 class StorageUnavailable(Exception):
@@ -477,6 +483,68 @@ class S3BlobStore:
             raise
         except Exception as e:
             raise self._unavailable("PUT", e) from e
+
+    # CopyObject copies at most 5 GiB in one call (beyond, only UploadPartCopy can).
+    COPY_MAX_BYTES = 5 << 30
+
+    def copy_key_to_blob(
+        self, source_key: str, sha256: str, overwrite: bool = False
+    ) -> tuple[bool, str | None]:
+        """Server-side copy (``CopyObject``) of ``source_key`` in this bucket to blob
+        ``sha256``: (written, the copy's SHA-256 as S3 computed it, hex, or None).
+
+        The copy is unverified: the caller names it by the hash it expects and must check
+        it (the returned checksum, else a read-back) before trusting it. Conditional like
+        ``put_file`` (False: the blob existed, nothing written). The copy gets fresh
+        metadata (``REPLACE``: none of the legacy object's) and this store's storage
+        class, as a ``put_file`` would; under SSE-C the source is read with the same key
+        (synapse-s3-storage-provider encrypts with the key it is configured with, the
+        one ``legacy_prefix`` objects are read with). S3 returns a full-object SHA-256
+        only when the source is not a multipart object (a composite checksum ``…-N``, or
+        ``ChecksumType: COMPOSITE``, is not the hash of the bytes: None then); SeaweedFS
+        4.48 returns none at all. Raises ``CopyUnsupported`` on a 501.
+        """
+        from botocore.exceptions import ClientError
+
+        key = self.key(sha256)
+        extra: dict[str, Any] = {
+            "StorageClass": self.config.storage_class,
+            "MetadataDirective": "REPLACE",
+            "ChecksumAlgorithm": "SHA256",
+            **self._sse(),
+        }
+        if self.config.sse_customer_key:
+            extra["CopySourceSSECustomerKey"] = self.config.sse_customer_key
+            extra["CopySourceSSECustomerAlgorithm"] = self.config.sse_customer_algo
+        if not overwrite and not self._conditional and self.exists_key(key):
+            return False, None
+        if not overwrite and self._conditional:
+            extra["IfNoneMatch"] = "*"
+        try:
+            answer = self.client.copy_object(
+                Bucket=self.bucket,
+                Key=key,
+                CopySource={"Bucket": self.bucket, "Key": source_key},
+                **extra,
+            )
+        except ClientError as e:
+            code = self._code(e)
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False, None
+            if code in ("NotImplemented", "501"):
+                raise CopyUnsupported(f"S3 CopyObject on bucket {self.bucket!r}: {e}") from e
+            raise self._unavailable("CopyObject", e) from e
+        except Exception as e:
+            raise self._unavailable("CopyObject", e) from e
+        result = answer.get("CopyObjectResult") or {}
+        checksum = result.get("ChecksumSHA256")
+        if not checksum or result.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT":
+            return True, None
+        try:
+            digest = base64.b64decode(str(checksum), validate=True)
+        except (binascii.Error, ValueError):
+            return True, None  # "…-N": a multipart source's checksum of checksums
+        return True, digest.hex() if len(digest) == 32 else None
 
     def open_key(self, key: str) -> BlobReader | None:
         from botocore.exceptions import ClientError

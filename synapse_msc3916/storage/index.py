@@ -802,7 +802,7 @@ def record_path_if_absent_txn(
 
 def synapse_length_txn(txn: Txn, ref: MediaRef) -> int | None:
     """The length Synapse recorded for a local media file or thumbnail; None without a
-    row. (Remote ones: :func:`remote_rows_txn`, a lookup by ``filesystem_id`` has no
+    row. (Remote ones: :func:`remote_rows_page_txn`, a lookup by ``filesystem_id`` has no
     index.)
 
     Synapse inserts the row only once the file is complete, so a file of another
@@ -825,33 +825,41 @@ def synapse_length_txn(txn: Txn, ref: MediaRef) -> int | None:
     return None if row is None or row[0] is None else int(row[0])
 
 
-def remote_rows_txn(
-    txn: Txn, origin: str, thumbnails: bool, with_sha256: bool
-) -> dict[Any, tuple[int | None, str | None]]:
-    """Synapse's rows of one origin's remote media (or thumbnails), keyed as a path
-    names them: ``filesystem_id`` (plus the thumbnail's dimensions, type and method),
-    with (length, SHA-256). One range of Synapse's ``(media_origin, media_id)`` index."""
+def remote_rows_page_txn(
+    txn: Txn, origin: str, thumbnails: bool, with_sha256: bool, start: str, limit: int
+) -> list[tuple[Any, tuple[int | None, str | None]]]:
+    """Synapse's rows of one origin's remote media (or thumbnails) from ``filesystem_id``
+    ``start`` on, in ``filesystem_id`` order, at most ``limit`` (``limit`` 0: only those
+    of ``start`` itself, all of them): each keyed as a path names it, ``filesystem_id``
+    (plus the thumbnail's dimensions, type and method), with (length, SHA-256).
+
+    Synapse indexes ``(media_origin, media_id)``, not ``filesystem_id``: each page is one
+    pass over the origin's range of that index, sorted, which is why pages are large."""
+    where = "media_origin = ? AND filesystem_id = ?" if limit == 0 else (
+        "media_origin = ? AND filesystem_id >= ?"
+    )
+    tail = "" if limit == 0 else f" ORDER BY filesystem_id LIMIT {int(limit)}"
     if thumbnails:
         txn.execute(
             "SELECT filesystem_id, thumbnail_width, thumbnail_height, thumbnail_type,"
-            " thumbnail_method, thumbnail_length FROM remote_media_cache_thumbnails"
-            " WHERE media_origin = ?",
-            (origin,),
+            f" thumbnail_method, thumbnail_length FROM remote_media_cache_thumbnails WHERE {where}"
+            + tail,
+            (origin, start),
         )
-        return {
-            (str(r[0]), r[1], r[2], r[3], r[4]): (None if r[5] is None else int(r[5]), None)
+        return [
+            ((str(r[0]), r[1], r[2], r[3], r[4]), (None if r[5] is None else int(r[5]), None))
             for r in txn.fetchall()
-        }
+        ]
     sha = "sha256" if with_sha256 else "NULL"
     txn.execute(
-        f"SELECT filesystem_id, media_length, {sha} FROM remote_media_cache"
-        " WHERE media_origin = ?",
-        (origin,),
+        f"SELECT filesystem_id, media_length, {sha} FROM remote_media_cache WHERE {where}"
+        + tail,
+        (origin, start),
     )
-    return {
-        str(r[0]): (None if r[1] is None else int(r[1]), None if r[2] is None else str(r[2]))
+    return [
+        (str(r[0]), (None if r[1] is None else int(r[1]), None if r[2] is None else str(r[2])))
         for r in txn.fetchall()
-    }
+    ]
 
 
 def synapse_sha256_txn(txn: Txn, ref: MediaRef) -> tuple[str, int] | None:
@@ -926,6 +934,43 @@ def mark_blob_missing_txn(txn: Txn, sha256: str) -> bool:
         (sha256,),
     )
     return txn.rowcount == 1
+
+
+def claim_for_copy_txn(
+    txn: Txn, sha256: str, length: int, now: int, claim: Claim
+) -> tuple[str, bool, bool]:
+    """``claim_blob_txn`` for a writer about to put bytes it has not verified under
+    ``sha256`` (a server-side copy, checked only once written): (decision, overwrite,
+    may write unverified).
+
+    Such a write is allowed only where it can wrong nobody: the object is new (no
+    overwrite), nobody else claims the content (no upload in flight that could find the
+    unverified object in place and trust it), and the blob is marked corrupt in the same
+    transaction, so that every later store of the content overwrites the object with
+    bytes it hashed (also after this process died before verifying), and a later copy
+    of it is refused. ``record_path_txn`` clears the mark once the copy is verified.
+    Otherwise the caller stores the content the ordinary way, under the claim it holds.
+    """
+    decision, overwrite = claim_blob_txn(txn, sha256, length, now, claim)
+    if decision != WRITE or overwrite:
+        return decision, overwrite, False
+    txn.execute(
+        f"SELECT COUNT(*) FROM {CLAIMS} WHERE sha256 = ? AND token <> ?", (sha256, claim.token)
+    )
+    if int(txn.fetchone()[0]):
+        return decision, overwrite, False
+    txn.execute(
+        f"UPDATE {BLOBS} SET corrupt = 1, gen = gen + 1 WHERE sha256 = ? AND deleting_ts IS NULL",
+        (sha256,),
+    )
+    return decision, overwrite, txn.rowcount == 1
+
+
+def blob_gen_txn(txn: Txn, sha256: str) -> int | None:
+    """A blob row's ``gen`` (what a deletion's mark compares), None without a row."""
+    txn.execute(f"SELECT gen FROM {BLOBS} WHERE sha256 = ?", (sha256,))
+    row = txn.fetchone()
+    return None if row is None else int(row[0])
 
 
 def lost_object_txn(txn: Txn, sha256: str, now: int) -> int:
@@ -1125,7 +1170,15 @@ def path_sha256_txn(txn: Txn, path: str) -> str | None:
 
 
 def orphan_paths_txn(txn: Txn, cutoff: int, limit: int = 1000) -> list[str]:
-    """Paths with no media row that no tombstone explains, old enough to be given up.
+    """The paths of :func:`orphan_path_rows_txn`."""
+    return [path for path, _sha256 in orphan_path_rows_txn(txn, cutoff, limit)]
+
+
+def orphan_path_rows_txn(
+    txn: Txn, cutoff: int, limit: int = 1000, after: str = ""
+) -> list[tuple[str, str]]:
+    """(path, sha256) of paths with no media row that no tombstone explains, old enough
+    to be given up, in path order after ``after`` (keyset pagination).
 
     Tombstones are the exact signal (see :func:`apply_tombstones_txn`, which ``gc``
     runs first). Without them, a path with no media row may be an upload in flight:
@@ -1139,12 +1192,12 @@ def orphan_paths_txn(txn: Txn, cutoff: int, limit: int = 1000) -> list[str]:
         since = 1 << 62
     unexplained = min(cutoff, now_ms() - UNEXPLAINED_PATH_MIN_AGE_MS)
     txn.execute(
-        f"SELECT p.path FROM {PATHS} p WHERE"
+        f"SELECT p.path, p.sha256 FROM {PATHS} p WHERE p.path > ? AND"
         " ((p.created_ts < ? AND p.created_ts < ?) OR p.created_ts < ?)"
         f" AND {_NO_MEDIA_ROW} ORDER BY p.path LIMIT ?",
-        (since, cutoff, unexplained, limit),
+        (after, since, cutoff, unexplained, limit),
     )
-    return [str(r[0]) for r in txn.fetchall()]
+    return [(str(r[0]), str(r[1])) for r in txn.fetchall()]
 
 
 def delete_path_txn(txn: Txn, path: str, cutoff: int) -> bool:

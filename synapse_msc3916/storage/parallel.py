@@ -149,10 +149,6 @@ class Connections:
                 self._all.append(db)
         return db
 
-    def local(self) -> Any:
-        """Per-thread scratch space (e.g. a worker's cache of Synapse rows)."""
-        return self._local
-
     def close(self) -> None:
         with self._lock:
             for db in self._all:

@@ -245,21 +245,28 @@ class DedupStorageProvider:
             )
             # Deletions use short S3 timeouts, like gc's, so that none can still land
             # after an upload took a stale mark over (see lifecycle.GC_DELETE_TIMEOUTS),
-            # and a thread of their own: a delete queued behind uploads in the shared
-            # pool could start after its mark was taken over.
-            deletion_pool = ThreadPool(1, 1, name="msc3916-storage-deletions")
+            # and threads of their own, one per batch in flight (``delete_jobs``): a
+            # delete queued behind uploads in the shared pool could start after its mark
+            # was taken over.
+            jobs = config.delete_jobs
+            deletion_pool = ThreadPool(1, jobs, name="msc3916-storage-deletions")
             self._reactor.callWhenRunning(deletion_pool.start)
             self._reactor.addSystemEventTrigger("during", "shutdown", deletion_pool.stop)
 
             async def in_deletion_thread(f: Any, *args: Any) -> Any:
                 return await sa.defer_to_threadpool(hs, deletion_pool, f, *args)
 
+            deletion_store = gc_storage_config(config)
+            if deletion_store.max_pool_connections < jobs:
+                deletion_store = attr.evolve(deletion_store, max_pool_connections=jobs)
             self._deletion_job = DeletionJob(
                 self._db,
                 in_deletion_thread,
-                make_blobstore(gc_storage_config(config)),
+                make_blobstore(deletion_store),
                 config.delete_after_ms,
                 self._lease,
+                jobs=jobs,
+                gather=sa.gather,
             )
             sa.media_deletions_looping_call(
                 self._api, self._deletion_tick, tick, "msc3916_storage_deletions"
@@ -344,17 +351,7 @@ class DedupStorageProvider:
         the read falls back to Synapse and the next store of the content rewrites it. When
         S3 cannot answer, the index is trusted: the redirect is what it would have been.
         """
-        try:
-            size = await self._in_thread(self._store.stat, sha256)
-        except StorageUnavailable as e:
-            STORAGE_ERRORS.labels(operation="verify").inc()
-            logger.warning(
-                "synapse_msc3916: could not check object %s before a redirect (%s);"
-                " trusting the index",
-                sha256,
-                e,
-            )
-            return True
+        size = await self._stat_or_trust(sha256, length, "before a redirect")
         if size == length:
             return True
         if size is not None:
@@ -371,6 +368,22 @@ class DedupStorageProvider:
         except Exception:  # best effort: the provider's own read marks it too
             logger.exception("synapse_msc3916: could not mark %s missing", sha256)
         return False
+
+    async def _stat_or_trust(self, sha256: str, length: int, what: str) -> int | None:
+        """The object's size, or the index's ``length`` when the store cannot answer: a
+        check that S3 cannot make must not turn an outage into refused reads or uploads
+        (``scrub`` catches up later)."""
+        try:
+            return await self._in_thread(self._store.stat, sha256)
+        except StorageUnavailable as e:
+            STORAGE_ERRORS.labels(operation="verify").inc()
+            logger.warning(
+                "synapse_msc3916: could not check object %s %s (%s); trusting the index",
+                sha256,
+                what,
+                e,
+            )
+            return length
 
     # --- plumbing ---
 
@@ -542,17 +555,7 @@ class DedupStorageProvider:
                 # race may have removed it) and rewrites it if not, before the user gets 200.
                 # When the store cannot answer, the index is trusted as before: a dedup hit
                 # keeps working through an S3 outage (``scrub`` catches up later).
-                try:
-                    size = await self._in_thread(self._store.stat, sha256)
-                except StorageUnavailable as e:
-                    STORAGE_ERRORS.labels(operation="verify").inc()
-                    logger.warning(
-                        "synapse_msc3916: could not check object %s of a dedup hit (%s);"
-                        " trusting the index",
-                        sha256,
-                        e,
-                    )
-                    size = length
+                size = await self._stat_or_trust(sha256, length, "of a dedup hit")
                 if size != length:
                     problem = "missing" if size is None else "wrong_size"
                     STORAGE_DAMAGED.labels(where="store", problem=problem).inc()

@@ -32,9 +32,11 @@ from synapse_msc3916.storage.progress import Progress
 from synapse_msc3916.storage.provider import hash_file
 from synapse_msc3916.storage.runs import ToolRun
 from synapse_msc3916.storage.tools import (
+    EXAMPLES,
     Context,
     Timer,
     _counters,
+    _example,
     _resumed,
     add_parallel_arguments,
     parallel_defaults,
@@ -103,6 +105,18 @@ def _count_stored_txn(txn: index.Txn) -> int:
 
 def _paths_of_txn(txn: index.Txn, sha256: str) -> list[str]:
     txn.execute(f"SELECT path FROM {index.PATHS} WHERE sha256 = ? ORDER BY path", (sha256,))
+    return [str(r[0]) for r in txn.fetchall()]
+
+
+# Paths a problem lists at most: popular content can have many thousands.
+_PATHS_LISTED = 10
+
+
+def _some_paths_txn(txn: index.Txn, sha256: str) -> list[str]:
+    txn.execute(
+        f"SELECT path FROM {index.PATHS} WHERE sha256 = ? ORDER BY path LIMIT ?",
+        (sha256, _PATHS_LISTED),
+    )
     return [str(r[0]) for r in txn.fetchall()]
 
 
@@ -205,7 +219,7 @@ def _scrub_one(
     if state == OK:
         return OK, None
     entry: dict[str, Any] = {"sha256": sha256, "problem": state, "detail": why}
-    entry["paths"] = index.run_tool_txn(db, _paths_of_txn, sha256)
+    entry["paths"] = index.run_tool_txn(db, _some_paths_txn, sha256)
     if args.repair:
         if state in (UNRECORDED, UNSTORED):
             used = _record_existing(db, store, sha256, length)
@@ -247,6 +261,7 @@ def cmd_scrub(args: argparse.Namespace) -> int:
         "repaired": 0,
         "marked": 0,
         "broken": [],
+        "broken_truncated": False,
         "hash": bool(args.hash),
         "repair": bool(args.repair),
     }
@@ -260,6 +275,7 @@ def cmd_scrub(args: argparse.Namespace) -> int:
         resume = run.start()
         try:
             _resumed("scrub", resume, stats)
+            _earlier_problems(stats, args)
             total = index.run_tool_txn(db, _count_stored_txn)
             bar = Progress("scrub", total, unit="object", initial=resume.done)
             phase, after = (resume.cursor or "b:").split(":", 1)
@@ -289,7 +305,10 @@ def cmd_scrub(args: argparse.Namespace) -> int:
                         stats["repaired"] += 1
                     else:
                         stats["marked"] += int(entry.pop("marked"))
-                stats["broken"].append(entry)
+                # Printed now, kept only as one of the first examples: a store that lost
+                # most of its objects has as many problems as objects.
+                _print_problem(entry, args)
+                _example(stats, "broken", entry)
 
             try:
                 # One phase after the other, each drained before the next reads its rows:
@@ -319,22 +338,44 @@ def cmd_scrub(args: argparse.Namespace) -> int:
         - stats["repaired"]
     )
     stats["still_broken"] = still_broken
+    stats["broken_truncated"] = _problems(stats) > len(stats["broken"])
     _print(stats, args)
     return 1 if still_broken else 0
+
+
+def _problems(stats: dict[str, Any]) -> int:
+    return int(stats["missing"] + stats["corrupt"] + stats["unrecorded"] + stats["unstored"])
+
+
+def _print_problem(entry: dict[str, Any], args: argparse.Namespace, before: str = "") -> None:
+    """One problem as found: on stdout, or on stderr with ``--json`` (whose stdout is the
+    one JSON document), through tqdm so that the progress bar is not torn."""
+    line = f"{entry['problem']}: {entry['sha256']} ({entry['detail']})"
+    if "repaired_from" in entry:
+        fixed = entry["repaired_from"]
+        line += f": repaired from {fixed}" if fixed else ": no local copy, marked for rewrite"
+    lines = [line + before] + [f"    {path}" for path in entry["paths"][:5]]
+    Progress.write("\n".join(lines), file=sys.stderr if args.json else sys.stdout)
+
+
+def _earlier_problems(stats: dict[str, Any], args: argparse.Namespace) -> None:
+    """A resumed run lists again what the interrupted run(s) found (their first
+    ``EXAMPLES``, kept with the cursor): its counts include them."""
+    for entry in stats["broken"]:
+        _print_problem(entry, args, " (found before the resume)")
+    more = _problems(stats) - len(stats["broken"])
+    if more > 0:
+        Progress.write(
+            f"scrub: {more} more problem(s) found before the resume are counted, not listed"
+            f" (only the first {EXAMPLES} are kept)",
+            file=sys.stderr if args.json else sys.stdout,
+        )
 
 
 def _print(stats: dict[str, Any], args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(stats, indent=2, sort_keys=True))
         return
-    for entry in stats["broken"]:
-        line = f"{entry['problem']}: {entry['sha256']} ({entry['detail']})"
-        if "repaired_from" in entry:
-            fixed = entry["repaired_from"]
-            line += f": repaired from {fixed}" if fixed else ": no local copy, marked for rewrite"
-        print(line)
-        for path in entry["paths"][:5]:
-            print(f"    {path}")
     print(
         f"scrub: {stats['checked']} checked, {stats['ok']} ok, {stats['missing']} missing,"
         f" {stats['corrupt']} corrupt, {stats['unrecorded']} unrecorded,"

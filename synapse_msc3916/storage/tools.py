@@ -10,11 +10,13 @@ upload of the same content never deletes what the upload relies on.
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import os
 import socket
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -26,6 +28,7 @@ from synapse_msc3916 import homeserver_config as hc
 from synapse_msc3916.config import ConfigError, StorageConfig, parse_duration_ms
 from synapse_msc3916.storage import index
 from synapse_msc3916.storage.blobstore import (
+    CopyUnsupported,
     S3BlobStore,
     StorageUnavailable,
     hash_blob,
@@ -33,10 +36,14 @@ from synapse_msc3916.storage.blobstore import (
 )
 from synapse_msc3916.storage.lifecycle import (  # noqa: F401 (GC_DELETE_TIMEOUTS re-exported)
     GC_DELETE_TIMEOUTS,
-    START_DELETE_WITHIN_SECONDS,
+    MAX_KEYS_PER_DELETE,
     TOMBSTONE_BATCH,
+    delete_if_in_time,
     gc_storage_config,
+    mark_batch_txn,
     object_missing_after_lost_mark,
+    settle_batch_txn,
+    unmark_batch_txn,
 )
 from synapse_msc3916.storage.parallel import (
     Connections,
@@ -119,9 +126,26 @@ def _resumed(tool: str, resume: Resume, stats: dict[str, Any]) -> None:
         )
 
 
+# Entries a tool's ``--json`` lists (``broken``, ``deleted``) keep at most: the first found
+# over the whole run, resumed parts included. Everything else is only counted (and
+# ``scrub`` prints every problem as it finds it), so memory does not grow with them.
+EXAMPLES = 100
+
+
 def _counters(stats: dict[str, Any]) -> dict[str, Any]:
-    """What a checkpoint keeps of a tool's stats: the numbers (lists stay in memory)."""
-    return {k: v for k, v in stats.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    """What a checkpoint keeps of a tool's stats: the numbers and the example lists
+    (capped at ``EXAMPLES``), so that a resumed run reports the whole run."""
+    return {
+        k: v
+        for k, v in stats.items()
+        if isinstance(v, list) or (isinstance(v, int | float) and not isinstance(v, bool))
+    }
+
+
+def _example(stats: dict[str, Any], key: str, entry: Any) -> None:
+    """Keep ``entry`` in the list ``stats[key]`` while it holds fewer than ``EXAMPLES``."""
+    if len(stats[key]) < EXAMPLES:
+        stats[key].append(entry)
 
 
 def _open(ctx: Context) -> Any:
@@ -164,53 +188,103 @@ MISMATCH, UNVERIFIED = "hash_mismatch", "unverified"
 INCOMPLETE, RECORDED_MEANWHILE = "skipped_incomplete", "recorded_meanwhile"
 
 
+# Remote rows per page of :class:`SynapseRows` (about 0.4 KiB each in memory).
+ROWS_PAGE = 20_000
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class _RowsPage:
+    """Synapse's rows of one origin's media (or thumbnails) whose ``filesystem_id`` is in
+    ``[start, end)`` (``end`` None: up to the last)."""
+
+    group: tuple[str, bool]
+    start: str
+    end: str | None
+    rows: dict[Any, tuple[int | None, str | None]]
+
+    def covers(self, group: tuple[str, bool], file_id: str) -> bool:
+        return group == self.group and self.start <= file_id and (
+            self.end is None or file_id < self.end
+        )
+
+
 class SynapseRows:
-    """What Synapse recorded for the files being migrated: length and SHA-256.
+    """What Synapse recorded for the files being migrated: length and SHA-256. One
+    instance serves every worker (each passes its own connection).
 
     Local media are looked up one by one (``media_id`` is Synapse's key). Remote paths
     name a ``filesystem_id``, which Synapse does not index, so a lookup per file would
-    read all of the origin's rows each time; instead the rows of one origin are read
-    once (an index range on ``media_origin``) while its files, listed together, are
-    migrated. A row inserted after that read makes its file look unfinished: it is
-    skipped and reported, and migrated by the next run.
+    read all of the origin's rows each time; holding all of an origin's rows instead
+    grew with the origin (0.3-0.4 KiB a media: gigabytes for 10^6 media of one origin
+    across 16 workers). The files of an origin are listed in ``filesystem_id`` order
+    (the path is ``origin/ab/cd/rest`` with fixed-length parts), so the rows are read in
+    pages of that order, ``ROWS_PAGE`` at a time (one pass over the origin's index range
+    each), and at most two pages are kept: the current one and the one before, for the
+    files other workers still have in flight. A row inserted after its page was read
+    makes its file look unfinished: it is skipped and reported, and migrated by the next
+    run.
     """
 
-    def __init__(self, db: Any, has_sha_column: bool):
-        self._db = db
+    def __init__(self, has_sha_column: bool, page_size: int = ROWS_PAGE):
         self._has_sha = has_sha_column
-        self._key: tuple[str, bool] | None = None
-        self._rows: dict[Any, tuple[int | None, str | None]] = {}
+        self._page_size = page_size
+        self._pages: list[_RowsPage] = []
+        self._lock = threading.Lock()
 
-    def _remote(self, ref: index.MediaRef) -> tuple[int | None, str | None] | None:
+    @property
+    def rows_held(self) -> int:
+        return sum(len(p.rows) for p in self._pages)
+
+    def _remote(self, db: Any, ref: index.MediaRef) -> tuple[int | None, str | None] | None:
         assert ref.media_origin is not None
-        thumb = ref.thumbnail_width is not None
-        if self._key != (ref.media_origin, thumb):
-            self._rows = index.run_tool_txn(
-                self._db, index.remote_rows_txn, ref.media_origin, thumb, self._has_sha
-            )
-            self._key = (ref.media_origin, thumb)
+        group = (ref.media_origin, ref.thumbnail_width is not None)
         key: Any = ref.file_id
-        if thumb:
+        if group[1]:
             key = (ref.file_id, ref.thumbnail_width, ref.thumbnail_height,
                    ref.thumbnail_type, ref.thumbnail_method)
-        return self._rows.get(key)
+        with self._lock:  # the others wait for the page they would read too
+            for page in self._pages:
+                if page.covers(group, ref.file_id):
+                    return page.rows.get(key)
+            page = self._read_page(db, group, ref.file_id)
+            self._pages = [p for p in self._pages[-1:] if p.group == group] + [page]
+            return page.rows.get(key)
 
-    def length(self, ref: index.MediaRef) -> int | None:
+    def _read_page(self, db: Any, group: tuple[str, bool], start: str) -> _RowsPage:
+        origin, thumbs = group
+        found = index.run_tool_txn(
+            db, index.remote_rows_page_txn, origin, thumbs, self._has_sha, start, self._page_size
+        )
+        if len(found) < self._page_size:
+            return _RowsPage(group, start, None, dict(found))
+        # A full page may end part-way through its last filesystem_id's rows
+        # (thumbnails): it covers up to that one, excluded.
+        last = found[-1][0][0] if thumbs else found[-1][0]
+        rows = {k: v for k, v in found if (k[0] if thumbs else k) != last}
+        if rows:
+            return _RowsPage(group, start, last, rows)
+        # One filesystem_id with a page of thumbnails or more: all of its own.
+        everything = index.run_tool_txn(
+            db, index.remote_rows_page_txn, origin, thumbs, self._has_sha, start, 0
+        )
+        return _RowsPage(group, start, start + "\0", dict(everything))
+
+    def length(self, db: Any, ref: index.MediaRef) -> int | None:
         if ref.media_origin is not None:
-            row = self._remote(ref)
+            row = self._remote(db, ref)
             return None if row is None else row[0]
-        return index.run_tool_txn(self._db, index.synapse_length_txn, ref)  # type: ignore[no-any-return]
+        return index.run_tool_txn(db, index.synapse_length_txn, ref)  # type: ignore[no-any-return]
 
-    def sha256(self, ref: index.MediaRef) -> tuple[str, int] | None:
+    def sha256(self, db: Any, ref: index.MediaRef) -> tuple[str, int] | None:
         """What Synapse recorded for this media, when its release records it (1.128+)."""
         if not self._has_sha or ref.thumbnail_width is not None:
             return None
         if ref.media_origin is not None:
-            row = self._remote(ref)
+            row = self._remote(db, ref)
             if row is None or row[0] is None or not row[1]:
                 return None
             return row[1], row[0]
-        return index.run_tool_txn(self._db, index.synapse_sha256_txn, ref)  # type: ignore[no-any-return]
+        return index.run_tool_txn(db, index.synapse_sha256_txn, ref)  # type: ignore[no-any-return]
 
 
 def _has_sha256_column(db: Any) -> bool:
@@ -239,15 +313,35 @@ def _store_one(
     legacy_key: str | None,
     rows: SynapseRows,
     expected_length: int | None = None,
+    copy: ServerSideCopy | None = None,
+    notes: list[str] | None = None,
 ) -> str:
     """Index one file from a source; returns what happened (``WRITTEN``, ...).
 
-    The source's bytes are always hashed here: the SHA-256 Synapse recorded is only
-    compared with it, never trusted in its place, so a legacy object with bit rot is
-    not copied under a name that is not its content. A legacy source is then verified
-    in the store by reading the object back before anyone may delete the source.
+    A legacy object whose SHA-256 Synapse recorded is copied inside the bucket when
+    ``copy`` allows (``_copy_one``). Otherwise the source's bytes are hashed here: the
+    SHA-256 Synapse recorded is only compared with it, never trusted in its place, so a
+    legacy object with bit rot is not copied under a name that is not its content. A
+    legacy source is then verified in the store by reading the object back before
+    anyone may delete the source.
     """
-    known = rows.sha256(ref)
+    known = rows.sha256(db, ref)
+    if (
+        legacy_key is not None
+        and known is not None
+        and copy is not None
+        and copy.enabled
+        and isinstance(store, S3BlobStore)
+        and known[1] <= store.COPY_MAX_BYTES
+    ):
+        try:
+            outcome = _copy_one(
+                db, store, path, ref, legacy_key, known, notes if notes is not None else []
+            )
+            if outcome is not None:
+                return outcome
+        except CopyUnsupported as e:
+            copy.refused(str(e))
     tmp: str | None = None
     try:
         if local_file is None:
@@ -265,16 +359,8 @@ def _store_one(
                 file=sys.stderr,
             )
             return MISMATCH
-        claim = index.Claim(uuid.uuid4().hex, path, f"cli:{socket.gethostname()}:{os.getpid()}")
-        for _ in range(240):
-            decision, overwrite = index.run_tool_txn(
-                db, index.claim_blob_txn, sha256, length, index.now_ms(), claim
-            )
-            if decision != index.WAIT:
-                break
-            time.sleep(0.25)
-        else:
-            raise hc.ToolError(f"{sha256} stayed locked by another gc for a minute")
+        claim = _new_claim(path)
+        decision, overwrite = _claim(db, sha256, length, claim)
         kill_point()
         try:
             if decision == index.HIT and store.stat(sha256) != length:
@@ -316,6 +402,132 @@ def _store_one(
             os.unlink(tmp)
 
 
+def _new_claim(path: str) -> index.Claim:
+    return index.Claim(uuid.uuid4().hex, path, f"cli:{socket.gethostname()}:{os.getpid()}")
+
+
+def _claim(
+    db: Any, sha256: str, length: int, claim: index.Claim, txn_func: Any = index.claim_blob_txn
+) -> Any:
+    """``claim_blob_txn`` (or ``txn_func``), waiting up to a minute while a deletion
+    deletes the object."""
+    for _ in range(240):
+        answer = index.run_tool_txn(db, txn_func, sha256, length, index.now_ms(), claim)
+        if answer[0] != index.WAIT:
+            return answer
+        time.sleep(0.25)
+    raise hc.ToolError(f"{sha256} stayed locked by another gc for a minute")
+
+
+class ServerSideCopy:
+    """Whether ``migrate`` may copy legacy objects with ``CopyObject``: yes unless
+    ``--no-server-side-copy``, and no longer once the store refused it as unsupported
+    (said once; every later source is downloaded and uploaded)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._lock = threading.Lock()
+
+    def refused(self, why: str) -> None:
+        with self._lock:
+            if not self.enabled:
+                return
+            self.enabled = False
+        Progress.write(
+            f"migrate: the store refuses server-side copies ({why}); downloading and"
+            " uploading every source instead",
+            file=sys.stderr,
+        )
+
+
+def _copy_one(
+    db: Any,
+    store: S3BlobStore,
+    path: str,
+    ref: index.MediaRef,
+    legacy_key: str,
+    known: tuple[str, int],
+    notes: list[str],
+) -> str | None:
+    """Store a legacy object by ``CopyObject`` under the SHA-256 Synapse recorded for it;
+    None when it must be downloaded and uploaded instead.
+
+    The same claim protocol as a download, but the bytes are never seen here: the copy
+    is named by what Synapse recorded and verified once written, by the SHA-256 S3
+    computed for it when S3 returns one, else by reading it back. Until then it is a
+    name that may not be its content, so a copy is made only where
+    ``claim_for_copy_txn`` allows it (a new object nobody else is storing, marked so
+    that nobody trusts it), and never replaces an object (conditional, like an upload):
+    a damaged or half-deleted object is rewritten from downloaded, hashed bytes. A copy
+    that does not verify (bit rot in the source) is not indexed, is deleted the way
+    ``gc`` deletes, and its source is kept. A dedup hit copies nothing: the stored
+    object is read back, as for a download.
+    """
+    sha256, length = known
+    claim = _new_claim(path)
+    decision, _overwrite, may_copy = _claim(db, sha256, length, claim, index.claim_for_copy_txn)
+    kill_point()
+    try:
+        written, checksum = False, None
+        if decision == index.HIT and store.stat(sha256) != length:
+            index.run_tool_txn(db, index.mark_blob_missing_txn, sha256)
+            decision = index.WRITE  # to be rewritten: not by a copy
+        if decision == index.WRITE and not may_copy:
+            index.run_tool_txn(db, index.release_claim_txn, claim.token, index.now_ms())
+            return None
+        if decision == index.WRITE:
+            written, checksum = store.copy_key_to_blob(legacy_key, sha256)
+            if written:
+                notes.append("copied_server_side")
+            kill_point()
+        if checksum is not None:
+            actual: tuple[str, int] | None = (checksum, length)
+            notes.append("verified_by_checksum")
+        else:
+            actual = hash_blob(store, sha256)
+            if decision == index.WRITE:
+                notes.append("verified_by_read_back")
+        if actual != (sha256, length):
+            index.run_tool_txn(db, index.mark_blob_missing_txn, sha256)
+            index.run_tool_txn(db, index.release_claim_txn, claim.token, index.now_ms())
+            found = "missing" if actual is None else f"{actual[0]} ({actual[1]} bytes)"
+            if not written:
+                Progress.write(
+                    f"migrate: {path}: the stored object {sha256} reads back as {found};"
+                    " not indexed, source kept",
+                    file=sys.stderr,
+                )
+                return UNVERIFIED
+            Progress.write(
+                f"migrate: {path}: its server-side copy has SHA-256 {found} but Synapse"
+                f" recorded {sha256} ({length} bytes); not migrated, source kept",
+                file=sys.stderr,
+            )
+            _discard_copy(db, store, sha256, length)
+            return MISMATCH
+        index.run_tool_txn(
+            db, index.record_path_txn, path, sha256, length, ref, index.now_ms(), True, claim
+        )
+    except BaseException:
+        index.run_tool_txn(db, index.release_claim_txn, claim.token, index.now_ms())
+        raise
+    return WRITTEN if written else DEDUPLICATED
+
+
+def _discard_copy(db: Any, store: S3BlobStore, sha256: str, length: int) -> None:
+    """Delete a copy that is not its name's content, the way ``gc`` deletes: under a
+    deletion's mark, which only a blob nothing references or claims can take. Left in
+    place (marked corrupt: the next store overwrites it) when an upload claimed it
+    meanwhile or the store refuses the delete; ``gc`` removes it later otherwise."""
+    gen = index.run_tool_txn(db, index.blob_gen_txn, sha256)
+    if gen is None:
+        return
+    try:
+        _delete_chunk(db, store, [(sha256, length, gen)])
+    except StorageUnavailable as e:
+        Progress.write(f"migrate: could not delete the bad copy {sha256}: {e}", file=sys.stderr)
+
+
 def _report_incomplete(path: str, length: int, expected: int | None) -> None:
     recorded = "no media row" if expected is None else f"its media row says {expected} bytes"
     Progress.write(
@@ -326,7 +538,7 @@ def _report_incomplete(path: str, length: int, expected: int | None) -> None:
 
 
 def _check_local_file(
-    rows: SynapseRows, path: str, ref: index.MediaRef, local_file: str, min_age: float
+    db: Any, rows: SynapseRows, path: str, ref: index.MediaRef, local_file: str, min_age: float
 ) -> tuple[str | None, int | None]:
     """Whether a file of the local media store is complete: (reason to skip, length).
 
@@ -342,7 +554,7 @@ def _check_local_file(
         return "skipped", None  # deleted by Synapse since the listing
     if time.time() - st.st_mtime < min_age:
         return "skipped_recent", None
-    expected = rows.length(ref)
+    expected = rows.length(db, ref)
     if expected != st.st_size:
         _report_incomplete(path, st.st_size, expected)
         return INCOMPLETE, None
@@ -405,7 +617,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     local media store is migrated only once complete (as long as its Synapse row says,
     not modified for ``--min-age``), and never over a path the provider recorded
     meanwhile. Safe by default: a legacy source object is deleted only once its copy
-    has been read back with the right SHA-256 (for an already indexed path too, so a
+    (server-side where safe, see ``_copy_one``) has been verified to have the right
+    SHA-256, by S3's checksum of the copy or by reading it back (for an already indexed
+    path too, so a
     destination object lost since the first run is restored from the source, never
     deleted with it), and a source whose bytes do not match the SHA-256 Synapse
     recorded is not migrated at all. ``--jobs`` sources are migrated at once, each by a
@@ -447,7 +661,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         "hash_mismatch": 0,
         "skipped_incomplete": 0,
         "skipped_recent": 0,
+        "copied_server_side": 0,
+        "verified_by_checksum": 0,
+        "verified_by_read_back": 0,
     }
+    args.server_side_copy = ServerSideCopy(
+        prefix is not None and not getattr(args, "no_server_side_copy", False)
+    )
     if args.dry_run:
         stats.update(pending=0, pending_bytes=0)
     limiter = RateLimiter(args.max_rate)
@@ -467,11 +687,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             progress = Progress("migrate", total, initial=resume.done)
             probe: list[Source] = []
 
+            rows = SynapseRows(has_sha)
+
             def work(item: Source) -> list[str]:
-                local = conns.local()
-                if getattr(local, "rows", None) is None:
-                    local.rows = SynapseRows(conns.get(), has_sha)
-                return _migrate_item(conns.get(), ctx.store, local.rows, item, args)
+                return _migrate_item(conns.get(), ctx.store, rows, item, args)
 
             def done(item: Source, keys: list[str]) -> None:
                 progress.step()
@@ -586,33 +805,35 @@ def _migrate_item(
     located = index.run_tool_txn(db, index.locate_txn, path)
     expected: int | None = None
     if local_file is not None and located is None:
-        skip, expected = _check_local_file(rows, path, ref, local_file, args.min_age)
+        skip, expected = _check_local_file(db, rows, path, ref, local_file, args.min_age)
         if skip is not None:
             return ["files", skip]
     if args.dry_run:
         return ["files", "already" if located is not None else "pending"]
+    notes: list[str] = []
     try:
         outcome = _migrate_one(
-            db, store, path, ref, local_file, legacy_key, located, rows, expected
+            db, store, path, ref, local_file, legacy_key, located, rows, expected,
+            getattr(args, "server_side_copy", None), notes,
         )
     except index.LostClaim as e:
         # gc released this run's claim (older than a day) while it stored: the path is
         # not recorded and the source is kept; a new run starts afresh.
         raise hc.ToolError(f"{path}: {e}; not migrated, source kept: run migrate again") from None
     if outcome in (VERIFIED, RECORDED_MEANWHILE):
-        keys = ["files", "already"]
+        keys = ["files", "already", *notes]
     elif outcome == INCOMPLETE:
         return ["files", INCOMPLETE]
     elif outcome in (WRITTEN, DEDUPLICATED) and located is not None:
         # The index pointed at a missing or damaged object: it is whole again, from
         # this source, but the source stays until a later run finds the index and the
         # store agreeing on their own.
-        return ["files", "restored"]
+        return ["files", "restored", *notes]
     elif outcome in (WRITTEN, DEDUPLICATED):
-        keys = ["files", outcome]
+        keys = ["files", outcome, *notes]
     else:
         # Never delete a source whose copy is not verified.
-        return ["files", MISMATCH if outcome == MISMATCH else "legacy_kept_unverified"]
+        return ["files", MISMATCH if outcome == MISMATCH else "legacy_kept_unverified", *notes]
     if legacy_key is not None and not args.keep_source:
         assert isinstance(store, S3BlobStore)
         kill_point()
@@ -631,6 +852,8 @@ def _migrate_one(
     located: index.Located | None,
     rows: SynapseRows,
     expected_length: int | None = None,
+    copy: ServerSideCopy | None = None,
+    notes: list[str] | None = None,
 ) -> str:
     """Migrate one path, or check that an earlier run did; returns what happened.
 
@@ -646,7 +869,7 @@ def _migrate_one(
             return VERIFIED
         index.run_tool_txn(db, index.mark_blob_missing_txn, located.sha256)
     return _store_one(
-        db, store, path, ref, local_file, legacy_key, rows, expected_length
+        db, store, path, ref, local_file, legacy_key, rows, expected_length, copy, notes
     )
 
 
@@ -656,7 +879,7 @@ def _migrate_one(
 
 _PAGE = 10_000
 # Keys per DeleteObjects call at most (S3's limit).
-_DELETE_BATCH = 1000
+_DELETE_BATCH = MAX_KEYS_PER_DELETE
 
 
 def _unreferenced(page: Any, cutoff: int, after: str = "") -> Iterator[tuple[str, int, int]]:
@@ -697,9 +920,73 @@ def _objects_without_row(db: Any, store: Any, after: str = "") -> Iterator[tuple
         yield sha, info
 
 
-def _gc_dry_run(
-    db: Any, now: int, cutoff: int, grace_ms: int, stats: dict[str, Any], deleted: list[str]
-) -> None:
+# The dry run's scratch tables: temporary (this connection's own, gone when it closes),
+# so that the paths it would remove are deduplicated and joined in the database, not in
+# this process's memory.
+_DRY_REMOVED = "msc3916_gc_dry_removed"
+_DRY_STALE = "msc3916_gc_dry_stale"
+_DRY_CANDIDATES = "msc3916_gc_dry_candidates"
+
+
+def _dry_tables_txn(txn: index.Txn) -> None:
+    txn.execute(
+        f"CREATE TEMP TABLE {_DRY_REMOVED} (path TEXT PRIMARY KEY, sha256 TEXT NOT NULL)", ()
+    )
+    txn.execute(
+        f"CREATE TEMP TABLE {_DRY_STALE} (token TEXT PRIMARY KEY, sha256 TEXT NOT NULL)", ()
+    )
+    txn.execute(f"CREATE TEMP TABLE {_DRY_CANDIDATES} (sha256 TEXT PRIMARY KEY)", ())
+
+
+def _dry_insert_txn(txn: index.Txn, table: str, rows: list[tuple[str, str]]) -> None:
+    """Up to 400 rows a statement (800 parameters: below SQLite's oldest limit of 999),
+    not one round trip each."""
+    key = "path" if table == _DRY_REMOVED else "token"
+    for start in range(0, len(rows), 400):
+        chunk = rows[start:start + 400]
+        txn.execute(
+            f"INSERT INTO {table} VALUES {', '.join(['(?, ?)'] * len(chunk))}"
+            f" ON CONFLICT ({key}) DO NOTHING",
+            [value for row in chunk for value in row],
+        )
+
+
+def _dry_candidates_txn(txn: index.Txn) -> int:
+    """Contents the removed paths or released claims may leave unreferenced; the number
+    of removed paths."""
+    txn.execute(
+        f"INSERT INTO {_DRY_CANDIDATES} SELECT sha256 FROM {_DRY_REMOVED}"
+        f" UNION SELECT sha256 FROM {_DRY_STALE}",
+        (),
+    )
+    if index.is_postgres(txn):  # temporary tables are never auto-analysed
+        for table in (_DRY_REMOVED, _DRY_STALE, _DRY_CANDIDATES):
+            txn.execute(f"ANALYZE {table}", ())
+    txn.execute(f"SELECT COUNT(*) FROM {_DRY_REMOVED}", ())
+    return int(txn.fetchone()[0])
+
+
+def _dry_due_page_txn(
+    txn: index.Txn, stale_deleting: int, limit: int, after: str
+) -> list[tuple[str, int, int]]:
+    """Candidates whose every path is removed and every claim released, with a blob row
+    not being deleted (or deleted by a stale mark), in hash order after ``after``."""
+    txn.execute(
+        f"SELECT c.sha256, b.length FROM {_DRY_CANDIDATES} c"
+        f" JOIN {index.BLOBS} b ON b.sha256 = c.sha256 WHERE c.sha256 > ?"
+        " AND (b.deleting_ts IS NULL OR b.deleting_ts < ?)"
+        f" AND NOT EXISTS (SELECT 1 FROM {index.PATHS} p WHERE p.sha256 = c.sha256"
+        f"  AND NOT EXISTS (SELECT 1 FROM {_DRY_REMOVED} r"
+        "   WHERE r.path = p.path AND r.sha256 = p.sha256))"
+        f" AND NOT EXISTS (SELECT 1 FROM {index.CLAIMS} k WHERE k.sha256 = c.sha256"
+        f"  AND NOT EXISTS (SELECT 1 FROM {_DRY_STALE} s WHERE s.token = k.token))"
+        " ORDER BY c.sha256 LIMIT ?",
+        (after, stale_deleting, limit),
+    )
+    return [(str(r[0]), int(r[1]), 0) for r in txn.fetchall()]
+
+
+def _gc_dry_run(db: Any, now: int, cutoff: int, grace_ms: int, stats: dict[str, Any]) -> None:
     """Count what ``--apply`` would remove, with reads only.
 
     Every query is its own short transaction (a page at a time), so the dry run takes
@@ -709,42 +996,62 @@ def _gc_dry_run(
     The paths are those pending tombstones and the orphan sweep would remove; the
     contents those already unreferenced, plus those the removed paths and released
     stale claims would leave unreferenced (their ``delete_after`` would start now, so
-    they count only with ``--grace 0``).
+    they count only with ``--grace 0``). The removed paths go to a temporary table, not
+    to memory (10^6 tombstones made a dict of hundreds of MiB); the contents are
+    counted as they stream by, in hash order, and only the first ``EXAMPLES`` listed.
     """
-    stale = dict(index.run_tool_txn(db, index.stale_claims_txn, now))
-    removed: dict[str, str] = {}
+    index.run_tool_txn(db, _dry_tables_txn)
+    try:
+        _gc_dry_count(db, now, cutoff, grace_ms, stats)
+    finally:
+        index.run_tool_txn(db, _drop_dry_tables_txn)
+
+
+def _drop_dry_tables_txn(txn: index.Txn) -> None:
+    for table in (_DRY_REMOVED, _DRY_STALE, _DRY_CANDIDATES):
+        txn.execute(f"DROP TABLE {table}", ())
+
+
+def _gc_dry_count(db: Any, now: int, cutoff: int, grace_ms: int, stats: dict[str, Any]) -> None:
+    index.run_tool_txn(
+        db, _dry_insert_txn, _DRY_STALE, index.run_tool_txn(db, index.stale_claims_txn, now)
+    )
     after = 0
     while True:
         after, read, found = index.run_tool_txn(db, index.tombstone_paths_page_txn, after, 1000)
-        removed.update(found)
+        index.run_tool_txn(db, _dry_insert_txn, _DRY_REMOVED, found)
         if read < 1000:
             break
-    for path in index.run_tool_txn(db, index.orphan_paths_txn, cutoff, 1_000_000):
-        sha256 = index.run_tool_txn(db, index.path_sha256_txn, path)
-        if sha256 is not None:
-            removed[path] = sha256
-    stats["paths_removed"] += len(removed)
-    due: dict[str, int] = {}
-    if grace_ms <= 0:
-        stale_deleting = now - index.DELETING_STALE_MS
-        for sha256 in sorted(set(removed.values()) | set(stale.values())):
-            refs = index.run_tool_txn(db, index.blob_refs_txn, sha256)
-            if (
-                refs.length is not None
-                and all(removed.get(p) == sha256 for p in refs.paths)
-                and all(token in stale for token in refs.claims)
-                and (refs.deleting_ts is None or refs.deleting_ts < stale_deleting)
-            ):
-                due[sha256] = refs.length
-    for sha256, length, _gen in _unreferenced(
+    last = ""
+    while True:
+        rows = index.run_tool_txn(db, index.orphan_path_rows_txn, cutoff, 1000, last)
+        index.run_tool_txn(db, _dry_insert_txn, _DRY_REMOVED, rows)
+        if len(rows) < 1000:
+            break
+        last = rows[-1][0]
+    stats["paths_removed"] += index.run_tool_txn(db, _dry_candidates_txn)
+    unreferenced = _unreferenced(
         lambda *a: index.run_tool_txn(db, index.unreferenced_blobs_txn, *a),
         index.now_ms() - grace_ms,
-    ):
-        due[sha256] = length
-    for sha256 in sorted(due):
+    )
+    due: Iterable[tuple[str, int, int]] = unreferenced
+    if grace_ms <= 0:
+        stale_deleting = now - index.DELETING_STALE_MS
+        freed = _unreferenced(
+            lambda _cutoff, limit, start: index.run_tool_txn(
+                db, _dry_due_page_txn, stale_deleting, limit, start
+            ),
+            0,
+        )
+        due = heapq.merge(freed, unreferenced)
+    previous = None
+    for sha256, length, _gen in due:  # both in hash order: a content in both counts once
+        if sha256 == previous:
+            continue
+        previous = sha256
         stats["objects_deleted"] += 1
-        stats["bytes_freed"] += due[sha256]
-        deleted.append(sha256)
+        stats["bytes_freed"] += length
+        _example(stats, "deleted", sha256)
 
 
 def _check_after_lost_mark(db: Any, store: Any, sha256: str) -> None:
@@ -777,21 +1084,22 @@ def cmd_gc(args: argparse.Namespace) -> int:
         "bytes_freed": 0,
         "orphan_objects_deleted": 0,
         "applied": apply,
+        "deleted": [],
     }
-    deleted: list[str] = []
     timer = Timer()
     with _open(ctx) as db:
         index.run_tool_txn(db, index.ensure_schema_txn)
         if not apply:
-            _gc_dry_run(db, now, cutoff, int(args.grace * 1000), stats, deleted)
+            _gc_dry_run(db, now, cutoff, int(args.grace * 1000), stats)
             for _sha, info in _objects_without_row(db, ctx.store):
                 if info.mtime * 1000 < cutoff:
                     stats["orphan_objects_deleted"] += 1
                     stats["bytes_freed"] += info.size
         else:
-            _gc_apply(ctx, db, args, now, cutoff, stats, deleted, timer)
+            _gc_apply(ctx, db, args, now, cutoff, stats, timer)
     timer.summary(stats, args, ctx.jobs)
-    stats["deleted"] = deleted
+    listed = stats["objects_deleted"] + (stats["orphan_objects_deleted"] if apply else 0)
+    stats["deleted_truncated"] = listed > len(stats["deleted"])
     _report("gc", stats, args)
     return 0
 
@@ -824,72 +1132,41 @@ def _chunks(rows: Iterable[Any], size: int, key: Any) -> Iterator[tuple[str, lis
 def _delete_chunk(
     db: Any, store: Any, chunk: list[tuple[str, int, int | None]]
 ) -> list[tuple[str, int]]:
-    """Delete a chunk of objects (in a worker): mark each blob row with the same
-    conditional ``mark_*`` as one at a time, delete the marked objects in one
-    ``DeleteObjects`` call, then ``finish_deleting`` (or ``abort_deleting`` for those the
-    store refused). ``gen`` None: an object with no row (the orphan sweep).
+    """Delete a chunk of objects (in a worker) as the deletion job deletes a batch, with
+    its shared steps (``lifecycle``): mark every row in one transaction, delete the
+    marked objects in one ``DeleteObjects`` call, settle the marks (finish or abort) in
+    one transaction, check the objects whose mark an upload took over. ``gen`` None: an
+    object with no row (the orphan sweep).
 
-    As in the deletion job, the delete starts only within
-    ``START_DELETE_WITHIN_SECONDS`` of the marking (else the marks are released for the
-    next run), every mark is acted on only while still held, and an object whose mark an
-    upload took over is checked (``_check_after_lost_mark``)."""
+    The delete starts only within ``START_DELETE_WITHIN_SECONDS`` of the marking (else
+    the marks are released for the next run)."""
     started = time.monotonic()
-
-    def mark_all(txn: index.Txn) -> list[tuple[str, int, index.Mark]]:
-        marked = []
-        for sha256, length, gen in chunk:
-            if gen is None:
-                mark = index.mark_orphan_object_deleting_txn(txn, sha256, length, index.now_ms())
-            else:
-                mark = index.mark_deleting_txn(txn, sha256, gen)
-            if mark is not None:  # else referenced again (or recorded) since the scan
-                marked.append((sha256, length, mark))
-        return marked
-
-    marked = index.run_tool_txn(db, mark_all)
+    marked = index.run_tool_txn(db, mark_batch_txn, chunk, index.now_ms())
     if not marked:
         return []
     kill_point()
-    if time.monotonic() - started > START_DELETE_WITHIN_SECONDS:
-        # The database stalled that long: a delete now might land after an upload took
-        # a mark over. Left for the next run.
-        def unmark_all(txn: index.Txn) -> None:
-            for sha256, _length, mark in marked:
-                index.unmark_deleting_txn(txn, sha256, mark)
-
-        index.run_tool_txn(db, unmark_all)
-        return []
 
     def settle(failed: Any) -> None:
-        """Finish the deleted rows' marks, abort the others'; check those lost meanwhile."""
-
-        def settle_txn(txn: index.Txn) -> list[str]:
-            lost = []
-            for sha256, _length, mark in marked:
-                held = (
-                    index.abort_deleting_txn(txn, sha256, mark)
-                    if sha256 in failed
-                    else index.finish_deleting_txn(txn, sha256, mark)
-                )
-                if not held:
-                    lost.append(sha256)
-            return lost
-
-        for sha256 in index.run_tool_txn(db, settle_txn):
+        for sha256 in index.run_tool_txn(db, settle_batch_txn, marked, failed):
             _check_after_lost_mark(db, store, sha256)
 
     try:
-        failed = store.delete_many([sha for sha, _, _ in marked])
+        failed = delete_if_in_time(store, marked, started)
     except StorageUnavailable:
         # Never leave a row claiming an object that may be gone.
-        settle({sha for sha, _, _ in marked})
+        settle({m.sha256 for m in marked})
         raise
+    if failed is None:
+        # The database stalled that long: a delete now might land after an upload took
+        # a mark over. Left for the next run.
+        index.run_tool_txn(db, unmark_batch_txn, marked)
+        return []
     kill_point()
     settle(failed)
     if failed:
         sha256, why = next(iter(failed.items()))
         raise StorageUnavailable(f"{len(failed)} object(s) could not be deleted ({sha256}: {why})")
-    return [(sha256, length) for sha256, length, _mark in marked]
+    return [(m.sha256, m.length) for m in marked]
 
 
 def _gc_apply(
@@ -899,7 +1176,6 @@ def _gc_apply(
     now: int,
     cutoff: int,
     stats: dict[str, Any],
-    deleted: list[str],
     timer: Timer,
 ) -> None:
     """``gc --apply``: paths first (tombstones, orphans; both resumable by nature, what is
@@ -947,7 +1223,7 @@ def _gc_apply(
                 for sha256, length in marked:
                     stats[counter] += 1
                     stats["bytes_freed"] += length
-                    deleted.append(sha256)
+                    _example(stats, "deleted", sha256)
             return done
 
         def checkpoint_as(p: str) -> Any:
@@ -1031,7 +1307,7 @@ def _report(command: str, stats: dict[str, Any], args: argparse.Namespace) -> No
     )
     print(f"{command}{mode}:")
     for key, value in stats.items():
-        if key in ("deleted", "applied"):
+        if key in ("deleted", "deleted_truncated", "applied"):
             continue
         print(f"  {key}: {_human(value) if key.startswith('bytes') else value}")
 
@@ -1088,6 +1364,12 @@ def register(subparsers: Any) -> None:
         " (default: the configured legacy_prefix) instead of the local media store",
     )
     p.add_argument("--keep-source", action="store_true", help="do not delete legacy objects")
+    p.add_argument(
+        "--no-server-side-copy",
+        action="store_true",
+        help="download and upload every legacy object, even where S3 CopyObject could"
+        " copy it inside the bucket (the default when Synapse recorded its SHA-256)",
+    )
     p.add_argument(
         "--min-age",
         type=parse_duration,

@@ -47,7 +47,7 @@ _EXPORTS = {
         "Responder", "storage_module_api", "run_db_read_committed", "storage_reactor",
         "media_store_path", "local_media_storage_enabled", "provider_store_synchronous",
         "storage_config_error", "storage_not_spam", "run_as_background_process",
-        "defer_to_threadpool", "media_tables_have_sha256",
+        "defer_to_threadpool", "gather", "media_tables_have_sha256",
     ),
     "redirect": ("install_fetch_hook", "RedirectingResponder"),
     "media_deletions": (
@@ -67,7 +67,7 @@ __all__ = [
     "Responder", "storage_module_api", "run_db_read_committed", "storage_reactor",
     "media_store_path", "local_media_storage_enabled", "provider_store_synchronous",
     "storage_config_error", "storage_not_spam", "run_as_background_process",
-    "defer_to_threadpool", "media_tables_have_sha256",
+    "defer_to_threadpool", "gather", "media_tables_have_sha256",
     "install_fetch_hook", "RedirectingResponder",
     "ensure_deletion_triggers_txn", "deletion_triggers_present_txn",
     "instance_name", "media_deletions_looping_call",
@@ -104,6 +104,7 @@ if TYPE_CHECKING:
     from synapse_msc3916.synapse_adapter.storage import (
         Responder,
         defer_to_threadpool,
+        gather,
         local_media_storage_enabled,
         media_store_path,
         media_tables_have_sha256,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from synapse.media._base import Responder
@@ -135,6 +135,18 @@ async def defer_to_threadpool(hs: HomeServer, pool: Any, f: Callable[..., Any], 
     from synapse.logging.context import defer_to_threadpool as synapse_defer_to_threadpool
 
     return await synapse_defer_to_threadpool(hs.get_reactor(), pool, f, *args)
+
+
+async def gather(func: Callable[[Any], Awaitable[Any]], items: Sequence[Any]) -> list[Any]:
+    """``func`` on every item at once, in Synapse's log contexts: the deletion job's
+    batches in flight together (which never raise: a failure would be raised at once,
+    while the others still run)."""
+    from synapse.module_api import make_deferred_yieldable, run_in_background
+    from twisted.internet import defer
+
+    deferreds = [run_in_background(func, item) for item in items]
+    gathered: defer.Deferred[Any] = defer.gatherResults(deferreds, consumeErrors=True)
+    return list(await make_deferred_yieldable(gathered))
 
 
 @functools.cache
