@@ -310,6 +310,64 @@ def _deletion_job(report: Report, hs: Synapse, weed: SeaweedFS, bucket: str, end
                    **extra)
 
 
+def _legacy_copy(report: Report, hs: Synapse, weed: SeaweedFS, networks: dict[str, str],
+                 empty: Path, small: int, big: int) -> None:
+    """`migrate --from-legacy-prefix`, default jobs: server-side copy (CopyObject, then a
+    read-back, as SeaweedFS returns no SHA-256 for a copy) against download + upload
+    (`--no-server-side-copy`), side by side, each run on its own bucket holding the same
+    synapse-s3-storage-provider objects under `legacy/`. At sizes of its own
+    (`B5_LEGACY_SMALL` / `B5_LEGACY_BIG`): every contender first uploads its legacy
+    objects."""
+    import boto3
+
+    client = boto3.session.Session().client(
+        "s3", endpoint_url=weed.endpoint_url, region_name="us-east-1",
+        aws_access_key_id=weed.ACCESS_KEY, aws_secret_access_key=weed.SECRET_KEY,
+    )
+    db = hs.dir / "homeserver.db"
+    for kind, count, sizes, dup in (("small", small, (1024, 32 * 1024), 5),
+                                    ("8 MiB", big, (8 * MIB, 8 * MIB), 0)):
+        shutil.copy(empty, db)
+        shutil.rmtree(hs.media_store / "local_content", ignore_errors=True)
+        ids, total = _create_media(hs, count, sizes, dup, 7, "l")
+        ready = hs.dir / "legacy-ready.db"
+        shutil.copy(db, ready)
+        paths = [f"local_content/{i[0:2]}/{i[2:4]}/{i[4:]}" for i in ids]
+        base: dict[str, float] = {}
+        for net, endpoint in networks.items():
+            for contender, flags in (("download + upload", ["--no-server-side-copy"]),
+                                     ("server-side copy", [])):
+                shutil.copy(ready, db)
+                bucket = f"b5-legacy-{'s' if kind == 'small' else 'b'}-{'l' if net == 'loopback' else 'p'}-{len(flags)}"
+                weed.create_bucket(bucket)
+                with ThreadPoolExecutor(16) as pool:
+                    list(pool.map(lambda p, b=bucket: client.put_object(
+                        Bucket=b, Key="legacy/" + p,
+                        Body=(hs.media_store / p).read_bytes()), paths))
+                config = s3_config(weed, bucket, prefix="blobs/", legacy_prefix="legacy/")
+                config["endpoint_url"] = endpoint
+                hs.config["media_storage_providers"] = [provider_entry(config)]
+                hs.write_config()
+                m = _tool(hs, None, "migrate", "--from-legacy-prefix", *flags)
+                data = m.summary
+                assert data is not None and data["files"] == count, data
+                assert data["legacy_deleted"] == count, data
+                # (duplicates migrated at the same moment are downloaded: a copy is made
+                # only where nobody else stores the content)
+                assert (data["copied_server_side"] > 0) != bool(flags), data
+                m.objects = count
+                ratio = ""
+                if flags:
+                    base[net] = m.rate
+                else:
+                    ratio = f"{m.rate / base[net]:.1f}x download + upload"
+                _row(report, f"migrate --from-legacy-prefix, {kind}, {net}", contender, m, total,
+                     ratio=ratio)
+                _weed_delete_bucket(weed, bucket)
+        shutil.rmtree(hs.media_store / "local_content", ignore_errors=True)
+        report.note("B5", f"legacy prefix, {kind}: {count:,} media, {total / MIB:,.0f} MiB.")
+
+
 def run(report: Report, workdir: Path, quick: bool = False) -> None:
     small = int(os.environ.get("B5_SMALL", 300 if quick else 100_000))
     big = int(os.environ.get("B5_BIG", 8 if quick else 1000))
@@ -425,6 +483,10 @@ def run(report: Report, workdir: Path, quick: bool = False) -> None:
                 + (", one in five a duplicate of an earlier content." if dup else "."),
             )
             shutil.rmtree(media_store / "local_content", ignore_errors=True)
+        if tools:
+            _legacy_copy(report, hs, weed, networks, empty,
+                         int(os.environ.get("B5_LEGACY_SMALL", 300 if quick else 5000)),
+                         int(os.environ.get("B5_LEGACY_BIG", 8 if quick else 50)))
         report.note(
             "B5",
             "Rates: objects / `elapsed_seconds` of the tool's `--json` summary (the work, "
