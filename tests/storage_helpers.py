@@ -123,6 +123,19 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def switch_to_dedup(hs: Synapse, seaweedfs: Any, bucket: str) -> None:
+    """Phase 2 of a real migration: this module's provider replaces
+    synapse-s3-storage-provider (whose objects are under ``legacy/``, the blobs going under
+    ``blobs/``), with the local media wiped so that reads come from the bucket."""
+    hs.stop()
+    hs.config["media_storage_providers"] = [
+        provider_entry(s3_config(seaweedfs, bucket, prefix="blobs/", legacy_prefix="legacy/"))
+    ]
+    hs.write_config()
+    wipe_local_media(hs)
+    hs.start()
+
+
 def run_tool(hs: Synapse, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     """Run a ``synapse-msc3916`` command against ``hs``'s homeserver.yaml."""
     return subprocess.run(

@@ -27,6 +27,7 @@ from tests.storage_helpers import (
     s3_config,
     s3_legacy_entry,
     sha,
+    switch_to_dedup,
     wipe_local_media,
 )
 from tests.test_storage_tools_resume import killed, local_path, object_bytes, tool
@@ -40,17 +41,6 @@ def _legacy_server(
     hs = synapse_factory(storage_providers=[s3_legacy_entry(seaweedfs, bucket, "legacy/")])
     hs.start()
     return hs
-
-
-def _switch_to_dedup(hs: Synapse, endpoint: SeaweedFS, bucket: str) -> None:
-    """Phase 2 of a real migration: the dedup provider replaces synapse-s3-storage-provider."""
-    hs.stop()
-    hs.config["media_storage_providers"] = [
-        provider_entry(s3_config(endpoint, bucket, prefix="blobs/", legacy_prefix="legacy/"))
-    ]
-    hs.write_config()
-    wipe_local_media(hs)
-    hs.start()
 
 
 def test_legacy_migration_copies_server_side_and_falls_back_without_a_sha256(
@@ -73,7 +63,7 @@ def test_legacy_migration_copies_server_side_and_falls_back_without_a_sha256(
     try:
         via_proxy = SeaweedFS(seaweedfs.dir)
         via_proxy.endpoint_url = proxy.url
-        _switch_to_dedup(hs, via_proxy, bucket)
+        switch_to_dedup(hs, via_proxy, bucket)
         mark = len(proxy.seen())
         # One at a time: the second `same` is then a dedup hit (run alongside the first,
         # it would be downloaded: a copy is only made where nobody else stores it).
@@ -150,7 +140,7 @@ def test_a_rotten_source_is_kept_and_its_copy_never_served(
     tampered[100] ^= 0xFF
     client = seaweedfs.client()
     client.put_object(Bucket=bucket, Key=key, Body=bytes(tampered))
-    _switch_to_dedup(hs, seaweedfs, bucket)
+    switch_to_dedup(hs, seaweedfs, bucket)
 
     result = run_tool(hs, "migrate", "--from-legacy-prefix", "--json")
     assert result.returncode == 1, result.stderr

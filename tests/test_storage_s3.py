@@ -21,6 +21,7 @@ from tests.storage_helpers import (
     s3_config,
     s3_legacy_entry,
     sha,
+    switch_to_dedup,
     thumbnail,
     wipe_local_media,
 )
@@ -118,13 +119,7 @@ def test_legacy_bucket_served_then_migrated(
     assert len(distinct) <= len(legacy_keys) - 2  # at least the three copies of `same`
 
     # Phase 2: the dedup provider replaces it, reading old objects via legacy_prefix.
-    hs.stop()
-    hs.config["media_storage_providers"] = [
-        provider_entry(s3_config(seaweedfs, bucket, prefix="blobs/", legacy_prefix="legacy/"))
-    ]
-    hs.write_config()
-    wipe_local_media(hs)
-    hs.start()
+    switch_to_dedup(hs, seaweedfs, bucket)
     assert "dedup storage provider on s3://dedup-legacy/blobs/" in hs.output()
     for media_id, content in zip(ids, contents, strict=True):
         resp = download(hs, token, media_id)

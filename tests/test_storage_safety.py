@@ -22,6 +22,7 @@ from tests.storage_helpers import (
     s3_config,
     s3_legacy_entry,
     sha,
+    switch_to_dedup,
     wipe_local_media,
 )
 
@@ -162,13 +163,7 @@ def test_migrate_deletes_only_verified_sources(
     tampered[100] ^= 0xFF
     client.put_object(Bucket=bucket, Key=key["rotten"], Body=bytes(tampered))
 
-    hs.stop()
-    hs.config["media_storage_providers"] = [
-        provider_entry(s3_config(seaweedfs, bucket, prefix="blobs/", legacy_prefix="legacy/"))
-    ]
-    hs.write_config()
-    wipe_local_media(hs)
-    hs.start()
+    switch_to_dedup(hs, seaweedfs, bucket)
 
     first = run_tool(hs, "migrate", "--from-legacy-prefix", "--keep-source", "--json")
     assert first.returncode == 1, first.stderr

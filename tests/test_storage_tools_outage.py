@@ -34,6 +34,7 @@ from tests.storage_helpers import (
     s3_config,
     s3_legacy_entry,
     sha,
+    switch_to_dedup,
     wipe_local_media,
 )
 from tests.test_storage_outage import crash
@@ -101,13 +102,7 @@ def test_migrate_through_an_s3_outage_stops_cleanly_and_resumes(
     rng = random.Random(31)
     media = {hs.upload(token, data): data
              for data in (rng.randbytes(rng.randint(1000, 20_000)) for _ in range(40))}
-    hs.stop()
-    hs.config["media_storage_providers"] = [
-        provider_entry(s3_config(sw, bucket, prefix="blobs/", legacy_prefix="legacy/"))
-    ]
-    hs.write_config()
-    wipe_local_media(hs)
-    hs.start()
+    switch_to_dedup(hs, sw, bucket)
 
     def done() -> int:
         rows: list[Any] = hs.sql(f"SELECT done FROM {index.TOOL_RUNS} WHERE tool = 'migrate'")

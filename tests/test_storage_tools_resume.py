@@ -40,6 +40,7 @@ from tests.storage_helpers import (
     s3_config,
     s3_legacy_entry,
     sha,
+    switch_to_dedup,
     wipe_local_media,
 )
 
@@ -83,13 +84,7 @@ def test_migrate_killed_at_random_points_resumes_and_never_loses_a_source(
     rng = random.Random(20)
     contents = [rng.randbytes(rng.randint(1000, 20_000)) for _ in range(12)]
     media = {hs.upload(token, data): data for data in contents + contents[:4]}  # 4 duplicates
-    hs.stop()
-    hs.config["media_storage_providers"] = [
-        provider_entry(s3_config(seaweedfs, bucket, prefix="blobs/", legacy_prefix="legacy/"))
-    ]
-    hs.write_config()
-    wipe_local_media(hs)
-    hs.start()
+    switch_to_dedup(hs, seaweedfs, bucket)
 
     def check_no_source_lost() -> None:
         left = set(seaweedfs.list_keys(bucket, "legacy/"))
