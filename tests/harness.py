@@ -653,9 +653,10 @@ class SeaweedFS:
     def start(self, timeout: float = 60.0) -> SeaweedFS:
         """Start (or restart, on the same S3 port) and wait until S3 answers.
 
-        A start that dies on a port some other process took in the meantime is tried again
-        on fresh internal ports (and, on a first start, a fresh S3 port); its log's last
-        lines are in the error when every try fails.
+        A start that dies early (most often on a port some other process took in the
+        meantime) is tried again on fresh internal ports (and, on a first start whose S3
+        port was taken, a fresh S3 port); the log's last lines are in the error when every
+        try fails.
         """
         weed = shutil.which("weed", path=str(_BIN)) or shutil.which("weed")
         if weed is None:
@@ -690,8 +691,7 @@ class SeaweedFS:
                 self.log.close()
                 self.proc = None
                 tail = (self.dir / "weed.log").read_bytes()[log_start:][-2000:]
-                in_use = b"address already in use" in tail
-                if attempt == 2 or not in_use:
+                if attempt == 2:
                     raise RuntimeError(f"{e}; last lines of {self.dir / 'weed.log'}:\n"
                                        + tail.decode(errors="replace")) from None
                 if f":{self.s3_port}:".encode() in tail and not self._started_once:
