@@ -355,6 +355,61 @@ def test_scrub_resumed_after_a_kill_reports_and_exits_for_the_whole_run(
     assert again["resumed_from"] is None and {b["sha256"] for b in again["broken"]} == set(lost)
 
 
+def test_gc_apply_resumed_after_a_kill_lists_what_the_killed_run_deleted(
+    synapse_factory: Callable[..., Synapse], seaweedfs: SeaweedFS
+) -> None:
+    """``gc --apply``'s ``deleted`` list and counts cover the whole run, the part before a
+    SIGKILL included: what the killed run deleted is gone from the bucket, so the resumed
+    run would not find it again, and an admin reading its report must still see it."""
+    bucket = "resume-gc-report"
+    seaweedfs.create_bucket(bucket)
+    hs = synapse_factory(storage_providers=[provider_entry(s3_config(seaweedfs, bucket))]).start()
+    assert tool(hs, "stats").returncode == 0  # creates the index tables
+    _insert_blobs(hs, seaweedfs, bucket, 40)  # unreferenced: all garbage
+    garbage = sorted(r[0] for r in hs.sql(f"SELECT sha256 FROM {index.BLOBS}"))
+
+    # --jobs 4: chunks of 10 objects, each costing 10 of --max-rate's 10 objects/s, so
+    # the run takes about four seconds and checkpoints after each chunk.
+    env = {**hs.env(), "MSC3916_CHECKPOINT_SECONDS": "0"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "synapse_msc3916", "gc", "--grace", "0s", "--apply",
+         "--max-rate", "10", "--jobs", "4", "--json", "-c", str(hs.config_path)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            row: list[Any] = hs.sql(f"SELECT done FROM {index.TOOL_RUNS} WHERE tool = 'gc'")
+            if row and row[0][0] >= 10:
+                break
+            assert first.poll() is None, "the first run ended before it was killed"
+            time.sleep(0.02)
+        else:
+            raise AssertionError("the first gc never deleted its first chunk")
+        assert first.poll() is None  # killed half-way, not after its end
+    finally:
+        first.kill()
+        first.wait()
+    assert first.returncode == -signal.SIGKILL
+    keys = set(seaweedfs.list_keys(bucket))
+    deleted_before = [s for s in garbage if blob_name(s) not in keys]
+    assert 10 <= len(deleted_before) < len(garbage)  # the kill really came half-way
+
+    # The killed run's marks on chunks in flight go stale first, as a real restart's do.
+    hs.sql(
+        f"UPDATE {index.BLOBS} SET deleting_ts = deleting_ts - ? WHERE deleting_ts IS NOT NULL",
+        (index.DELETING_STALE_MS + 1000,),
+    )
+    resumed = tool(hs, "gc", "--grace", "0s", "--apply", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads(resumed.stdout)
+    assert report["resumed_from"] is not None, report
+    assert report["objects_deleted"] == len(garbage), report
+    assert sorted(report["deleted"]) == garbage and report["deleted_truncated"] is False
+    assert not set(seaweedfs.list_keys(bucket))
+    assert hs.sql(f"SELECT COUNT(*) FROM {index.BLOBS}") == [(0,)]
+
+
 def test_scrub_and_gc_list_the_first_100_and_count_everything(
     synapse_factory: Callable[..., Synapse], tmp_path: Path
 ) -> None:
