@@ -6,8 +6,12 @@ import hashlib
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from tests.harness import SeaweedFS, Synapse
@@ -170,3 +174,24 @@ def noise_png(width: int, height: int) -> bytes:
     out = io.BytesIO()
     Image.frombytes("RGB", (width, height), os.urandom(width * height * 3)).save(out, "PNG")
     return out.getvalue()
+
+
+def crash(sw: SeaweedFS) -> None:
+    """Kill the S3 server outright (by PID): an outage, not a polite shutdown."""
+    assert sw.proc is not None
+    os.kill(sw.proc.pid, signal.SIGKILL)
+    sw.proc.wait(10)
+    sw.proc = None
+    sw.log.close()
+
+
+@contextmanager
+def private_seaweedfs_at(directory: Path) -> Iterator[SeaweedFS]:
+    """A SeaweedFS of the tests' own, not the session's, because they crash it; crashed
+    at the end too (nothing to keep, and a polite stop takes SeaweedFS 20 s)."""
+    server = SeaweedFS(directory).start()
+    try:
+        yield server
+    finally:
+        if server.proc is not None:
+            crash(server)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import threading
 import time
@@ -13,27 +12,22 @@ from pathlib import Path
 import pytest
 
 from tests.harness import SeaweedFS, Synapse, request
-from tests.storage_helpers import download, png, provider_entry, s3_config, wipe_local_media
+from tests.storage_helpers import (
+    crash,
+    download,
+    png,
+    private_seaweedfs_at,
+    provider_entry,
+    s3_config,
+    wipe_local_media,
+)
 
 
 @pytest.fixture(scope="module")
 def private_seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    """Not the session instance: these tests stop it."""
-    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs-outage")).start()
-    try:
+    """One for the module: each test leaves it running."""
+    with private_seaweedfs_at(tmp_path_factory.mktemp("seaweedfs-outage")) as server:
         yield server
-    finally:
-        if server.proc is not None:
-            crash(server)  # nothing to keep; a polite stop takes SeaweedFS 20 s
-
-
-def crash(sw: SeaweedFS) -> None:
-    """Kill the S3 server outright (by PID): an outage, not a polite shutdown."""
-    assert sw.proc is not None
-    os.kill(sw.proc.pid, signal.SIGKILL)
-    sw.proc.wait(10)
-    sw.proc = None
-    sw.log.close()
 
 
 def _upload_status(hs: Synapse, token: str, data: bytes) -> tuple[int, dict]:

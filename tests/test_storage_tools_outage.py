@@ -29,7 +29,9 @@ from synapse_msc3916.storage.blobstore import blob_name
 from tests.harness import SeaweedFS, Synapse, request, wait_for
 from tests.harness_workers import PostgreSQL
 from tests.storage_helpers import (
+    crash,
     download,
+    private_seaweedfs_at,
     provider_entry,
     s3_config,
     s3_legacy_entry,
@@ -37,19 +39,14 @@ from tests.storage_helpers import (
     switch_to_dedup,
     wipe_local_media,
 )
-from tests.test_storage_outage import crash
 from tests.test_storage_tools_resume import local_path, object_bytes, tool
 
 
 @pytest.fixture
 def private_seaweedfs(tmp_path: Path) -> Iterator[SeaweedFS]:
-    """Not the session instance: these tests crash it."""
-    server = SeaweedFS(tmp_path / "seaweedfs").start()
-    try:
+    """One for each test: a test may end with it crashed."""
+    with private_seaweedfs_at(tmp_path / "seaweedfs") as server:
         yield server
-    finally:
-        if server.proc is not None:
-            crash(server)
 
 
 def _start(hs: Synapse, *args: str) -> subprocess.Popen:
