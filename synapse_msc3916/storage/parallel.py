@@ -158,6 +158,12 @@ class Connections:
                     pass
             self._all.clear()
 
+    def __enter__(self) -> Connections:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def run_ordered(
     items: Iterable[tuple[str, T]],

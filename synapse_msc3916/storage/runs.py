@@ -23,6 +23,8 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import attr
@@ -161,6 +163,18 @@ class ToolRun:
             return txn.rowcount == 1
 
         return bool(index.run_tool_txn(db, txn_func))
+
+    @contextmanager
+    def active(self) -> Iterator[Resume]:
+        """Own the row for the ``with`` body; an error or a kill signal in it leaves the
+        cursor for the next run (``stop``). A body that ends normally is not finished
+        yet: ``finish`` it with its rate once its summary is made."""
+        resume = self.start()
+        try:
+            yield resume
+        except BaseException:
+            self.stop()
+            raise
 
     def checkpoint(self, cursor: str, done: int, stats: dict[str, Any]) -> None:
         """Every object up to ``cursor`` is done: a restart goes on after it."""

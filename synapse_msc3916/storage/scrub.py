@@ -265,15 +265,13 @@ def cmd_scrub(args: argparse.Namespace) -> int:
         "hash": bool(args.hash),
         "repair": bool(args.repair),
     }
-    conns = Connections(ctx.config)
     limiter = RateLimiter(args.max_rate)
     timer = Timer()
     options = " ".join(o for o, on in (("--hash", args.hash), ("--repair", args.repair)) if on)
     with hc.open_database(ctx.config) as db:
         index.run_tool_txn(db, index.ensure_schema_txn)
         run = ToolRun(ctx.config, db, "scrub", options or "sizes", args.restart)
-        resume = run.start()
-        try:
+        with Connections(ctx.config) as conns, run.active() as resume:
             _resumed("scrub", resume, stats)
             _earlier_problems(stats, args)
             total = index.run_tool_txn(db, _count_stored_txn)
@@ -327,11 +325,6 @@ def cmd_scrub(args: argparse.Namespace) -> int:
                 raise hc.ToolError(str(e)) from None
             finally:
                 bar.close()
-        except BaseException:
-            run.stop()
-            raise
-        finally:
-            conns.close()
         run.finish(timer.summary(stats, args, ctx.jobs))
     still_broken = (
         stats["missing"] + stats["corrupt"] + stats["unrecorded"] + stats["unstored"]

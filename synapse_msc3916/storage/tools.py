@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from typing import Any
 
 import attr
@@ -665,13 +666,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         "verified_by_checksum": 0,
         "verified_by_read_back": 0,
     }
-    args.server_side_copy = ServerSideCopy(
-        prefix is not None and not getattr(args, "no_server_side_copy", False)
-    )
+    copy = ServerSideCopy(prefix is not None and not args.no_server_side_copy)
     if args.dry_run:
         stats.update(pending=0, pending_bytes=0)
     limiter = RateLimiter(args.max_rate)
-    conns = Connections(ctx.config)
     timer = Timer()
     with _open(ctx) as db:
         index.run_tool_txn(db, index.ensure_schema_txn)
@@ -680,8 +678,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         if args.keep_source:
             signature += " keep-source"
         run = None if args.dry_run else ToolRun(ctx.config, db, "migrate", signature, args.restart)
-        resume = run.start() if run else Resume(None, 0, None, last_rate(db, "migrate"))
-        try:
+        active = run.active() if run else nullcontext(
+            Resume(None, 0, None, last_rate(db, "migrate"))
+        )
+        with Connections(ctx.config) as conns, active as resume:
             _resumed("migrate", resume, stats)
             total = index.run_tool_txn(db, _synapse_media_count_txn)
             progress = Progress("migrate", total, initial=resume.done)
@@ -690,7 +690,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             rows = SynapseRows(has_sha)
 
             def work(item: Source) -> list[str]:
-                return _migrate_item(conns.get(), ctx.store, rows, item, args)
+                return _migrate_item(conns.get(), ctx.store, rows, item, args, copy)
 
             def done(item: Source, keys: list[str]) -> None:
                 progress.step()
@@ -719,12 +719,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             rate = timer.summary(stats, args, ctx.jobs)
             if args.dry_run:
                 _estimate(ctx, stats, probe, resume.last_rate, db, conns)
-        except BaseException:
-            if run is not None:
-                run.stop()
-            raise
-        finally:
-            conns.close()
         if run is not None:
             run.finish(rate)
     _report("migrate", stats, args)
@@ -795,7 +789,12 @@ def _estimate(
 
 
 def _migrate_item(
-    db: Any, store: Any, rows: SynapseRows, item: Source, args: argparse.Namespace
+    db: Any,
+    store: Any,
+    rows: SynapseRows,
+    item: Source,
+    args: argparse.Namespace,
+    copy: ServerSideCopy,
 ) -> list[str]:
     """Migrate one source (in a worker thread); the counters it adds to."""
     path, local_file, _size, legacy_key = item
@@ -814,7 +813,7 @@ def _migrate_item(
     try:
         outcome = _migrate_one(
             db, store, path, ref, local_file, legacy_key, located, rows, expected,
-            getattr(args, "server_side_copy", None), notes,
+            copy, notes,
         )
     except index.LostClaim as e:
         # gc released this run's claim (older than a day) while it stored: the path is
@@ -1182,10 +1181,8 @@ def _gc_apply(
     done is gone), then unreferenced blobs and objects without a row, in hash order,
     ``--jobs`` chunks of up to 1,000 at once, with the run's cursor in the database."""
     run = ToolRun(ctx.config, db, "gc", f"grace={args.grace}", args.restart)
-    resume = run.start()
-    conns = Connections(ctx.config)
     limiter = RateLimiter(args.max_rate)
-    try:
+    with Connections(ctx.config) as conns, run.active() as resume:
         _resumed("gc", resume, stats)
         index.run_tool_txn(db, index.release_stale_claims_txn, now)
         while True:
@@ -1254,11 +1251,6 @@ def _gc_apply(
             raise hc.ToolError(str(e)) from None
         finally:
             progress.close()
-    except BaseException:
-        run.stop()
-        raise
-    finally:
-        conns.close()
     run.finish(None if not timer.count else timer.count / max(time.monotonic() - timer.start, 1e-6))
 
 
@@ -1336,9 +1328,12 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parallel_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill in ``--jobs``/``--max-rate``/``--restart`` for callers that build the
-    namespace themselves (tests, scripts) without them."""
-    for name, value in (("jobs", None), ("max_rate", None), ("restart", False)):
+    """Fill in ``--jobs``/``--max-rate``/``--restart`` (and ``migrate``'s
+    ``--no-server-side-copy``) for callers that build the namespace themselves (tests,
+    scripts) without them."""
+    for name, value in (
+        ("jobs", None), ("max_rate", None), ("restart", False), ("no_server_side_copy", False)
+    ):
         if not hasattr(args, name):
             setattr(args, name, value)
     return args
