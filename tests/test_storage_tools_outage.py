@@ -16,11 +16,8 @@ import json
 import os
 import random
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -39,7 +36,14 @@ from tests.storage_helpers import (
     switch_to_dedup,
     wipe_local_media,
 )
-from tests.test_storage_tools_resume import local_path, object_bytes, tool
+from tests.test_storage_tools_resume import (
+    local_path,
+    object_bytes,
+    recorded_done,
+    start_tool,
+    tool,
+    wait_for_progress,
+)
 
 
 @pytest.fixture
@@ -47,33 +51,6 @@ def private_seaweedfs(tmp_path: Path) -> Iterator[SeaweedFS]:
     """One for each test: a test may end with it crashed."""
     with private_seaweedfs_at(tmp_path / "seaweedfs") as server:
         yield server
-
-
-def _start(hs: Synapse, *args: str) -> subprocess.Popen:
-    """A tool run in the background, slowed by --max-rate so that an outage lands
-    while it works; its checkpoints are written at once."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "synapse_msc3916", *args, "-c", str(hs.config_path)],
-        env={**hs.env(), "MSC3916_CHECKPOINT_SECONDS": "0"},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-
-
-def _wait_for_progress(
-    done: Callable[[], int], proc: subprocess.Popen, at_least: int
-) -> int:
-    """Wait until the run has recorded ``at_least`` finished objects (its own row)."""
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            count = done()
-        except Exception:  # the row or the table is not there yet
-            count = 0
-        if count >= at_least:
-            return count
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    raise AssertionError("the run recorded no progress")
 
 
 def _ended_cleanly(proc: subprocess.Popen) -> str:
@@ -101,12 +78,8 @@ def test_migrate_through_an_s3_outage_stops_cleanly_and_resumes(
              for data in (rng.randbytes(rng.randint(1000, 20_000)) for _ in range(40))}
     switch_to_dedup(hs, sw, bucket)
 
-    def done() -> int:
-        rows: list[Any] = hs.sql(f"SELECT done FROM {index.TOOL_RUNS} WHERE tool = 'migrate'")
-        return rows[0][0] if rows else 0
-
-    proc = _start(hs, "migrate", "--from-legacy-prefix", "--jobs", "2", "--max-rate", "8")
-    before = _wait_for_progress(done, proc, 5)
+    proc = start_tool(hs, "migrate", "--from-legacy-prefix", "--jobs", "2", "--max-rate", "8")
+    before = wait_for_progress(lambda: recorded_done(hs, "migrate"), proc, 5)
     crash(sw)
     err = _ended_cleanly(proc)
     assert "storage" in err.lower() or "s3" in err.lower(), err[-3000:]
@@ -156,8 +129,8 @@ def test_scrub_through_a_database_restart_stops_cleanly_and_resumes(
             )
             return rows[0][0] if rows else 0
 
-        proc = _start(hs, "scrub", "--hash", "--jobs", "2", "--max-rate", "8")
-        _wait_for_progress(done, proc, 5)
+        proc = start_tool(hs, "scrub", "--hash", "--jobs", "2", "--max-rate", "8")
+        wait_for_progress(done, proc, 5)
         postgres.restart()
         err = _ended_cleanly(proc)
         assert "database" in err.lower(), err[-3000:]

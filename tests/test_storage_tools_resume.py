@@ -57,6 +57,50 @@ def tool(hs: Synapse, *args: str, kill_at: int = 0) -> subprocess.CompletedProce
     )
 
 
+def start_tool(hs: Synapse, *args: str) -> subprocess.Popen:
+    """A tool run in the background (slowed by --max-rate in ``args``, so that a kill or
+    an outage lands while it works); its checkpoints are written at once."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "synapse_msc3916", *args, "-c", str(hs.config_path)],
+        env={**hs.env(), "MSC3916_CHECKPOINT_SECONDS": "0"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def recorded_done(hs: Synapse, tool_name: str) -> int:
+    """Objects the tool's current or last run recorded as done (its own row)."""
+    rows: list[Any] = hs.sql(f"SELECT done FROM {index.TOOL_RUNS} WHERE tool = ?", (tool_name,))
+    return rows[0][0] if rows else 0
+
+
+def wait_for_progress(done: Callable[[], int], proc: subprocess.Popen, at_least: int) -> int:
+    """Wait until the run has recorded ``at_least`` finished objects (its own row)."""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            count = done()
+        except Exception:  # the row or the table is not there yet
+            count = 0
+        if count >= at_least:
+            return count
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError("the run recorded no progress")
+
+
+def kill_after_progress(hs: Synapse, tool_name: str, at_least: int, *args: str) -> None:
+    """Start ``tool_name`` with ``args`` and SIGKILL it once it recorded ``at_least``
+    finished objects, half-way: not after its end."""
+    proc = start_tool(hs, tool_name, *args)
+    try:
+        wait_for_progress(lambda: recorded_done(hs, tool_name), proc, at_least)
+        assert proc.poll() is None  # killed half-way, not after its end
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+
+
 def killed(result: subprocess.CompletedProcess) -> bool:
     return result.returncode == -signal.SIGKILL
 
@@ -316,28 +360,8 @@ def test_scrub_resumed_after_a_kill_reports_and_exits_for_the_whole_run(
     for sha256 in lost:
         client.delete_object(Bucket=bucket, Key=blob_name(sha256))
 
-    env = {**hs.env(), "MSC3916_CHECKPOINT_SECONDS": "0"}
-    first = subprocess.Popen(
-        [sys.executable, "-m", "synapse_msc3916", "scrub", "--max-rate", "10", "--jobs", "1",
-         "--json", "-c", str(hs.config_path)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        # Wait until the run has checked (and checkpointed) more than the lost objects.
-        while time.monotonic() < deadline:
-            row: list[Any] = hs.sql(f"SELECT done FROM {index.TOOL_RUNS} WHERE tool = 'scrub'")
-            if row and row[0][0] >= 10:
-                break
-            assert first.poll() is None, "the first run ended before it was killed"
-            time.sleep(0.05)
-        else:
-            raise AssertionError("the first scrub never got past its tenth object")
-        assert first.poll() is None  # killed half-way, not after its end
-    finally:
-        first.kill()
-        first.wait()
-    assert first.returncode == -signal.SIGKILL
+    # Killed once it has checked (and checkpointed) more than the lost objects.
+    kill_after_progress(hs, "scrub", 10, "--max-rate", "10", "--jobs", "1", "--json")
 
     resumed = tool(hs, "scrub", "--json")
     assert resumed.returncode == 1, resumed.stderr  # still broken: the exit code says so
@@ -370,27 +394,9 @@ def test_gc_apply_resumed_after_a_kill_lists_what_the_killed_run_deleted(
 
     # --jobs 4: chunks of 10 objects, each costing 10 of --max-rate's 10 objects/s, so
     # the run takes about four seconds and checkpoints after each chunk.
-    env = {**hs.env(), "MSC3916_CHECKPOINT_SECONDS": "0"}
-    first = subprocess.Popen(
-        [sys.executable, "-m", "synapse_msc3916", "gc", "--grace", "0s", "--apply",
-         "--max-rate", "10", "--jobs", "4", "--json", "-c", str(hs.config_path)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    kill_after_progress(
+        hs, "gc", 10, "--grace", "0s", "--apply", "--max-rate", "10", "--jobs", "4", "--json"
     )
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            row: list[Any] = hs.sql(f"SELECT done FROM {index.TOOL_RUNS} WHERE tool = 'gc'")
-            if row and row[0][0] >= 10:
-                break
-            assert first.poll() is None, "the first run ended before it was killed"
-            time.sleep(0.02)
-        else:
-            raise AssertionError("the first gc never deleted its first chunk")
-        assert first.poll() is None  # killed half-way, not after its end
-    finally:
-        first.kill()
-        first.wait()
-    assert first.returncode == -signal.SIGKILL
     keys = set(seaweedfs.list_keys(bucket))
     deleted_before = [s for s in garbage if blob_name(s) not in keys]
     assert 10 <= len(deleted_before) < len(garbage)  # the kill really came half-way
