@@ -20,6 +20,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Iterable, Mapping
@@ -51,7 +52,7 @@ _used_ports: set[int] = set()
 # SeaweedFS, "process exited with 255", to such a collision). The ledger is shared
 # between processes through a locked file.
 _PORT_HOLD_SECONDS = 900.0
-_PORT_LEDGER = Path(os.environ.get("TMPDIR", "/tmp")) / f"msc3916-test-ports-{os.getuid()}"
+_PORT_LEDGER = Path(tempfile.gettempdir()) / f"msc3916-test-ports-{os.getuid()}"
 
 
 def _draw_port(low: int, held: dict[int, float]) -> int | None:
@@ -702,7 +703,7 @@ class SeaweedFS:
             return self
         raise AssertionError("unreachable")
 
-    def client(self) -> Any:
+    def client(self, read_timeout: float = 10) -> Any:
         import boto3
         from botocore.config import Config
 
@@ -712,7 +713,9 @@ class SeaweedFS:
             aws_access_key_id=self.ACCESS_KEY,
             aws_secret_access_key=self.SECRET_KEY,
             region_name="us-east-1",
-            config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=10),
+            config=Config(
+                retries={"max_attempts": 1}, connect_timeout=2, read_timeout=read_timeout
+            ),
         )
 
     def _ready(self) -> bool:
